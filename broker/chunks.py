@@ -1,0 +1,76 @@
+"""Split payloads above the server's ``max_payload`` into numbered chunks and join them again.
+
+A chunked message carries NATS headers ``Px-Id`` (unique per message) and ``Px-Part`` (``i/n``).
+NATS keeps the order of one publisher's messages on one subject, so chunks arrive in order.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from .errors import WireError
+
+HEADER_ROOM = 4096  # bytes kept free for NATS headers; the server counts them in max_payload
+ID, PART = "Px-Id", "Px-Part"
+
+
+def chunk_limit(max_payload: int) -> int:
+    return max(1024, max_payload - HEADER_ROOM)
+
+
+async def publish(nc, subject: str, payload: bytes) -> None:
+    """Publish ``payload``, split into chunks when it is larger than the server allows."""
+    limit = chunk_limit(nc.max_payload)
+    if len(payload) <= limit:
+        await nc.publish(subject, payload)
+        return
+    msg_id, parts = uuid.uuid4().hex, (len(payload) + limit - 1) // limit
+    view = memoryview(payload)
+    for i in range(parts):
+        piece = bytes(view[i * limit : (i + 1) * limit])
+        await nc.publish(subject, piece, headers={ID: msg_id, PART: f"{i}/{parts}"})
+
+
+class Reassembler:
+    """Collects chunks per message id; whole messages pass straight through."""
+
+    def __init__(self, max_age_s: float = 30.0, max_bytes: int = 1 << 30):
+        self._parts: dict[str, tuple[float, list[bytes]]] = {}
+        self.max_age_s = max_age_s
+        self.max_bytes = max_bytes
+
+    def feed(self, data: bytes, headers: dict[str, str] | None) -> bytes | None:
+        """Returns the whole payload once complete, else None. Raises WireError on bad chunks."""
+        if not headers or ID not in headers:
+            return data
+        msg_id = headers[ID]
+        index, total = _part(headers.get(PART, ""))
+        self._expire()
+        started, parts = self._parts.setdefault(msg_id, (time.monotonic(), []))
+        if index != len(parts):
+            self._parts.pop(msg_id, None)
+            raise WireError(f"chunk {index}/{total} of {msg_id} arrived out of order")
+        parts.append(data)
+        if sum(map(len, parts)) > self.max_bytes:
+            self._parts.pop(msg_id, None)
+            raise WireError(f"chunked message {msg_id} is larger than {self.max_bytes} bytes")
+        if len(parts) < total:
+            return None
+        del self._parts[msg_id]
+        return b"".join(parts)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, (t, _) in self._parts.items() if now - t > self.max_age_s]:
+            del self._parts[key]
+
+
+def _part(value: str) -> tuple[int, int]:
+    try:
+        index, total = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise WireError(f"bad {PART} header {value!r}") from None
+    if not 0 <= index < total:
+        raise WireError(f"bad {PART} header {value!r}")
+    return index, total

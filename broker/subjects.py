@@ -1,0 +1,58 @@
+"""Subject names. Every subject starts with ``parallax.`` so ``nats sub 'parallax.>'`` shows all.
+
+    parallax.<model>.layers.<a>-<b>            forward work for layers a:b (queue group: replicas share it)
+    parallax.<model>.layers.<a>-<b>.<node>     forward work pinned to one replica (holds the request's KV)
+    parallax.<model>.release                   broadcast: drop the KV/state of finished or aborted requests
+    parallax.gateway.<gateway>                 tokens and errors for the requests of one gateway
+    parallax.discover                          request: every node answers with its NodeInfo
+    parallax.heartbeat.<model>.<node>          periodic NodeInfo of a stage
+
+Layer indices are global and half-open (``a:b`` serves layers a..b-1).
+"""
+
+import re
+
+PREFIX = "parallax"
+DISCOVER = f"{PREFIX}.discover"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def token(name: str) -> str:
+    """A model or node name as one subject token (no dots, spaces or wildcards)."""
+    cleaned = _UNSAFE.sub("_", name).strip("_")
+    if not cleaned:
+        raise ValueError(f"name {name!r} has no usable characters for a subject")
+    return cleaned
+
+
+def layers(model: str, start: int, end: int) -> str:
+    return f"{PREFIX}.{token(model)}.layers.{start}-{end}"
+
+
+def layers_queue(model: str, start: int, end: int) -> str:
+    """Queue group name shared by the replicas of one layer range."""
+    return f"{token(model)}-{start}-{end}"
+
+
+def node(model: str, start: int, end: int, node_id: str) -> str:
+    return f"{layers(model, start, end)}.{token(node_id)}"
+
+
+def release(model: str) -> str:
+    return f"{PREFIX}.{token(model)}.release"
+
+
+def gateway(gateway_id: str) -> str:
+    return f"{PREFIX}.gateway.{token(gateway_id)}"
+
+
+def heartbeat(model: str, node_id: str) -> str:
+    return f"{PREFIX}.heartbeat.{token(model)}.{token(node_id)}"
+
+
+def heartbeats(model: str) -> str:
+    """Wildcard for the heartbeats of every node of one model."""
+    return f"{PREFIX}.heartbeat.{token(model)}.*"
+
+
+HEARTBEAT_ALL = f"{PREFIX}.heartbeat.>"

@@ -1,0 +1,156 @@
+"""Wire format: ``b"PXW1" | u32 header length | orjson header | raw tensor bytes``.
+
+The header is validated by the pydantic models below; the tensor is plain dtype + shape + bytes
+(C order, little endian) so that any backend (PyTorch, MLX, ...) can read it. Never pickle.
+Messages above the server's ``max_payload`` are split by :mod:`parallax.broker.chunks`.
+"""
+
+from __future__ import annotations
+
+import struct
+from math import prod
+from typing import Annotated, Literal, Union
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from .errors import WireError
+
+MAGIC = b"PXW1"
+_LEN = struct.Struct(">I")
+DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingParams(_Strict):
+    """How the last stage picks a token. ``temperature == 0`` is greedy."""
+
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)  # -1 or 0: off
+    seed: int | None = None
+    max_tokens: int = Field(16, ge=1)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    stop_token_ids: tuple[int, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class RequestMeta(_Strict):
+    """Travels with the first message of a request through every stage."""
+
+    reply: str  # gateway subject that receives tokens and errors
+    chain: tuple[tuple[int, int], ...]  # layer ranges, in order, covering 0..L
+    route: tuple[str | None, ...]  # node id per hop; None = any replica (queue group)
+    sampling: SamplingParams
+    prompt_ids: tuple[int, ...]
+
+    @model_validator(mode="after")
+    def _check(self) -> "RequestMeta":
+        if not self.chain or len(self.route) != len(self.chain):
+            raise ValueError("chain must be non-empty and route must have one entry per hop")
+        if self.chain[0][0] != 0 or any(a[1] != b[0] for a, b in zip(self.chain, self.chain[1:])):
+            raise ValueError(f"chain {self.chain} is not contiguous from layer 0")
+        if any(a >= b for a, b in self.chain):
+            raise ValueError(f"chain {self.chain} has an empty range")
+        return self
+
+
+class ForwardItem(_Strict):
+    """``n`` rows of the message tensor for request ``rid``, at positions ``pos .. pos+n-1``."""
+
+    rid: str
+    pos: int = Field(ge=0)
+    n: int = Field(ge=1)
+    meta: RequestMeta | None = None  # present on a request's first message only
+    sample: bool = True  # the last stage samples after this item (False for non-final prefill chunks)
+    route: tuple[str, ...] | None = None  # the full route, sent once the last stage knows it
+
+
+class Forward(_Strict):
+    """Work for a stage: token ids (int32, shape [T]) for stage 0, hidden states [T, D] after."""
+
+    kind: Literal["fwd"] = "fwd"
+    items: tuple[ForwardItem, ...] = Field(min_length=1)
+    dtype: str
+    shape: tuple[int, ...]
+
+    @model_validator(mode="after")
+    def _check(self) -> "Forward":
+        if self.dtype not in DTYPE_SIZES:
+            raise ValueError(f"unknown dtype {self.dtype!r}")
+        rows = sum(i.n for i in self.items)
+        if not self.shape or self.shape[0] != rows:
+            raise ValueError(f"shape {self.shape} does not hold {rows} rows")
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+class TokenOut(_Strict):
+    rid: str
+    token: int
+    index: int  # 0 for the first generated token
+    finish: Literal["stop", "length"] | None = None
+    route: tuple[str, ...] | None = None  # nodes serving the request, sent with index 0
+
+
+class Tokens(_Strict):
+    kind: Literal["tokens"] = "tokens"
+    items: tuple[TokenOut, ...] = Field(min_length=1)
+
+
+class ErrorMsg(_Strict):
+    kind: Literal["error"] = "error"
+    rid: str | None = None
+    message: str
+    node: str | None = None
+
+
+class Release(_Strict):
+    kind: Literal["release"] = "release"
+    rids: tuple[str, ...]
+
+
+Header = Annotated[Union[Forward, Tokens, ErrorMsg, Release], Field(discriminator="kind")]
+_HEADER = TypeAdapter(Header)
+
+
+def encode(header: BaseModel, data: bytes | memoryview = b"") -> bytes:
+    """Header + raw bytes as one payload. ``data`` must match a Forward's dtype and shape."""
+    if isinstance(header, Forward) and len(data) != header.nbytes:
+        raise WireError(f"tensor has {len(data)} bytes, header says {header.nbytes}")
+    head = orjson.dumps(header.model_dump(mode="json", exclude_none=True))
+    return b"".join((MAGIC, _LEN.pack(len(head)), head, data))
+
+
+def decode(payload: bytes) -> tuple[Forward | Tokens | ErrorMsg | Release, memoryview]:
+    """Parse a payload; raises :class:`WireError` with a one-line reason if it is malformed."""
+    view = memoryview(payload)
+    if len(view) < 8 or bytes(view[:4]) != MAGIC:
+        raise WireError("not a Parallax message (bad magic)")
+    (size,) = _LEN.unpack(view[4:8])
+    if 8 + size > len(view):
+        raise WireError("header length runs past the payload")
+    try:
+        header = _HEADER.validate_python(orjson.loads(view[8 : 8 + size]))
+    except (orjson.JSONDecodeError, ValidationError) as e:
+        raise WireError(f"bad header: {_one_line(e)}") from None
+    data = view[8 + size :]
+    expected = header.nbytes if isinstance(header, Forward) else 0
+    if len(data) != expected:
+        raise WireError(f"tensor has {len(data)} bytes, header says {expected}")
+    return header, data
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:300]

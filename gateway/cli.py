@@ -1,0 +1,82 @@
+"""``parallax-gateway``: the OpenAI-compatible HTTP front of a model served by stages over NATS.
+
+Loads only the tokenizer and config of the model, never its weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+
+import nats
+import uvicorn
+
+from parallax.broker.errors import ParallaxError
+
+from .nats_pipeline import NatsPipeline, PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="parallax-gateway", description=__doc__)
+    p.add_argument("--model", required=True, help="alias (smollm2-135m), HF id, local HF folder or .gguf file")
+    p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS server URL")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace):
+    """Resolve the model and load what the gateway needs: tokenizer, context length, layer count, EOS."""
+    from transformers import AutoTokenizer
+
+    from parallax.stages.source import eos_token_ids, read_config, resolve_model
+
+    source = resolve_model(args.model)
+    config = read_config(source.path)
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    eos = sorted(set(eos_token_ids(source.path)) | ({tokenizer.eos_token_id} - {None}))
+    return source, config, tokenizer, eos
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from .app import create_app
+
+    source, config, tokenizer, eos = await asyncio.to_thread(build, args)
+    nc = await nats.connect(args.nats, name="parallax-gateway", max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    pipeline = NatsPipeline(nc, PipelineConfig(model=source.name, num_layers=config["num_hidden_layers"]))
+    await pipeline.start()
+    app = create_app(pipeline, tokenizer, source.name, config.get("max_position_embeddings", 2048), eos)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower()))
+    log.info("gateway for %s on http://%s:%d (NATS %s)", source.name, args.host, args.port, args.nats)
+    try:
+        await server.serve()
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.drain()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from nats.errors import Error as NatsError
+
+    try:
+        asyncio.run(serve(args))
+    except (ParallaxError, ValueError, OSError) as e:
+        print(f"parallax-gateway: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NatsError as e:
+        print(f"parallax-gateway: error: cannot reach NATS at {args.nats}: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

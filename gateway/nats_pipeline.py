@@ -1,0 +1,152 @@
+"""The gateway's client of the stage chain over NATS.
+
+A request goes to the first range's queue subject with its :class:`RequestMeta`; tokens and errors
+come back on this gateway's subject. The gateway watches heartbeats, so a stage that dies while
+serving a request turns into a :class:`StageFailed` within ``HEARTBEAT_TTL_S`` instead of a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import numpy as np
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from parallax.broker import chunks, subjects
+from parallax.broker.errors import ChainUnavailable, StageFailed, WireError
+from parallax.broker.wire import ErrorMsg, Forward, ForwardItem, Release, RequestMeta, SamplingParams, TokenOut, Tokens, decode, encode
+from parallax.scheduler.registry import NodeInfo, Registry
+from parallax.scheduler.routing import find_chain, missing_ranges
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    model: str
+    num_layers: int
+    gateway_id: str = ""
+    first_token_timeout_s: float = 600.0  # a long prompt on a slow CPU may take minutes
+    token_timeout_s: float = 120.0
+    check_every_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1 or self.first_token_timeout_s <= 0 or self.token_timeout_s <= 0:
+            raise ValueError("num_layers and timeouts must be positive")
+
+
+class NatsPipeline:
+    def __init__(self, nc: NATS, config: PipelineConfig):
+        self.nc, self.config = nc, config
+        self.gateway_id = config.gateway_id or uuid.uuid4().hex[:12]
+        self.subject = subjects.gateway(self.gateway_id)
+        self.registry = Registry()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._reassembler = chunks.Reassembler()
+
+    async def start(self, discover_s: float = 0.3) -> None:
+        await self.nc.subscribe(self.subject, cb=self._on_reply)
+        await self.nc.subscribe(subjects.heartbeats(self.config.model), cb=self._on_heartbeat)
+        await self.discover(discover_s)
+
+    async def discover(self, wait_s: float = 0.3) -> None:
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox, cb=self._on_heartbeat)
+        await self.nc.publish(subjects.DISCOVER, b"", reply=inbox)
+        await asyncio.sleep(wait_s)
+        await sub.unsubscribe()
+
+    # --- Pipeline protocol -------------------------------------------------------------------------
+    def missing(self) -> list[tuple[int, int]]:
+        return missing_ranges(self._ranges(), self.config.num_layers)
+
+    async def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenOut]:
+        chain = find_chain(self._ranges(), self.config.num_layers)
+        if chain is None:
+            raise ChainUnavailable(self.config.model, self.missing())
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = queue
+        finished = False
+        try:
+            await self._send(rid, prompt_ids, params, chain)
+            route: tuple[str, ...] | None = None
+            while not finished:
+                event = await self._next(queue, chain, route, first=route is None)
+                route = event.route or route
+                finished = event.finish is not None
+                yield event
+        finally:
+            self._streams.pop(rid, None)
+            if not finished and not self.nc.is_closed:
+                await self.nc.publish(subjects.release(self.config.model), encode(Release(rids=(rid,))))
+
+    # --- internals ---------------------------------------------------------------------------------
+    def _ranges(self) -> list[tuple[int, int]]:
+        return [(n.start, n.end) for n in self.registry.nodes(self.config.model)]
+
+    async def _send(self, rid: str, prompt_ids: list[int], params: SamplingParams, chain: list[tuple[int, int]]) -> None:
+        meta = RequestMeta(reply=self.subject, chain=tuple(chain), route=(None,) * len(chain), sampling=params, prompt_ids=tuple(prompt_ids))
+        item = ForwardItem(rid=rid, pos=0, n=len(prompt_ids), meta=meta)
+        ids = np.asarray(prompt_ids, dtype="<i4").tobytes()
+        payload = encode(Forward(items=(item,), dtype="int32", shape=(len(prompt_ids),)), ids)
+        await chunks.publish(self.nc, subjects.layers(self.config.model, *chain[0]), payload)
+
+    async def _next(self, queue: asyncio.Queue, chain, route, first: bool) -> TokenOut:
+        limit = self.config.first_token_timeout_s if first else self.config.token_timeout_s
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), self.config.check_every_s)
+            except asyncio.TimeoutError:
+                self._check_alive(chain, route)
+                if time.monotonic() > deadline:
+                    raise StageFailed(f"no token from the pipeline within {limit:.0f} s") from None
+                continue
+            if isinstance(event, ErrorMsg):
+                raise StageFailed(event.message)
+            return event
+
+    def _check_alive(self, chain, route) -> None:
+        nodes = {n.node_id: n for n in self.registry.nodes(self.config.model)}
+        if route is not None:
+            for node_id, (a, b) in zip(route, chain):
+                if node_id not in nodes:
+                    raise StageFailed(f"stage {node_id} serving layers {a}:{b} stopped while serving the request")
+            return
+        served = {(n.start, n.end) for n in nodes.values()}
+        for a, b in chain:
+            if (a, b) not in served:
+                raise StageFailed(f"no stage serves layers {a}:{b} any more")
+
+    async def _on_reply(self, msg: Msg) -> None:
+        try:
+            payload = self._reassembler.feed(msg.data, msg.headers)
+            if payload is None:
+                return
+            header, _ = decode(payload)
+        except WireError as e:
+            log.warning("dropped malformed reply: %s", e)
+            return
+        if isinstance(header, Tokens):
+            for item in header.items:
+                self._deliver(item.rid, item)
+        elif isinstance(header, ErrorMsg):
+            self._deliver(header.rid, header)
+
+    def _deliver(self, rid: str | None, event) -> None:
+        queue = self._streams.get(rid) if rid else None
+        if queue is not None:
+            queue.put_nowait(event)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            self.registry.update(NodeInfo.model_validate_json(msg.data))
+        except ValidationError as e:
+            log.warning("bad heartbeat on %s: %s", msg.subject, " ".join(str(e).split())[:200])

@@ -1,0 +1,77 @@
+"""The seam between the engine (scheduling, wire, NATS) and a compute backend (PyTorch, MLX, ...).
+
+The engine hands a backend plain bytes + dtype names; a backend hands back bytes or token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from parallax.broker.wire import SamplingParams
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    model: str
+    start: int
+    end: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+    dtype: str  # activation dtype on the wire ("float32", "bfloat16", ...)
+    device: str
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end <= self.num_layers:
+            raise ValueError(f"layers {self.start}:{self.end} are outside 0:{self.num_layers}")
+
+    @property
+    def first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def last(self) -> bool:
+        return self.end == self.num_layers
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    params: SamplingParams
+    history: tuple[int, ...]  # prompt + generated ids (repetition penalty)
+    banned: tuple[int, ...]  # token ids that must not be sampled now (min_tokens)
+    step: int  # index of the token being sampled
+
+
+@dataclass(frozen=True)
+class StepItem:
+    rid: str
+    pos: int
+    n: int
+    data: memoryview  # n rows: int32 token ids (first stage) or hidden states
+    dtype: str
+    sample: SampleSpec | None  # last stage only: sample a token after this item
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    hidden: memoryview | None  # [T, D] rows in item order (not the last stage)
+    row_bytes: int  # bytes per row of ``hidden``
+    tokens: tuple[int, ...]  # one per item with a SampleSpec, in order (last stage)
+
+
+class Backend(Protocol):
+    spec: StageSpec
+
+    def run(self, items: list[StepItem]) -> StepOutput:
+        """One forward over all items (positions must follow each request's cached rows)."""
+        ...
+
+    def release(self, rid: str) -> None:
+        """Free the KV cache and sampler state of a request (unknown ids are ignored)."""
+        ...
+
+    def cached_tokens(self, rid: str) -> int:
+        """Rows cached for a request (0 when unknown)."""
+        ...

@@ -1,0 +1,23 @@
+"""One module per architecture, picked by ``model_type`` (each has ``ModelArgs`` and ``StageModel``)."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from parallax.broker.errors import ParallaxError
+
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+class UnsupportedModel(ParallaxError):
+    """The model's architecture or one of its features is not implemented."""
+
+
+def architecture(config: dict) -> ModuleType:
+    model_type = config.get("model_type", "?")
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModel(f"model_type {model_type!r} is not supported (have: {', '.join(ARCHITECTURES)})")
+    if any(t != "full_attention" for t in config.get("layer_types") or []) or config.get("use_sliding_window"):
+        raise UnsupportedModel("sliding-window attention layers are not supported yet")
+    return importlib.import_module(f"{__name__}.{ARCHITECTURES[model_type]}")

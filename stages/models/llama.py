@@ -1,0 +1,181 @@
+"""Llama-family decoder (Llama, Mistral, SmolLM, ...) cut to a layer range, with a per-request KV cache.
+
+Module names inside a layer match transformers' so checkpoints load by renaming
+``model.layers.{i}`` to ``layers.{i - start}``. Rows of many requests share one forward: every
+projection runs on all rows at once; attention runs per request over its own cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from ..kv import Rows
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False  # Qwen2: bias on q/k/v only
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in known and v is not None})
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # computed in float32 like the reference implementation
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, H, hd], cos/sin: [T, 1, hd]
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer  # index inside this stage (the KV cache's layer slot)
+        self.heads, self.kv_heads, self.hd = args.num_attention_heads, args.kv_heads, args.dim_head
+        qkv_bias = args.attention_bias or args.qkv_bias
+        self.q_proj = nn.Linear(args.hidden_size, self.heads * self.hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.kv_heads * self.hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.kv_heads * self.hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.heads * self.hd, args.hidden_size, bias=args.attention_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(self.hd, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, args.rms_norm_eps)
+        self.qk_norm = args.qk_norm
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rows: Rows) -> torch.Tensor:
+        T = x.shape[0]  # x: [T, D]
+        q = self.q_proj(x).view(T, self.heads, self.hd)
+        k = self.k_proj(x).view(T, self.kv_heads, self.hd)
+        v = self.v_proj(x).view(T, self.kv_heads, self.hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = torch.empty_like(q)  # [T, H, hd]
+        for seg in rows.segments:
+            keys, values = seg.cache.append(self.layer, k[seg.rows], v[seg.rows], seg.pos)  # [KV, L, hd]
+            out[seg.rows] = self._attend(q[seg.rows], keys, values, seg.pos)
+        return self.o_proj(out.view(T, self.heads * self.hd))
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int) -> torch.Tensor:
+        n = q.shape[0]  # q: [n, H, hd]; keys/values: [KV, pos+n, hd]
+        mask = None
+        if n > 1:  # causal inside the new rows, everything cached before them is visible
+            cols = torch.arange(pos + n, device=q.device)
+            mask = cols[None, :] <= (pos + torch.arange(n, device=q.device))[:, None]
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, enable_gqa=self.heads != self.kv_heads
+        )  # [1, H, n, hd]
+        return o[0].transpose(0, 1)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        self.act = ACT2FN[args.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rows: Rows) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, rows)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class StageModel(nn.Module):
+    """Layers ``start:end`` of the model; the first stage embeds, the last one norms and projects."""
+
+    def __init__(self, args: ModelArgs, start: int, end: int):
+        super().__init__()
+        self.args, self.start, self.end = args, start, end
+        self.first, self.last = start == 0, end == args.num_hidden_layers
+        if self.first:
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(end - start))
+        if self.last:
+            self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", torch.empty(args.dim_head // 2), persistent=False)
+        self.attention_scaling = 1.0
+
+    def forward(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """x: token ids [T] (first stage) or hidden [T, D]. Returns hidden [T, D], or logits
+        [S, V] of the rows in ``rows.sample_rows`` on the last stage."""
+        h = self.embed_tokens(x) if self.first else x
+        rope = self._rope(rows.positions, h.dtype)
+        for layer in self.layers:
+            h = layer(h, rope, rows)
+        if not self.last:
+            return h
+        return self.lm_head(self.norm(h[rows.sample_rows]))
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :].float()  # [T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]  # [T, 1, hd]
+
+    def hf_name(self, name: str) -> str:
+        """Our parameter name -> the checkpoint's (global layer index)."""
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            return f"model.layers.{int(i) + self.start}.{rest}"
+        return name if name.startswith("lm_head") else f"model.{name}"

@@ -1,0 +1,61 @@
+"""Token sampling on the last stage: repetition penalty, bans, temperature, top-k, top-p."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .backend import SampleSpec
+
+
+class Sampler:
+    """Keeps one random generator per request so that a seed gives the same text every time."""
+
+    def __init__(self) -> None:
+        self._generators: dict[str, torch.Generator] = {}
+
+    def release(self, rid: str) -> None:
+        self._generators.pop(rid, None)
+
+    def sample(self, logits: torch.Tensor, rids: list[str], specs: list[SampleSpec]) -> list[int]:
+        logits = logits.float()  # [S, V]
+        return [self._one(logits[i], rid, spec) for i, (rid, spec) in enumerate(zip(rids, specs))]
+
+    def _one(self, logits: torch.Tensor, rid: str, spec: SampleSpec) -> int:
+        p = spec.params  # logits: [V]
+        if p.repetition_penalty != 1.0 and spec.history:
+            logits = _penalize(logits, spec.history, p.repetition_penalty)
+        if spec.banned:
+            logits = logits.index_fill(0, torch.tensor(spec.banned, device=logits.device), float("-inf"))
+        if p.greedy:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(_truncate(logits / p.temperature, p.top_k, p.top_p), dim=-1)
+        return int(torch.multinomial(probs.cpu(), 1, generator=self._generator(rid, p.seed)))
+
+    def _generator(self, rid: str, seed: int | None) -> torch.Generator:
+        if rid not in self._generators:
+            g = torch.Generator()
+            g.manual_seed(seed if seed is not None else random.getrandbits(63))
+            self._generators[rid] = g
+        return self._generators[rid]
+
+
+def _penalize(logits: torch.Tensor, history: tuple[int, ...], penalty: float) -> torch.Tensor:
+    ids = torch.tensor(sorted(set(history)), device=logits.device)
+    picked = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keeps the token crossing top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits

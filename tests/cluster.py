@@ -1,0 +1,100 @@
+"""Test helpers: tiny random models and an in-process cluster of stages on a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from pathlib import Path
+
+import nats
+import torch
+
+from parallax.broker.wire import SamplingParams
+from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
+from parallax.stages.torch_backend import TorchBackend
+from parallax.stages.worker import StageWorker, WorkerConfig
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=4096, initializer_range=0.3)
+
+
+def make_tiny_model(path: Path, model_type: str = "llama", layers: int = 6, tied: bool = False, vocab: int = 512) -> Path:
+    """A random model with well-separated logits (large init), saved as an HF folder in float32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, num_hidden_layers=layers, vocab_size=vocab, tie_word_embeddings=tied, **TINY)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return path
+
+
+def reference_greedy(path: Path, prompt: list[int], new_tokens: int) -> list[int]:
+    """Single-process transformers, float32, greedy, no early stop."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+class Cluster:
+    """Stages running as tasks of the current event loop, plus a NatsPipeline client."""
+
+    def __init__(self, url: str, path: Path, model: str, num_layers: int):
+        self.url, self.path, self.model, self.num_layers = url, path, model, num_layers
+        self.stages: dict[str, tuple[asyncio.Event, asyncio.Task, StageWorker]] = {}
+        self.pipeline: NatsPipeline | None = None
+        self.nc = None
+
+    async def add_stage(self, start: int, end: int, dtype: str = "float32", node_id: str | None = None) -> str:
+        backend = await asyncio.to_thread(TorchBackend.load, self.path, self.model, start, end, dtype, "cpu")
+        node_id = node_id or f"s{start}-{end}-{uuid.uuid4().hex[:6]}"
+        worker = StageWorker(backend, WorkerConfig(nats_url=self.url, node_id=node_id, heartbeat_s=0.2))
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(worker.run(stop, ready))
+        await asyncio.wait_for(ready.wait(), 30)
+        self.stages[node_id] = (stop, task, worker)
+        return node_id
+
+    async def stop_stage(self, node_id: str) -> None:
+        stop, task, _ = self.stages.pop(node_id)
+        stop.set()
+        await task
+
+    async def kill_stage(self, node_id: str) -> None:
+        """Vanish without a goodbye, like a crashed process."""
+        stop, task, worker = self.stages.pop(node_id)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await worker.nc.close()
+
+    async def connect(self) -> NatsPipeline:
+        self.nc = await nats.connect(self.url)
+        self.pipeline = NatsPipeline(self.nc, PipelineConfig(model=self.model, num_layers=self.num_layers))
+        await self.pipeline.start()
+        return self.pipeline
+
+    async def generate(self, prompt: list[int], **params) -> list[int]:
+        params.setdefault("temperature", 0.0)
+        events = [e async for e in self.pipeline.generate(uuid.uuid4().hex, prompt, SamplingParams(**params))]
+        return [e.token for e in events]
+
+    async def close(self) -> None:
+        for node_id in list(self.stages):
+            await self.stop_stage(node_id)
+        if self.nc is not None:
+            await self.nc.close()
+
+
+@contextlib.asynccontextmanager
+async def cluster(url: str, path: Path, model: str, num_layers: int, ranges: list[tuple[int, int]], dtype: str = "float32"):
+    c = Cluster(url, path, model, num_layers)
+    try:
+        for a, b in ranges:
+            await c.add_stage(a, b, dtype)
+        await c.connect()
+        yield c
+    finally:
+        await c.close()
