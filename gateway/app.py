@@ -1,0 +1,524 @@
+"""The gateway's OpenAI-compatible HTTP API, on top of a :class:`~parallax.gateway.pipeline.Pipeline`.
+
+``create_app`` builds a FastAPI app serving ``/v1/chat/completions``, ``/v1/completions`` (both
+streaming over SSE or not), ``/v1/models`` and ``/health``. Every error leaves as OpenAI error JSON
+(``{"error": {"message", "type", "param", "code"}}``), never as a traceback. The pipeline iterator
+of a request is always closed (``aclose()``): when it finishes, when a stop string is hit, on an
+error and when a streaming client goes away, so that the stages release the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+import anyio
+import anyio.lowlevel
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from transformers import PreTrainedTokenizerBase
+
+from parallax.broker.errors import ChainUnavailable, ParallaxError, StageFailed
+from parallax.broker.wire import SamplingParams, TokenOut
+
+from .detok import IncrementalDetokenizer, StopStrings
+from .pipeline import Pipeline
+from .protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    DeltaMessage,
+    ErrorInfo,
+    ErrorResponse,
+    FinishReason,
+    GenerationRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+
+logger = logging.getLogger(__name__)
+
+_DONE = "data: [DONE]\n\n"
+_MAX_MESSAGE = 500
+
+
+# ----------------------------------------------------------------------------------------- errors
+class APIError(Exception):
+    """An error with its HTTP status, sent to the client as OpenAI error JSON."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "BadRequestError",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.info = ErrorInfo(message=message, type=type_, param=param, code=code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(ErrorResponse(error=self.info).model_dump(mode="json"), status_code=self.status)
+
+    def sse(self) -> str:
+        return f"data: {ErrorResponse(error=self.info).model_dump_json()}\n\n"
+
+
+def _api_error(exc: Exception) -> APIError:
+    """Map any exception to the error the client sees (internal details stay in the log)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ChainUnavailable):
+        return APIError(503, str(exc), "ServiceUnavailableError", "chain_unavailable")
+    if isinstance(exc, StageFailed):
+        return APIError(502, f"a pipeline stage failed: {exc}", "BadGatewayError", "stage_failed")
+    if isinstance(exc, ParallaxError):
+        return APIError(502, f"pipeline error: {exc}", "BadGatewayError", "pipeline_error")
+    logger.error("unexpected error while serving a request", exc_info=exc)
+    return APIError(
+        500, f"internal server error ({type(exc).__name__})", "InternalServerError", "internal_error"
+    )
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= _MAX_MESSAGE else line[: _MAX_MESSAGE - 3] + "..."
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    parts: list[str] = []
+    params: list[str] = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            reason = err.get("ctx", {}).get("error", "malformed JSON")
+            return APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json")
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if not loc:
+            return APIError(400, "the request body must be a JSON object", code="invalid_request")
+        message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        part = f"{'.'.join(loc)}: {message}"
+        if part not in parts:
+            parts.append(part)
+            params.append(loc[0])
+    return APIError(
+        400,
+        _one_line("invalid request: " + "; ".join(parts)),
+        code="invalid_request",
+        param=params[0] if params else None,
+    )
+
+
+def _http_error(exc: StarletteHTTPException) -> APIError:
+    kinds = {404: "NotFoundError", 405: "MethodNotAllowedError"}
+    type_ = kinds.get(exc.status_code, "BadRequestError" if exc.status_code < 500 else "InternalServerError")
+    return APIError(exc.status_code, str(exc.detail), type_)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def on_validation(_: Request, exc: Exception) -> Response:
+        return _validation_error(cast(RequestValidationError, exc)).response()
+
+    async def on_http(_: Request, exc: Exception) -> Response:
+        return _http_error(cast(StarletteHTTPException, exc)).response()
+
+    async def on_api(_: Request, exc: Exception) -> Response:
+        return _api_error(exc).response()
+
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(APIError, on_api)
+    app.add_exception_handler(ParallaxError, on_api)
+
+
+class _CatchAll:
+    """ASGI middleware: any unexpected exception becomes a 500 error JSON (traceback in the log)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except ClientDisconnect:
+            logger.debug("client went away during %s", scope.get("path"))
+        except Exception as exc:
+            if started:
+                raise
+            await _api_error(exc).response()(scope, receive, send)
+
+
+# ------------------------------------------------------------------------------------- generation
+@dataclass(frozen=True)
+class _ModelInfo:
+    name: str
+    max_context: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A validated request, ready for the pipeline."""
+
+    id: str
+    model: str
+    created: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    stops: list[str]
+    include_usage: bool
+
+
+@dataclass(frozen=True)
+class _Delta:
+    text: str
+    finish: FinishReason | None = None
+
+
+class _Generation:
+    """One running request: pipeline tokens in, text deltas out, with stop strings applied."""
+
+    def __init__(
+        self, tokens: AsyncGenerator[TokenOut, None], job: _Job, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        self._tokens = tokens
+        self._params = job.params
+        self._detok = IncrementalDetokenizer(tokenizer, job.prompt_ids)
+        self._stops = StopStrings(job.stops)
+        self._first: TokenOut | None = None
+        self._closed = False
+        self.completion_tokens = 0
+
+    @classmethod
+    async def start(cls, pipeline: Pipeline, job: _Job, tokenizer: PreTrainedTokenizerBase) -> _Generation:
+        """Start the request and wait for its first token, so that early errors become HTTP errors."""
+        tokens = cast(AsyncGenerator[TokenOut, None], pipeline.generate(job.id, job.prompt_ids, job.params))
+        generation = cls(tokens, job, tokenizer)
+        try:
+            generation._first = await anext(tokens, None)
+        except BaseException:
+            await generation.close()
+            raise
+        return generation
+
+    async def deltas(self) -> AsyncIterator[_Delta]:
+        """Text deltas; the last one has ``finish`` set. The pipeline is closed before it is yielded."""
+        token = self._first
+        while token is not None:
+            delta = self._step(token)
+            if delta.finish is not None:
+                await self.close()
+                yield delta
+                return
+            if delta.text:
+                yield delta
+            token = await self._next()
+        await self.close()  # the pipeline ended without a finish flag: treat it as a stop
+        yield _Delta(self._stops.feed(self._detok.flush(), final=True)[0], "stop")
+
+    async def _next(self) -> TokenOut | None:
+        # Shielded: a client disconnect must not cancel the pipeline's iterator mid-await (its cleanup
+        # could then not publish the release); the cancellation lands at the next yield instead, and
+        # the iterator is closed with aclose(). The pipeline never hangs, so this wait is bounded.
+        with anyio.CancelScope(shield=True):
+            token = await anext(self._tokens, None)
+        await anyio.lowlevel.checkpoint()  # deliver a cancellation that arrived while shielded
+        return token
+
+    def _step(self, token: TokenOut) -> _Delta:
+        self.completion_tokens += 1
+        finish = token.finish
+        if finish is None and self.completion_tokens >= self._params.max_tokens:
+            finish = "length"
+        text = self._detok.add(token.token)
+        if finish is not None:
+            text += self._detok.flush()
+        match = self.completion_tokens >= self._params.min_tokens
+        text, hit = self._stops.feed(text, final=finish is not None, match=match)
+        return _Delta(text, "stop" if hit else finish)
+
+    async def close(self) -> None:
+        """Close the pipeline iterator (idempotent, and not cancellable: the stages must hear it)."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._tokens.aclose()
+            except Exception:
+                logger.exception("closing the pipeline stream of a request failed")
+
+
+# ----------------------------------------------------------------------------------------- format
+class _Format(Protocol):
+    """How one endpoint shapes its streamed chunks and its complete response."""
+
+    def opening(self) -> list[str]: ...
+
+    def text(self, text: str) -> str: ...
+
+    def finish(self, reason: FinishReason) -> str: ...
+
+    def usage(self, usage: Usage) -> str: ...
+
+    def complete(self, text: str, reason: FinishReason, usage: Usage) -> BaseModel: ...
+
+
+class _ChatFormat:
+    def __init__(self, job: _Job) -> None:
+        self._job = job
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        job = self._job
+        return ChatCompletionChunk(
+            id=job.id, created=job.created, model=job.model, choices=choices, usage=usage
+        ).sse()
+
+    def opening(self) -> list[str]:
+        return [self._chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])]
+
+    def text(self, text: str) -> str:
+        return self._chunk([ChatChunkChoice(delta=DeltaMessage(content=text))])
+
+    def finish(self, reason: FinishReason) -> str:
+        return self._chunk([ChatChunkChoice(delta=DeltaMessage(), finish_reason=reason)])
+
+    def usage(self, usage: Usage) -> str:
+        return self._chunk([], usage)
+
+    def complete(self, text: str, reason: FinishReason, usage: Usage) -> BaseModel:
+        job = self._job
+        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=reason)
+        return ChatCompletion(id=job.id, created=job.created, model=job.model, choices=[choice], usage=usage)
+
+
+class _CompletionFormat:
+    def __init__(self, job: _Job) -> None:
+        self._job = job
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        job = self._job
+        return CompletionChunk(
+            id=job.id, created=job.created, model=job.model, choices=choices, usage=usage
+        ).sse()
+
+    def opening(self) -> list[str]:
+        return []
+
+    def text(self, text: str) -> str:
+        return self._chunk([CompletionChoice(text=text)])
+
+    def finish(self, reason: FinishReason) -> str:
+        return self._chunk([CompletionChoice(text="", finish_reason=reason)])
+
+    def usage(self, usage: Usage) -> str:
+        return self._chunk([], usage)
+
+    def complete(self, text: str, reason: FinishReason, usage: Usage) -> BaseModel:
+        job = self._job
+        choice = CompletionChoice(text=text, finish_reason=reason)
+        return Completion(id=job.id, created=job.created, model=job.model, choices=[choice], usage=usage)
+
+
+class _EventStream(StreamingResponse):
+    """SSE response that closes its event generator however the response ends (disconnect too)."""
+
+    def __init__(self, events: AsyncGenerator[str, None]) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self._events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._events.aclose()
+
+
+async def _events(generation: _Generation, fmt: _Format, job: _Job) -> AsyncGenerator[str, None]:
+    try:
+        for chunk in fmt.opening():
+            yield chunk
+        async for delta in generation.deltas():
+            if delta.text:
+                yield fmt.text(delta.text)
+            if delta.finish is not None:
+                yield fmt.finish(delta.finish)
+        if job.include_usage:
+            yield fmt.usage(Usage.of(len(job.prompt_ids), generation.completion_tokens))
+    except Exception as exc:
+        yield _api_error(exc).sse()
+    finally:
+        await generation.close()
+    yield _DONE
+
+
+# ---------------------------------------------------------------------------------------- gateway
+class _Gateway:
+    def __init__(self, pipeline: Pipeline, tokenizer: PreTrainedTokenizerBase, model: _ModelInfo) -> None:
+        self._pipeline = pipeline
+        self._tokenizer = tokenizer
+        self._model = model
+
+    # ---- endpoints
+    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+        self._check_model(body.model)
+        prompt_ids = await run_in_threadpool(self._encode_chat, body.messages)
+        job = self._job(body, prompt_ids, "chatcmpl", "messages")
+        return await self._serve(job, _ChatFormat(job), body.stream)
+
+    async def completions(self, body: CompletionRequest) -> Response:
+        self._check_model(body.model)
+        prompt_ids = await run_in_threadpool(self._encode_prompt, body.prompt_value())
+        job = self._job(body, prompt_ids, "cmpl", "prompt")
+        return await self._serve(job, _CompletionFormat(job), body.stream)
+
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self._model.name, max_model_len=self._model.max_context)])
+
+    async def health(self) -> Response:
+        missing = self._pipeline.missing()
+        if missing:
+            return _api_error(ChainUnavailable(self._model.name, missing)).response()
+        return JSONResponse({"status": "ok"})
+
+    # ---- request -> job
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self._model.name:
+            message = f"The model `{name}` does not exist; this gateway serves `{self._model.name}`."
+            raise APIError(404, message, "NotFoundError", "model_not_found", "model")
+
+    def _encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            text = self._tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=False
+            )
+        except jinja2.TemplateError as exc:
+            raise APIError(
+                400, _one_line(f"cannot apply the chat template: {exc}"), param="messages"
+            ) from None
+        # The template already wrote every special token (BOS included) the model expects.
+        return list(self._tokenizer.encode(str(text), add_special_tokens=False))
+
+    def _encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self._tokenizer.encode(prompt))
+        vocab = len(self._tokenizer)
+        bad = [t for t in prompt if t >= vocab]
+        if bad:
+            message = f"token id {bad[0]} in the prompt is outside the vocabulary (0..{vocab - 1})"
+            raise APIError(400, message, code="invalid_token_id", param="prompt")
+        return list(prompt)
+
+    def _job(self, req: GenerationRequest, prompt_ids: list[int], prefix: str, prompt_param: str) -> _Job:
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty", param=prompt_param)
+        max_tokens = self._max_tokens(len(prompt_ids), req.requested_max_tokens(), prompt_param)
+        if req.min_tokens > max_tokens:
+            message = f"min_tokens ({req.min_tokens}) is larger than max_tokens ({max_tokens})"
+            raise APIError(400, message, param="min_tokens")
+        params = SamplingParams(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=-1 if req.top_k is None else req.top_k,
+            seed=req.seed,
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
+            ignore_eos=req.ignore_eos,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            stop_token_ids=self._model.eos_token_ids,
+        )
+        return _Job(
+            id=f"{prefix}-{uuid.uuid4().hex}",
+            model=self._model.name,
+            created=int(time.time()),
+            prompt_ids=prompt_ids,
+            params=params,
+            stops=req.stop_strings(),
+            include_usage=req.include_usage(),
+        )
+
+    def _max_tokens(self, prompt_len: int, requested: int | None, prompt_param: str) -> int:
+        limit = self._model.max_context
+        if prompt_len >= limit:
+            message = (
+                f"the prompt has {prompt_len} tokens but this model's maximum context length is "
+                f"{limit} tokens, which leaves no room to generate"
+            )
+            raise APIError(400, message, code="context_length_exceeded", param=prompt_param)
+        if requested is None:
+            return limit - prompt_len  # vLLM: the rest of the context
+        if prompt_len + requested > limit:
+            message = (
+                f"this model's maximum context length is {limit} tokens, but {prompt_len + requested} "
+                f"were requested ({prompt_len} in the prompt + {requested} max_tokens)"
+            )
+            raise APIError(400, message, code="context_length_exceeded", param="max_tokens")
+        return requested
+
+    # ---- job -> response
+    async def _serve(self, job: _Job, fmt: _Format, stream: bool) -> Response:
+        generation = await _Generation.start(self._pipeline, job, self._tokenizer)
+        if stream:
+            return _EventStream(_events(generation, fmt, job))
+        pieces: list[str] = []
+        reason: FinishReason = "stop"
+        try:
+            async for delta in generation.deltas():
+                pieces.append(delta.text)
+                reason = delta.finish or reason
+        finally:
+            await generation.close()
+        usage = Usage.of(len(job.prompt_ids), generation.completion_tokens)
+        return JSONResponse(fmt.complete("".join(pieces), reason, usage).model_dump(mode="json"))
+
+
+def create_app(
+    pipeline: Pipeline,
+    tokenizer: PreTrainedTokenizerBase,
+    model_name: str,
+    max_context: int,
+    eos_token_ids: list[int],
+) -> FastAPI:
+    """The OpenAI-compatible HTTP app of a gateway serving ``model_name`` through ``pipeline``."""
+    gateway = _Gateway(pipeline, tokenizer, _ModelInfo(model_name, max_context, tuple(eos_token_ids)))
+    app = FastAPI(title="Parallax-NATS gateway")
+    app.add_middleware(_CatchAll)
+    _install_error_handlers(app)
+    app.add_api_route("/v1/chat/completions", gateway.chat_completions, methods=["POST"], response_model=None)
+    app.add_api_route("/v1/completions", gateway.completions, methods=["POST"], response_model=None)
+    app.add_api_route("/v1/models", gateway.models, methods=["GET"])
+    app.add_api_route("/health", gateway.health, methods=["GET"], response_model=None)
+    return app
