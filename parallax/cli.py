@@ -1,0 +1,224 @@
+"""The ``parallax`` command.
+
+    parallax up --model smollm2-135m --stages 2 --port 8000
+
+``up`` runs a whole pipeline on this machine: an embedded nats-server (or ``--nats URL``), one stage
+process per layer range and an OpenAI-compatible gateway, and stops all of them on Ctrl-C/SIGTERM.
+Exit codes: 0 after a clean stop, 1 when a process fails, 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from parallax.broker.errors import ParallaxError
+from parallax.stages.source import ModelNotFound
+
+DTYPES = ("float32", "bfloat16", "float16")
+READY_TIMEOUT_S = 300.0
+POLL_S = 0.5
+
+
+class UsageError(ParallaxError):
+    """Bad command-line input (exit code 2)."""
+
+
+class Shutdown(Exception):
+    """SIGTERM arrived: stop everything like Ctrl-C does."""
+
+
+@dataclass(frozen=True)
+class UpPlan:
+    model: str  # as given on the command line; children resolve it again (from the cache)
+    served_name: str
+    ranges: list[tuple[int, int]]
+    dtype: str
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if not self.ranges:
+            raise ValueError("a plan needs at least one stage")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+
+    @property
+    def base_url(self) -> str:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parallax", description="Pipeline-parallel LLM inference over NATS.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="run NATS, every stage and the gateway on this machine")
+    up.add_argument("--model", default="smollm2-135m", help="alias, HF folder, .gguf file or cached HF id")
+    up.add_argument("--stages", type=int, default=2, help="number of stage processes (even layer split)")
+    up.add_argument("--host", default="127.0.0.1", help="gateway HTTP host")
+    up.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
+    up.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="stage compute dtype")
+    up.add_argument("--nats-port", type=int, default=4222, help="port of the embedded nats-server")
+    up.add_argument("--nats-host", default="127.0.0.1", help="host the embedded nats-server binds")
+    up.add_argument("--nats", metavar="URL", help="use this NATS server instead of starting one")
+    up.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S, help="seconds to wait for /health")
+    return parser
+
+
+def _check_port(flag: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise UsageError(f"{flag} must be in 1..65535, got {port}")
+
+
+def plan_up(args: argparse.Namespace) -> UpPlan:
+    """Validate the input and resolve the model once (a GGUF is converted here, with progress)."""
+    from parallax.scheduler.allocation import even_split
+    from parallax.stages.source import read_config, resolve_model  # no torch import until a conversion
+
+    _check_port("--port", args.port)
+    _check_port("--nats-port", args.nats_port)
+    if args.stages < 1:
+        raise UsageError(f"--stages must be at least 1, got {args.stages}")
+    if args.ready_timeout <= 0:
+        raise UsageError("--ready-timeout must be positive")
+    source = resolve_model(args.model)  # ModelNotFound is a ParallaxError: exit 2
+    config = read_config(source.path)
+    layers = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
+    if not isinstance(layers, int) or layers < 1:
+        raise UsageError(f"{source.path}/config.json has no num_hidden_layers")
+    try:
+        ranges = even_split(layers, args.stages)
+    except ValueError as exc:
+        raise UsageError(f"--stages {args.stages}: {exc}") from None
+    return UpPlan(args.model, source.name, ranges, args.dtype, args.host, args.port)
+
+
+def stage_command(plan: UpPlan, start: int, end: int, nats_url: str) -> list[str]:
+    return [sys.executable, "-m", "parallax.stages.cli", "--model", plan.model, "--layers", f"{start}:{end}",
+            "--nats", nats_url, "--dtype", plan.dtype]
+
+
+def gateway_command(plan: UpPlan, nats_url: str) -> list[str]:
+    return [sys.executable, "-m", "parallax.gateway.cli", "--model", plan.model, "--nats", nats_url,
+            "--host", plan.host, "--port", str(plan.port)]
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def wait_ready(plan: UpPlan, group, timeout: float) -> None:
+    """Until GET /health answers 200; ParallaxError if a child exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _check_children(group)
+        if healthy(f"{plan.base_url}/health"):
+            return
+        time.sleep(POLL_S)
+    raise ParallaxError(f"gateway not healthy at {plan.base_url}/health after {timeout:.0f} s")
+
+
+def _check_children(group) -> None:
+    child = group.exited()
+    if child is not None:
+        raise ParallaxError(f"{child.name} (pid {child.pid}) exited with code {child.returncode}; see its output above")
+
+
+def _banner(plan: UpPlan, nats_url: str) -> str:
+    ranges = " ".join(f"{a}:{b}" for a, b in plan.ranges)
+    body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hello!"}], "stream": true}'
+            % plan.served_name)
+    return (
+        f"parallax: serving {plan.served_name} at {plan.base_url}/v1 "
+        f"({len(plan.ranges)} stages: {ranges}; NATS {nats_url})\n"
+        f"  curl -N {plan.base_url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n"
+        "  Ctrl-C stops everything."
+    )
+
+
+def _raise_shutdown(signum, frame) -> None:
+    raise Shutdown()
+
+
+def _say(line: str) -> None:
+    print(f"parallax: {line}", file=sys.stderr, flush=True)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from parallax.procs import ProcessGroup
+
+    plan = plan_up(args)
+    server = None
+    group = ProcessGroup()
+    try:
+        if args.nats:
+            nats_url = args.nats
+        else:
+            server = _start_server(args.nats_host, args.nats_port)
+            nats_url = server.url
+        for start, end in plan.ranges:
+            group.spawn(f"stage {start}:{end}", stage_command(plan, start, end, nats_url))
+        group.spawn("gateway", gateway_command(plan, nats_url))
+        _say(f"waiting for the gateway at {plan.base_url}/health ...")
+        wait_ready(plan, group, args.ready_timeout)
+        print(_banner(plan, nats_url), flush=True)
+        while True:
+            _check_children(group)
+            time.sleep(POLL_S)
+    except (KeyboardInterrupt, Shutdown):
+        _say("stopping...")
+        return 0
+    finally:
+        _ignore_signals()
+        group.stop_all()
+        if server is not None:
+            server.stop()
+
+
+def _start_server(host: str, port: int):
+    from parallax.broker.server import EmbeddedServer, NatsServerError, ServerConfig
+
+    try:
+        return EmbeddedServer(ServerConfig(port=port, host=host)).start()
+    except NatsServerError as exc:
+        raise NatsServerError(f"{exc} (choose another --nats-port, or reuse a server with --nats URL)") from None
+
+
+def _ignore_signals() -> None:
+    """A second Ctrl-C must not interrupt the cleanup (children also die with us via PDEATHSIG)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _raise_shutdown)
+    # a shell starts background jobs with SIGINT ignored; `kill -INT` must still stop us cleanly
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return run_up(args)
+    except (UsageError, ModelNotFound) as exc:
+        print(f"parallax: error: {exc}", file=sys.stderr)
+        return 2
+    except ParallaxError as exc:
+        print(f"parallax: error: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Shutdown):
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
