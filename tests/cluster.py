@@ -30,12 +30,19 @@ def make_tiny_model(path: Path, model_type: str = "llama", layers: int = 6, tied
 
 
 def reference_greedy(path: Path, prompt: list[int], new_tokens: int) -> list[int]:
-    """Single-process transformers, float32, greedy, no early stop."""
+    """Single-process transformers, float32: plain argmax decoding with its KV cache, no early stop
+    and no logits processors (``generate(min_new_tokens=...)`` would mask EOS)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    ids, past, out = torch.tensor([prompt]), None, []
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            result = model(ids, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            out.append(int(result.logits[0, -1].argmax()))
+            ids = torch.tensor([[out[-1]]])
+    return out
 
 
 class Cluster:
