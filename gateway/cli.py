@@ -9,12 +9,11 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import sys
 
-import nats
 import uvicorn
 
-from parallax.broker.errors import ParallaxError
+from parallax.broker.cli import run_command
+from parallax.broker.connection import connect
 
 from .nats_pipeline import NatsPipeline, PipelineConfig
 
@@ -48,7 +47,7 @@ async def serve(args: argparse.Namespace) -> None:
     from .app import create_app
 
     source, config, tokenizer, eos = await asyncio.to_thread(build, args)
-    nc = await nats.connect(args.nats, name="parallax-gateway", max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    nc = await connect(args.nats, name="parallax-gateway")
     pipeline = NatsPipeline(nc, PipelineConfig(model=source.name, num_layers=config["num_hidden_layers"]))
     await pipeline.start()
     app = create_app(pipeline, tokenizer, source.name, config.get("max_position_embeddings", 2048), eos)
@@ -63,19 +62,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from nats.errors import Error as NatsError
-
-    try:
-        asyncio.run(serve(args))
-    except (ParallaxError, ValueError, OSError) as e:
-        print(f"parallax-gateway: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NatsError as e:
-        print(f"parallax-gateway: error: cannot reach NATS at {args.nats}: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        pass
+    run_command("parallax-gateway", serve(args), args.nats, args.log_level)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
-import sys
 
-from parallax.broker.errors import ParallaxError
+from parallax.broker.cli import run_command
 
 from .worker import StageWorker, WorkerConfig
 
@@ -44,21 +42,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        asyncio.run(serve(args))
-    except (ParallaxError, ValueError, OSError) as e:
-        print(f"parallax-stage: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except nats_errors() as e:
-        print(f"parallax-stage: error: cannot reach NATS at {args.nats}: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def nats_errors() -> tuple[type[BaseException], ...]:
-    from nats.errors import Error as NatsError
-
-    return (NatsError,)
+    run_command("parallax-stage", serve(args), args.nats, args.log_level)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,12 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
-import nats
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from parallax import __version__
 from parallax.broker import chunks, subjects
+from parallax.broker.connection import connect
 from parallax.broker.errors import WireError
 from parallax.broker.wire import ErrorMsg, Forward, Release, decode, encode
 from parallax.scheduler.registry import HEARTBEAT_INTERVAL_S, NodeInfo
@@ -47,7 +48,7 @@ class StageWorker:
         self.engine = Engine(backend, config.node_id, engine_config)
         self._wake = asyncio.Event()
         self._reassembler = chunks.Reassembler()
-        self.nc: nats.NATS | None = None
+        self.nc: NATS | None = None
 
     @property
     def info(self) -> NodeInfo:
@@ -60,10 +61,7 @@ class StageWorker:
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set; says goodbye so gateways drop this node at once."""
-        self.nc = await nats.connect(
-            self.config.nats_url, name=f"parallax-stage-{self.config.node_id}",
-            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-        )
+        self.nc = await connect(self.config.nats_url, name=f"parallax-stage-{self.config.node_id}")
         await self._subscribe()
         tasks = [asyncio.create_task(self._engine_loop()), asyncio.create_task(self._heartbeat_loop())]
         log.info("stage %s serving layers %d:%d of %s on %s", self.config.node_id, self.spec.start,

