@@ -5,6 +5,7 @@
     parallax.<model>.release                   broadcast: drop the KV/state of finished or aborted requests
     parallax.gateway.<gateway>                 tokens and errors for the requests of one gateway
     parallax.discover                          request: every node answers with its NodeInfo
+    parallax.stats                             request: every stage answers with its counters ({"reset": true} zeroes them)
     parallax.heartbeat.<model>.<node>          periodic NodeInfo of a stage
 
 Layer indices are global and half-open (``a:b`` serves layers a..b-1).
@@ -14,6 +15,7 @@ import re
 
 PREFIX = "parallax"
 DISCOVER = f"{PREFIX}.discover"
+STATS = f"{PREFIX}.stats"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 

@@ -51,6 +51,7 @@ class RequestMeta(_Strict):
     route: tuple[str | None, ...]  # node id per hop; None = any replica (queue group)
     sampling: SamplingParams
     prompt_ids: tuple[int, ...]
+    prefix_cache: bool = True  # False: compute the whole prompt (retry after a prefix-cache miss)
 
     @model_validator(mode="after")
     def _check(self) -> "RequestMeta":
@@ -81,6 +82,7 @@ class Forward(_Strict):
     items: tuple[ForwardItem, ...] = Field(min_length=1)
     dtype: str
     shape: tuple[int, ...]
+    sent: float | None = None  # sender's wall clock (s) when it published: hop latency
 
     @model_validator(mode="after")
     def _check(self) -> "Forward":
@@ -109,11 +111,16 @@ class Tokens(_Strict):
     items: tuple[TokenOut, ...] = Field(min_length=1)
 
 
+ErrorCode = Literal["bad_request", "internal", "preempted", "prefix_miss", "no_memory"]
+RETRYABLE: frozenset[str] = frozenset({"preempted", "prefix_miss"})  # the gateway resubmits these
+
+
 class ErrorMsg(_Strict):
     kind: Literal["error"] = "error"
     rid: str | None = None
     message: str
     node: str | None = None
+    code: ErrorCode = "bad_request"
 
 
 class Release(_Strict):

@@ -21,11 +21,19 @@ from pydantic import ValidationError
 
 from parallax.broker import chunks, subjects
 from parallax.broker.errors import ChainUnavailable, StageFailed, WireError
-from parallax.broker.wire import ErrorMsg, Forward, ForwardItem, Release, RequestMeta, SamplingParams, TokenOut, Tokens, decode, encode
+from parallax.broker.wire import RETRYABLE, ErrorMsg, Forward, ForwardItem, Release, RequestMeta, SamplingParams, TokenOut, Tokens, decode, encode
 from parallax.scheduler.registry import NodeInfo, Registry
 from parallax.scheduler.routing import find_chain, missing_ranges
 
 log = logging.getLogger(__name__)
+
+
+class Retry(Exception):
+    """A stage dropped the request for a reason that resubmitting fixes (preempted, prefix miss)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,7 @@ class PipelineConfig:
     first_token_timeout_s: float = 600.0  # a long prompt on a slow CPU may take minutes
     token_timeout_s: float = 120.0
     check_every_s: float = 0.25
+    max_retries: int = 8  # resubmissions of a preempted request
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.first_token_timeout_s <= 0 or self.token_timeout_s <= 0:
@@ -68,6 +77,29 @@ class NatsPipeline:
         return missing_ranges(self._ranges(), self.config.num_layers)
 
     async def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenOut]:
+        """Stream tokens; a request a stage preempted (KV full) or could not serve from its prefix
+        cache is resubmitted with the tokens so far, up to ``max_retries`` times."""
+        generated: list[int] = []
+        prefix_cache = True
+        for attempt in range(self.config.max_retries + 1):
+            sub_rid = rid if attempt == 0 else f"{rid}~{attempt}"
+            try:
+                async for event in self._attempt(sub_rid, prompt_ids + generated, self._rest(params, len(generated)), prefix_cache):
+                    yield event.model_copy(update={"rid": rid, "index": len(generated)})
+                    generated.append(event.token)
+                return
+            except Retry as r:
+                log.info("request %s: %s; resubmitting with %d tokens so far", rid, r, len(generated))
+                prefix_cache = prefix_cache and r.code != "prefix_miss"
+        raise StageFailed(f"request {rid} was preempted {self.config.max_retries + 1} times; the cluster is out of KV memory")
+
+    @staticmethod
+    def _rest(params: SamplingParams, done: int) -> SamplingParams:
+        if not done:
+            return params
+        return params.model_copy(update={"max_tokens": params.max_tokens - done, "min_tokens": max(0, params.min_tokens - done)})
+
+    async def _attempt(self, rid: str, prompt_ids: list[int], params: SamplingParams, prefix_cache: bool) -> AsyncIterator[TokenOut]:
         chain = find_chain(self._ranges(), self.config.num_layers)
         if chain is None:
             raise ChainUnavailable(self.config.model, self.missing())
@@ -75,7 +107,7 @@ class NatsPipeline:
         self._streams[rid] = queue
         finished = False
         try:
-            await self._send(rid, prompt_ids, params, chain)
+            await self._send(rid, prompt_ids, params, chain, prefix_cache)
             route: tuple[str, ...] | None = None
             while not finished:
                 event = await self._next(queue, chain, route, first=route is None)
@@ -91,8 +123,10 @@ class NatsPipeline:
     def _ranges(self) -> list[tuple[int, int]]:
         return [(n.start, n.end) for n in self.registry.nodes(self.config.model)]
 
-    async def _send(self, rid: str, prompt_ids: list[int], params: SamplingParams, chain: list[tuple[int, int]]) -> None:
-        meta = RequestMeta(reply=self.subject, chain=tuple(chain), route=(None,) * len(chain), sampling=params, prompt_ids=tuple(prompt_ids))
+    async def _send(self, rid: str, prompt_ids: list[int], params: SamplingParams, chain: list[tuple[int, int]],
+                    prefix_cache: bool) -> None:
+        meta = RequestMeta(reply=self.subject, chain=tuple(chain), route=(None,) * len(chain), sampling=params,
+                           prompt_ids=tuple(prompt_ids), prefix_cache=prefix_cache)
         item = ForwardItem(rid=rid, pos=0, n=len(prompt_ids), meta=meta)
         ids = np.asarray(prompt_ids, dtype="<i4").tobytes()
         payload = encode(Forward(items=(item,), dtype="int32", shape=(len(prompt_ids),)), ids)
@@ -110,7 +144,7 @@ class NatsPipeline:
                     raise StageFailed(f"no token from the pipeline within {limit:.0f} s") from None
                 continue
             if isinstance(event, ErrorMsg):
-                raise StageFailed(event.message)
+                raise (Retry(event.message, event.code) if event.code in RETRYABLE else StageFailed(event.message))
             return event
 
     def _check_alive(self, chain, route) -> None:

@@ -10,6 +10,7 @@ Exit codes: 0 after a clean stop, 1 when a process fails, 2 for bad input.
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 import time
@@ -41,6 +42,7 @@ class UpPlan:
     dtype: str
     host: str
     port: int
+    stage_args: tuple[str, ...] = ()  # extra flags for every stage
 
     def __post_init__(self) -> None:
         if not self.ranges:
@@ -67,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nats-host", default="127.0.0.1", help="host the embedded nats-server binds")
     up.add_argument("--nats", metavar="URL", help="use this NATS server instead of starting one")
     up.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S, help="seconds to wait for /health")
+    up.add_argument("--stage-args", default="", metavar="ARGS",
+                    help="extra flags for every parallax-stage, e.g. \"--max-batch-size 64 --kv-cache-memory 1\"")
     return parser
 
 
@@ -95,12 +99,12 @@ def plan_up(args: argparse.Namespace) -> UpPlan:
         ranges = even_split(layers, args.stages)
     except ValueError as exc:
         raise UsageError(f"--stages {args.stages}: {exc}") from None
-    return UpPlan(args.model, source.name, ranges, args.dtype, args.host, args.port)
+    return UpPlan(args.model, source.name, ranges, args.dtype, args.host, args.port, tuple(shlex.split(args.stage_args)))
 
 
 def stage_command(plan: UpPlan, start: int, end: int, nats_url: str) -> list[str]:
     return [sys.executable, "-m", "parallax.stages.cli", "--model", plan.model, "--layers", f"{start}:{end}",
-            "--nats", nats_url, "--dtype", plan.dtype]
+            "--nats", nats_url, "--dtype", plan.dtype, *plan.stage_args]
 
 
 def gateway_command(plan: UpPlan, nats_url: str) -> list[str]:

@@ -52,6 +52,7 @@ class StepItem:
     data: memoryview  # n rows: int32 token ids (first stage) or hidden states
     dtype: str
     sample: SampleSpec | None  # last stage only: sample a token after this item
+    blocks: tuple[int, ...]  # KV block table covering positions 0 .. pos+n-1
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,18 @@ class StepOutput:
 class Backend(Protocol):
     spec: StageSpec
 
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes of keys + values that one block of ``block_size`` positions takes on this stage."""
+        ...
+
+    def init_kv(self, num_blocks: int, block_size: int) -> None:
+        """Allocate the paged KV pool (the engine's BlockManager hands out its blocks)."""
+        ...
+
     def run(self, items: list[StepItem]) -> StepOutput:
-        """One forward over all items (positions must follow each request's cached rows)."""
+        """One forward over all items; rows before ``pos`` are read from the KV pool."""
         ...
 
     def release(self, rid: str) -> None:
-        """Free the KV cache and sampler state of a request (unknown ids are ignored)."""
-        ...
-
-    def cached_tokens(self, rid: str) -> int:
-        """Rows cached for a request (0 when unknown)."""
+        """Drop per-request state kept by the backend (sampler); unknown ids are ignored."""
         ...

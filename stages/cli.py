@@ -8,6 +8,7 @@ import signal
 
 from parallax.broker.cli import run_command
 
+from .engine import EngineConfig
 from .worker import StageWorker, WorkerConfig
 
 
@@ -19,8 +20,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--node-id", default=None, help="unique name of this stage (default: host + random)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-batch-size", type=int, default=256, help="requests in one forward")
+    e.add_argument("--max-tokens-per-step", type=int, default=512, help="rows (prefill + decode) in one forward")
+    e.add_argument("--chunk-tokens", type=int, default=512, help="prompt chunk size (also capped to fit NATS max_payload)")
+    e.add_argument("--block-size", type=int, default=16, help="positions per KV block")
+    budget = e.add_mutually_exclusive_group()
+    budget.add_argument("--kv-cache-memory", type=float, metavar="GIB", help="KV cache size in GiB")
+    budget.add_argument("--kv-cache-fraction", type=float, default=0.05, help="KV cache as a fraction of free memory (default 0.05)")
+    e.add_argument("--no-prefix-cache", action="store_true", help="do not share KV blocks of common prompt prefixes")
+    e.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
+
+
+def kv_budget_bytes(args: argparse.Namespace, device: str) -> int:
+    """Bytes for the KV pool: ``--kv-cache-memory`` GiB, else a fraction of the device's free memory."""
+    if args.kv_cache_memory is not None:
+        if args.kv_cache_memory <= 0:
+            raise ValueError("--kv-cache-memory must be positive")
+        return int(args.kv_cache_memory * (1 << 30))
+    if not 0 < args.kv_cache_fraction <= 0.9:
+        raise ValueError("--kv-cache-fraction must be in (0, 0.9]")
+    return int(args.kv_cache_fraction * free_memory(device))
+
+
+def free_memory(device: str) -> int:
+    import psutil
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return psutil.virtual_memory().available
+
+
+def engine_config(args: argparse.Namespace, backend) -> EngineConfig:
+    blocks = kv_budget_bytes(args, backend.spec.device) // backend.kv_block_bytes(args.block_size)
+    if blocks < 1:
+        raise ValueError("the KV cache budget is smaller than one block")
+    return EngineConfig(
+        max_batch_size=args.max_batch_size, max_tokens_per_step=args.max_tokens_per_step, chunk_tokens=args.chunk_tokens,
+        block_size=args.block_size, kv_blocks=blocks, prefix_cache=not args.no_prefix_cache,
+    )
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -30,14 +71,19 @@ async def serve(args: argparse.Namespace) -> None:
     from .torch_backend import TorchBackend
 
     start, end = parse_layers(args.layers)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
     source = resolve_model(args.model)
     backend = await asyncio.to_thread(TorchBackend.load, source.path, source.name, start, end, args.dtype, args.device)
+    engine = engine_config(args, backend)
     config = WorkerConfig(nats_url=args.nats) if args.node_id is None else WorkerConfig(nats_url=args.nats, node_id=args.node_id)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await StageWorker(backend, config).run(stop)
+    await StageWorker(backend, config, engine).run(stop)
 
 
 def main(argv: list[str] | None = None) -> None:

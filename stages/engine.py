@@ -1,20 +1,31 @@
 """The stage engine: one ``step()`` = schedule -> run -> postprocess, backend-independent.
 
-NATS callbacks only ``submit()`` decoded messages (thread-safe deque); ``step()`` runs in one worker
-thread and owns all request state. It returns the messages to publish as ``(subject, payload)``.
+NATS callbacks only ``submit()`` decoded messages (a thread-safe deque); ``step()`` runs in one
+worker thread and owns all request state. It returns the messages to publish as (subject, payload).
+
+Every step runs ONE forward over all ready work: decode rows first (one per request), then prefill
+chunks, within ``max_batch_size`` items and ``max_tokens_per_step`` rows. Requests join as soon as
+their KV blocks can be allocated and leave when they finish; nobody waits for a batch to drain.
+The first stage cuts prompts into chunks; later stages run the chunks as they come. When the KV
+pool is full, new requests wait (FIFO); a running request that cannot grow preempts the newest one,
+which the gateway resubmits (prompt + tokens so far) and which is recomputed later.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from parallax.broker import subjects
-from parallax.broker.wire import DTYPE_SIZES, ErrorMsg, Forward, ForwardItem, Release, RequestMeta, TokenOut, Tokens, encode
+from parallax.broker.wire import (
+    DTYPE_SIZES, ErrorCode, ErrorMsg, Forward, ForwardItem, Release, RequestMeta, TokenOut, Tokens, encode,
+)
 
 from .backend import Backend, SampleSpec, StepItem, StepOutput
+from .blocks import BlockManager
 
 log = logging.getLogger(__name__)
 Outgoing = list[tuple[str, bytes]]
@@ -22,13 +33,28 @@ Outgoing = list[tuple[str, bytes]]
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_tokens_per_step: int = 8192  # rows of one forward (a longer single item still runs alone)
+    max_batch_size: int = 256  # items (requests) in one forward
+    max_tokens_per_step: int = 512  # rows in one forward (a longer single item still runs alone)
+    chunk_tokens: int = 512  # prompt chunk on the first stage (the worker also fits it to max_payload)
+    block_size: int = 16  # positions per KV block
+    kv_blocks: int = 1024  # size of the KV pool in blocks (the CLI derives it from a memory budget)
+    prefix_cache: bool = True
     idle_timeout_s: float = 600.0  # drop a request nobody has touched for this long
     remember_released: int = 100_000  # released ids kept to ignore their late messages
 
     def __post_init__(self) -> None:
-        if self.max_tokens_per_step < 1 or self.idle_timeout_s <= 0 or self.remember_released < 0:
-            raise ValueError("max_tokens_per_step and idle_timeout_s must be positive")
+        for name in ("max_batch_size", "max_tokens_per_step", "chunk_tokens", "block_size", "kv_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.idle_timeout_s <= 0 or self.remember_released < 0:
+            raise ValueError("idle_timeout_s must be positive")
+
+
+@dataclass
+class Work:
+    item: ForwardItem
+    data: memoryview
+    dtype: str
 
 
 @dataclass
@@ -37,7 +63,13 @@ class Sequence:
     meta: RequestMeta
     hop: int  # index of this stage in meta.chain
     route: list[str | None]
-    length: int = 0  # rows run on this stage
+    table: list[int]  # KV blocks, in position order
+    order: int  # admission order: the newest is preempted first
+    length: int = 0  # rows whose KV is in the pool
+    inbox: deque[Work] = field(default_factory=deque)  # rows received, not yet run
+    pending: memoryview | None = None  # first stage: prompt ids (int32) not yet sent into a chunk
+    meta_sent: bool = False  # first stage: the first chunk (carrying meta) has been scheduled
+    registered: int = 0  # blocks already in the prefix cache
     generated: list[int] = field(default_factory=list)  # last stage only
     touched: float = field(default_factory=time.monotonic)
 
@@ -47,11 +79,12 @@ class Sequence:
 
 
 @dataclass
-class Work:
-    seq: Sequence
-    item: ForwardItem
-    data: memoryview
-    dtype: str
+class Stats:
+    steps: int = 0
+    rows: int = 0
+    busy_s: float = 0.0
+    prefix_hit_tokens: int = 0
+    preempted: int = 0
 
 
 class Engine:
@@ -59,59 +92,70 @@ class Engine:
         self.backend, self.node_id = backend, node_id
         self.config = config or EngineConfig()
         self.spec = backend.spec
+        self.blocks = BlockManager(self.config.kv_blocks, self.config.block_size, self.config.prefix_cache)
+        backend.init_kv(self.config.kv_blocks, self.config.block_size)
         self.seqs: dict[str, Sequence] = {}
+        self.waiting: OrderedDict[str, list[Work]] = OrderedDict()
+        self.stats = Stats()
         self._inbox: deque[tuple[Forward | Release, memoryview]] = deque()
         self._released: OrderedDict[str, None] = OrderedDict()
+        self._order = itertools.count()
+        self.chunk_tokens = self.config.chunk_tokens
 
     # --- called from the NATS side -------------------------------------------------------------
     def submit(self, header: Forward | Release, data: memoryview = memoryview(b"")) -> None:
         self._inbox.append((header, data))
 
     def has_work(self) -> bool:
-        return bool(self._inbox)
+        return bool(self._inbox) or any(s.inbox or s.pending for s in self.seqs.values())
 
     @property
     def queued(self) -> int:
-        return len(self._inbox)
+        return len(self._inbox) + len(self.waiting)
 
     # --- the step --------------------------------------------------------------------------------
     def step(self) -> Outgoing:
         out: Outgoing = []
+        self._drain(out)
+        self._admit(out)
         work = self._schedule(out)
         if work:
             out += self._run(work)
         self._expire(out)
         return out
 
-    def _schedule(self, out: Outgoing) -> list[Work]:
-        work: list[Work] = []
-        rows = 0
-        while self._inbox and (not work or rows + self._rows(self._inbox[0][0]) <= self.config.max_tokens_per_step):
+    def _drain(self, out: Outgoing) -> None:
+        while self._inbox:
             header, data = self._inbox.popleft()
             if isinstance(header, Release):
                 self._release(header.rids, out, broadcast=False)
                 continue
-            admitted = self._admit(header, data, out)
-            work += admitted
-            rows += sum(w.item.n for w in admitted)
-        return work
+            problem = self._check_tensor(header)
+            row_bytes = len(data) // header.shape[0]
+            offset = 0
+            for item in header.items:
+                piece = data[offset : offset + item.n * row_bytes]
+                offset += item.n * row_bytes
+                self._route_item(Work(item, piece, header.dtype), problem, out)
 
-    @staticmethod
-    def _rows(header: Forward | Release) -> int:
-        return sum(i.n for i in header.items) if isinstance(header, Forward) else 0
-
-    def _admit(self, msg: Forward, data: memoryview, out: Outgoing) -> list[Work]:
-        problem = self._check_tensor(msg)
-        work, offset = [], 0
-        row_bytes = len(data) // msg.shape[0]
-        for item in msg.items:
-            piece = data[offset : offset + item.n * row_bytes]
-            offset += item.n * row_bytes
-            seq = self._sequence(item, problem, out)
-            if seq is not None:
-                seq.touched = time.monotonic()
-                work.append(Work(seq, item, piece, msg.dtype))
-        return work
+    def _route_item(self, work: Work, problem: str | None, out: Outgoing) -> None:
+        item = work.item
+        if item.rid in self._released:
+            return
+        if problem is not None:
+            return self._fail(item.rid, self._reply_for(item), problem, out)
+        seq = self.seqs.get(item.rid)
+        if seq is not None:
+            if item.meta is not None:
+                return self._fail(item.rid, seq.reply, f"request {item.rid} already exists on this stage", out)
+            if item.route is not None:
+                seq.route = list(item.route)
+            seq.inbox.append(work)
+            seq.touched = time.monotonic()
+        elif item.meta is not None or item.rid in self.waiting:
+            self.waiting.setdefault(item.rid, []).append(work)
+        else:
+            log.debug("dropping rows for unknown request %s", item.rid)
 
     def _check_tensor(self, msg: Forward) -> str | None:
         if self.spec.first:
@@ -120,85 +164,182 @@ class Engine:
         ok = msg.dtype != "int32" and len(msg.shape) == 2 and msg.shape[1] == self.spec.hidden_size
         return None if ok else f"stage {self._range} takes hidden states [T, {self.spec.hidden_size}], got {msg.dtype} {list(msg.shape)}"
 
-    def _sequence(self, item: ForwardItem, problem: str | None, out: Outgoing) -> Sequence | None:
-        """The request an item belongs to (created by its first message), or None after an error."""
-        if item.rid in self._released:
-            return None
-        seq = self.seqs.get(item.rid)
-        if seq is None and item.meta is None:
-            log.debug("dropping rows for unknown request %s", item.rid)
-            return None
-        if seq is None:
-            seq, problem = self._new_sequence(item, problem)
-        elif item.meta is not None:
-            problem = problem or f"request {item.rid} already exists on this stage"
-        if seq is not None and item.route is not None:
-            seq.route = list(item.route)
-        if problem is None and seq is not None and item.pos != seq.length:
-            problem = f"request {item.rid}: rows start at {item.pos}, this stage has {seq.length} cached"
-        if problem is None and seq is not None and item.pos + item.n > self.spec.max_positions:
-            problem = f"request {item.rid} is longer than the model's context of {self.spec.max_positions}"
-        if problem is not None:
-            self._fail(item.rid, seq.reply if seq else item.meta.reply if item.meta else None, problem, out)
-            return None
-        return seq
+    # --- admission -------------------------------------------------------------------------------
+    def _admit(self, out: Outgoing) -> None:
+        while self.waiting:
+            rid, works = next(iter(self.waiting.items()))
+            first = works[0].item
+            problem = self._check_new(first)
+            if problem is not None:
+                del self.waiting[rid]
+                self._fail(rid, first.meta.reply, problem[1], out, problem[0])
+                continue
+            reuse = self._reusable(first)
+            if reuse is None:
+                del self.waiting[rid]
+                self._fail(rid, first.meta.reply, f"stage {self._range} no longer caches the prompt's prefix", out, "prefix_miss")
+                continue
+            total = len(first.meta.prompt_ids)
+            if not self.blocks.can_allocate(total, reuse):
+                if not self.seqs:  # nothing running will free blocks: it can never fit
+                    del self.waiting[rid]
+                    self._fail(rid, first.meta.reply, f"a prompt of {total} tokens does not fit in this stage's KV cache "
+                               f"({self.blocks.num_blocks * self.blocks.block_size} tokens)", out, "no_memory")
+                    continue
+                return  # FIFO: wait until running requests free blocks
+            del self.waiting[rid]
+            self._start(works, self.blocks.allocate(total, reuse), len(reuse) * self.blocks.block_size)
 
-    def _new_sequence(self, item: ForwardItem, problem: str | None) -> tuple[Sequence | None, str | None]:
+    def _check_new(self, item: ForwardItem) -> tuple[ErrorCode, str] | None:
         meta = item.meta
-        hop = next((k for k, r in enumerate(meta.chain) if r == (self.spec.start, self.spec.end)), None)
-        if hop is None:
-            return None, problem or f"stage {self._range} is not in the request's chain {list(meta.chain)}"
-        if (meta.chain[-1][1] != self.spec.num_layers):
-            return None, problem or f"chain {list(meta.chain)} does not end at layer {self.spec.num_layers}"
+        if (self.spec.start, self.spec.end) not in meta.chain:
+            return "bad_request", f"stage {self._range} is not in the request's chain {[list(r) for r in meta.chain]}"
+        if meta.chain[-1][1] != self.spec.num_layers:
+            return "bad_request", f"chain {[list(r) for r in meta.chain]} does not end at layer {self.spec.num_layers}"
+        if len(meta.prompt_ids) + 1 > self.spec.max_positions:
+            return "bad_request", f"the prompt is longer than the model's context of {self.spec.max_positions}"
+        if self.spec.first and (item.pos != 0 or item.n != len(meta.prompt_ids)):
+            return "bad_request", "the first stage takes the whole prompt at position 0"
+        return None
+
+    def _reusable(self, item: ForwardItem) -> list[int] | None:
+        """Blocks of the prompt's cached prefix to share; None when a later stage lacks what the
+        first stage skipped (``item.pos`` rows)."""
+        prompt, bs = item.meta.prompt_ids, self.blocks.block_size
+        if not item.meta.prefix_cache:
+            return [] if item.pos == 0 else None
+        if self.spec.first:
+            return self.blocks.cached_prefix(prompt, len(prompt) - 1)  # the last token always runs
+        hit = self.blocks.cached_prefix(prompt, item.pos)
+        return hit if len(hit) * bs == item.pos else None
+
+    def _start(self, works: list[Work], table: list[int], cached: int) -> None:
+        item = works[0].item
+        meta = item.meta
+        hop = meta.chain.index((self.spec.start, self.spec.end))
         route = list(meta.route)
         route[hop] = self.node_id
-        seq = Sequence(item.rid, meta, hop, route)
-        self.seqs[item.rid] = seq
-        return seq, problem
+        seq = Sequence(item.rid, meta, hop, route, table, next(self._order), length=cached)
+        seq.registered = cached // self.blocks.block_size
+        self.stats.prefix_hit_tokens += cached
+        if self.spec.first:
+            seq.pending = works[0].data[cached * 4 :]
+            works = works[1:]
+        seq.inbox.extend(works)
+        self.seqs[seq.rid] = seq
 
-    def _run(self, work: list[Work]) -> Outgoing:
-        items = [StepItem(w.item.rid, w.item.pos, w.item.n, w.data, w.dtype, self._sample_spec(w)) for w in work]
+    # --- scheduling ------------------------------------------------------------------------------
+    def _schedule(self, out: Outgoing) -> list[tuple[Sequence, Work]]:
+        batch: dict[str, tuple[Sequence, Work]] = {}
+        rows = 0
+        for seq in sorted(self.seqs.values(), key=lambda s: s.order):  # decode rows first
+            if len(batch) >= self.config.max_batch_size:
+                break
+            if seq.rid not in self.seqs:  # preempted a moment ago, in this loop
+                continue
+            if seq.inbox and seq.inbox[0].item.n == 1 and self._grow(seq, seq.length + 1, out):
+                if self._in_order(seq, seq.inbox[0], out):
+                    batch[seq.rid] = (seq, seq.inbox.popleft())
+                    rows += 1
+        for seq in sorted(self.seqs.values(), key=lambda s: s.order):  # then prefill chunks
+            budget = self.config.max_tokens_per_step - rows
+            if len(batch) >= self.config.max_batch_size or (budget <= 0 and batch):
+                break
+            if seq.rid in batch or seq.rid not in self.seqs:
+                continue
+            work = self._next_chunk(seq, budget if batch else self.config.max_tokens_per_step)
+            if work is not None and self._in_order(seq, work, out):
+                batch[seq.rid] = (seq, work)
+                rows += work.item.n
+        return [(s, w) for s, w in batch.values() if s.rid in self.seqs]  # preemption may have dropped some
+
+    def _in_order(self, seq: Sequence, work: Work, out: Outgoing) -> bool:
+        if work.item.pos == seq.length:
+            return True
+        self._fail(seq.rid, seq.reply, f"request {seq.rid}: rows start at {work.item.pos}, this stage has {seq.length}", out)
+        return False
+
+    def fit_payload(self, max_payload: int) -> None:
+        """Cut prompts so that one chunk's activations fit in one NATS message."""
+        row = self.spec.hidden_size * DTYPE_SIZES[self.spec.dtype]
+        self.chunk_tokens = max(self.config.block_size, min(self.config.chunk_tokens, (max_payload - (64 << 10)) // row))
+
+    def _next_chunk(self, seq: Sequence, budget: int) -> Work | None:
+        if seq.pending:  # first stage: cut the next chunk of the prompt
+            n = min(len(seq.pending) // 4, budget, self.chunk_tokens)
+            data, seq.pending = seq.pending[: n * 4], seq.pending[n * 4 :]
+            meta = None if seq.meta_sent else seq.meta
+            seq.meta_sent = True
+            item = ForwardItem(rid=seq.rid, pos=seq.length, n=n, meta=meta, sample=not seq.pending)
+            return Work(item, data, "int32")
+        head = seq.inbox[0] if seq.inbox else None
+        if head is not None and head.item.n > 1 and (head.item.n <= budget or budget >= self.config.max_tokens_per_step):
+            return seq.inbox.popleft()
+        return None
+
+    def _grow(self, seq: Sequence, rows: int, out: Outgoing) -> bool:
+        """Make room for ``rows`` rows of ``seq``, preempting the newest requests if needed."""
+        while not self.blocks.can_grow(seq.table, rows):
+            victim = max(self.seqs.values(), key=lambda s: s.order)
+            self.stats.preempted += 1
+            self._fail(victim.rid, victim.reply, f"preempted on stage {self._range}: KV cache full", out, "preempted")
+            if victim is seq:
+                return False
+        self.blocks.grow(seq.table, rows)
+        return True
+
+    # --- run -------------------------------------------------------------------------------------
+    def _run(self, batch: list[tuple[Sequence, Work]]) -> Outgoing:
+        items = [StepItem(w.item.rid, w.item.pos, w.item.n, w.data, w.dtype, self._sample_spec(s, w), tuple(s.table))
+                 for s, w in batch]
+        started = time.perf_counter()
         try:
             result = self.backend.run(items)
         except Exception as e:  # a bad batch must not kill the stage: fail its requests, keep serving
-            log.exception("forward failed for %d requests", len(work))
+            log.exception("forward failed for %d requests", len(batch))
             out: Outgoing = []
-            for w in work:
-                self._fail(w.seq.rid, w.seq.reply, f"stage {self._range} failed: {type(e).__name__}: {e}", out)
+            for s, _ in batch:
+                self._fail(s.rid, s.reply, f"stage {self._range} failed: {type(e).__name__}: {e}", out, "internal")
             return out
-        for w in work:
-            w.seq.length = w.item.pos + w.item.n
-        return self._sampled(work, result) if self.spec.last else self._forwarded(work, result)
+        self.stats.busy_s += time.perf_counter() - started
+        self.stats.steps += 1
+        self.stats.rows += sum(w.item.n for _, w in batch)
+        for s, w in batch:
+            s.length = w.item.pos + w.item.n
+            s.touched = time.monotonic()
+            s.registered = self.blocks.register(s.table, s.meta.prompt_ids, s.registered, s.length)
+        return self._sampled(batch, result) if self.spec.last else self._forwarded(batch, result)
 
-    def _sample_spec(self, w: Work) -> SampleSpec | None:
+    def _sample_spec(self, seq: Sequence, w: Work) -> SampleSpec | None:
         if not (self.spec.last and w.item.sample):
             return None
-        params, done = w.seq.meta.sampling, len(w.seq.generated)
+        params, done = seq.meta.sampling, len(seq.generated)
         banned = params.stop_token_ids if done < params.min_tokens else ()
-        return SampleSpec(params, w.seq.meta.prompt_ids + tuple(w.seq.generated), tuple(banned), done)
+        return SampleSpec(params, seq.meta.prompt_ids + tuple(seq.generated), tuple(banned), done)
 
     # --- postprocess -----------------------------------------------------------------------------
-    def _forwarded(self, work: list[Work], result: StepOutput) -> Outgoing:
+    def _forwarded(self, batch: list[tuple[Sequence, Work]], result: StepOutput) -> Outgoing:
         groups: dict[str, tuple[list[ForwardItem], list[memoryview]]] = {}
         offset = 0
-        for w in work:
+        for seq, w in batch:
             size = w.item.n * result.row_bytes
-            rows = result.hidden[offset : offset + size]
+            items, datas = groups.setdefault(self._next_subject(seq), ([], []))
+            items.append(self._next_item(seq, w))
+            datas.append(result.hidden[offset : offset + size])
             offset += size
-            items, datas = groups.setdefault(self._next_subject(w.seq), ([], []))
-            items.append(self._next_item(w))
-            datas.append(rows)
-        return [(subject, self._forward_msg(items, datas, result.row_bytes)) for subject, (items, datas) in groups.items()]
+        width = result.row_bytes // DTYPE_SIZES[self.spec.dtype]
+        return [(subject, self._forward_msg(items, datas, (sum(i.n for i in items), width), self.spec.dtype))
+                for subject, (items, datas) in groups.items()]
 
-    def _next_item(self, w: Work) -> ForwardItem:
-        update: dict = {}
-        if w.item.meta is not None:
-            update["meta"] = w.item.meta.model_copy(update={"route": tuple(w.seq.route)})
-        return w.item.model_copy(update=update)
+    @staticmethod
+    def _next_item(seq: Sequence, w: Work) -> ForwardItem:
+        if w.item.meta is None:
+            return w.item
+        return w.item.model_copy(update={"meta": w.item.meta.model_copy(update={"route": tuple(seq.route)})})
 
-    def _forward_msg(self, items: list[ForwardItem], datas: list[memoryview], row_bytes: int) -> bytes:
-        rows = sum(i.n for i in items)
-        header = Forward(items=tuple(items), dtype=self.spec.dtype, shape=(rows, row_bytes // DTYPE_SIZES[self.spec.dtype]))
+    @staticmethod
+    def _forward_msg(items: list[ForwardItem], datas: list[memoryview], shape: tuple[int, ...], dtype: str) -> bytes:
+        header = Forward(items=tuple(items), dtype=dtype, shape=shape, sent=time.time())
         return encode(header, b"".join(datas))
 
     def _next_subject(self, seq: Sequence) -> str:
@@ -208,15 +349,15 @@ class Engine:
         model = self.spec.model
         return subjects.node(model, start, end, node) if node else subjects.layers(model, start, end)
 
-    def _sampled(self, work: list[Work], result: StepOutput) -> Outgoing:
+    def _sampled(self, batch: list[tuple[Sequence, Work]], result: StepOutput) -> Outgoing:
         tokens = iter(result.tokens)
         replies: dict[str, list[TokenOut]] = {}
-        loops: dict[str, list[tuple[ForwardItem, int]]] = {}
+        loops: dict[str, tuple[list[ForwardItem], list[bytes]]] = {}
         finished: list[str] = []
-        for w in work:
+        for seq, w in batch:
             if not w.item.sample:
                 continue
-            token, seq = next(tokens), w.seq
+            token = next(tokens)
             seq.generated.append(token)
             index, finish = len(seq.generated) - 1, self._finish(seq, token)
             route = tuple(seq.route) if index == 0 else None
@@ -224,17 +365,13 @@ class Engine:
             if finish:
                 finished.append(seq.rid)
             else:
-                item = ForwardItem(rid=seq.rid, pos=seq.length, n=1, route=route)
-                loops.setdefault(self._next_subject(seq), []).append((item, token))
+                items, ids = loops.setdefault(self._next_subject(seq), ([], []))
+                items.append(ForwardItem(rid=seq.rid, pos=seq.length, n=1, route=route))
+                ids.append(token.to_bytes(4, "little", signed=True))
         out = [(reply, encode(Tokens(items=tuple(items)))) for reply, items in replies.items()]
-        out += [(subject, self._token_msg(pairs)) for subject, pairs in loops.items()]
+        out += [(subject, self._forward_msg(items, ids, (len(items),), "int32")) for subject, (items, ids) in loops.items()]
         self._release(finished, out, broadcast=True)
         return out
-
-    @staticmethod
-    def _token_msg(pairs: list[tuple[ForwardItem, int]]) -> bytes:
-        ids = b"".join(t.to_bytes(4, "little", signed=True) for _, t in pairs)
-        return encode(Forward(items=tuple(i for i, _ in pairs), dtype="int32", shape=(len(pairs),)), ids)
 
     def _finish(self, seq: Sequence, token: int) -> str | None:
         p = seq.meta.sampling
@@ -245,15 +382,26 @@ class Engine:
         return None
 
     # --- errors, release, expiry -------------------------------------------------------------------
-    def _fail(self, rid: str, reply: str | None, message: str, out: Outgoing) -> None:
+    def _reply_for(self, item: ForwardItem) -> str | None:
+        seq = self.seqs.get(item.rid)
+        if seq is not None:
+            return seq.reply
+        waiting = self.waiting.get(item.rid)
+        meta = item.meta or (waiting[0].item.meta if waiting else None)
+        return meta.reply if meta else None
+
+    def _fail(self, rid: str, reply: str | None, message: str, out: Outgoing, code: ErrorCode = "bad_request") -> None:
         log.warning("request %s: %s", rid, message)
         if reply:
-            out.append((reply, encode(ErrorMsg(rid=rid, message=message, node=self.node_id))))
+            out.append((reply, encode(ErrorMsg(rid=rid, message=message, node=self.node_id, code=code))))
         self._release([rid], out, broadcast=True)
 
     def _release(self, rids, out: Outgoing, broadcast: bool) -> None:
         for rid in rids:
-            self.seqs.pop(rid, None)
+            seq = self.seqs.pop(rid, None)
+            if seq is not None:
+                self.blocks.release(seq.table)
+            self.waiting.pop(rid, None)
             self.backend.release(rid)
             self._released[rid] = None
         while len(self._released) > self.config.remember_released:
@@ -271,4 +419,3 @@ class Engine:
     @property
     def _range(self) -> str:
         return f"{self.spec.start}:{self.spec.end}"
-

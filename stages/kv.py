@@ -1,4 +1,9 @@
-"""Per-request KV cache of one stage and the row layout of a batched forward."""
+"""Paged KV storage of one stage and the row layout of one batched forward (PyTorch).
+
+Keys and values live in a pool of fixed-size blocks: ``[layers, num_blocks * block_size, KV, hd]``
+("slots"). A request's block table maps its positions to slots; the engine's BlockManager decides
+which blocks a request owns.
+"""
 
 from __future__ import annotations
 
@@ -7,65 +12,87 @@ from dataclasses import dataclass
 import torch
 
 
-class SeqCache:
-    """Keys and values of one request for this stage's layers: [layers, KV, capacity, hd] each."""
+class KVPool:
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (layers, num_blocks * block_size, kv_heads, head_dim)
+        # zeros, not empty: padded reads in batched decode must never see NaN/inf garbage
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size, self.device = block_size, device
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        self._shape = (layers, kv_heads, 0, head_dim)
-        self.dtype, self.device = dtype, device
-        self.k = torch.empty(self._shape, dtype=dtype, device=device)
-        self.v = torch.empty(self._shape, dtype=dtype, device=device)
-        self.length = 0  # rows committed (all layers written)
+    @staticmethod
+    def bytes_per_block(layers: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
+        return 2 * layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write rows ``pos..pos+n`` (k, v: [n, KV, hd]); return this layer's keys/values [KV, pos+n, hd]."""
-        end = pos + k.shape[0]
-        self._reserve(end)
-        self.k[layer, :, pos:end] = k.transpose(0, 1)
-        self.v[layer, :, pos:end] = v.transpose(0, 1)
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer].index_copy_(0, slots, k)  # slots: [T]; k, v: [T, KV, hd]
+        self.v[layer].index_copy_(0, slots, v)
 
-    def _reserve(self, rows: int) -> None:
-        capacity = self.k.shape[2]
-        if rows <= capacity:
-            return
-        new = max(rows, 2 * capacity, 64)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            grown = torch.empty((*self._shape[:2], new, self._shape[3]), dtype=self.dtype, device=self.device)
-            grown[:, :, :capacity] = old
-            setattr(self, name, grown)
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots: [..., L] -> keys, values [..., L, KV, hd]."""
+        return self.k[layer][slots], self.v[layer][slots]
 
-    @property
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+
+def slots_for(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    return table[positions // block_size] * block_size + positions % block_size
 
 
 @dataclass
-class Segment:
-    cache: SeqCache
-    pos: int  # position of the first row
-    rows: slice  # rows of the batch tensor that belong to this request
+class Prefill:
+    """Several rows of one request at positions pos..pos+n-1 (attention is causal among them)."""
+
+    rows: slice
+    pos: int
+    read_slots: torch.Tensor | None  # [pos + n] when earlier rows are cached, None when pos == 0
+
+
+@dataclass
+class Decode:
+    """One row for each of B requests, attention batched over padded key slots."""
+
+    rows: torch.Tensor  # [B] row indices
+    read_slots: torch.Tensor  # [B, Lmax]
+    mask: torch.Tensor  # [B, 1, 1, Lmax] bool, True where a key is visible
 
 
 @dataclass
 class Rows:
-    segments: list[Segment]
     positions: torch.Tensor  # [T] long
-    sample_rows: torch.Tensor  # [S] long: last row of every segment that samples
+    write_slots: torch.Tensor  # [T] long
+    prefills: list[Prefill]
+    decode: Decode | None
+    sample_rows: torch.Tensor  # [S] long: the last row of every item that samples
 
     @classmethod
-    def build(cls, parts: list[tuple[SeqCache, int, int, bool]], device: torch.device) -> "Rows":
-        """parts: (cache, pos, n, sample) per request, in row order."""
-        segments, positions, sample, offset = [], [], [], 0
-        for cache, pos, n, wants_sample in parts:
-            segments.append(Segment(cache, pos, slice(offset, offset + n)))
-            positions.append(torch.arange(pos, pos + n))
+    def build(cls, parts: list[tuple[list[int], int, int, bool]], block_size: int, device: torch.device) -> "Rows":
+        """parts: (block table, pos, n, sample) per item, in row order."""
+        positions, writes, prefills, dec, sample, offset = [], [], [], [], [], 0
+        for table, pos, n, wants_sample in parts:
+            t = torch.tensor(table, dtype=torch.long)
+            pos_range = torch.arange(pos, pos + n)
+            positions.append(pos_range)
+            writes.append(slots_for(t, pos_range, block_size))
+            if n == 1:
+                dec.append((offset, slots_for(t, torch.arange(pos + 1), block_size)))
+            else:
+                read = slots_for(t, torch.arange(pos + n), block_size).to(device) if pos else None
+                prefills.append(Prefill(slice(offset, offset + n), pos, read))
             if wants_sample:
                 sample.append(offset + n - 1)
             offset += n
         return cls(
-            segments,
-            torch.cat(positions).to(device),
-            torch.tensor(sample, dtype=torch.long, device=device),
+            torch.cat(positions).to(device), torch.cat(writes).to(device), prefills,
+            _decode(dec, device) if dec else None, torch.tensor(sample, dtype=torch.long, device=device),
         )
+
+
+def _decode(items: list[tuple[int, torch.Tensor]], device: torch.device) -> Decode:
+    longest = max(len(s) for _, s in items)
+    slots = torch.zeros(len(items), longest, dtype=torch.long)  # padding reads slot 0, masked out
+    mask = torch.zeros(len(items), 1, 1, longest, dtype=torch.bool)
+    for i, (_, s) in enumerate(items):
+        slots[i, : len(s)] = s
+        mask[i, ..., : len(s)] = True
+    rows = torch.tensor([r for r, _ in items], dtype=torch.long)
+    return Decode(rows.to(device), slots.to(device), mask.to(device))

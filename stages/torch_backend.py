@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from .backend import StageSpec, StepItem, StepOutput
-from .kv import Rows, SeqCache
+from .kv import KVPool, Rows
 from .models import UnsupportedModel, architecture
 from .sampling import Sampler
 
@@ -28,8 +28,8 @@ class TorchBackend:
         self.model, self.spec = model, spec
         self.device, self.dtype = torch.device(spec.device), DTYPES[spec.dtype]
         args = model.args
-        self._cache_shape = (len(model.layers), args.kv_heads, args.dim_head)
-        self._caches: dict[str, SeqCache] = {}
+        self._kv_shape = (len(model.layers), args.kv_heads, args.dim_head)
+        self.kv: KVPool | None = None
         self.sampler = Sampler()
 
     @classmethod
@@ -43,14 +43,18 @@ class TorchBackend:
         )
         return cls(model, spec)
 
+    def kv_block_bytes(self, block_size: int) -> int:
+        return KVPool.bytes_per_block(*self._kv_shape, block_size, self.dtype)
+
+    def init_kv(self, num_blocks: int, block_size: int) -> None:
+        self.kv = KVPool(*self._kv_shape, num_blocks, block_size, self.dtype, self.device)
+
     def run(self, items: list[StepItem]) -> StepOutput:
         x = self._inputs(items)  # [T] ids or [T, D] hidden
-        parts = [(self._cache(i.rid), i.pos, i.n, i.sample is not None) for i in items]
-        rows = Rows.build(parts, self.device)
+        parts = [(i.blocks, i.pos, i.n, i.sample is not None) for i in items]
+        rows = Rows.build(parts, self.kv.block_size, self.device)
         with torch.inference_mode():
-            out = self.model(x, rows)
-        for seg in rows.segments:
-            seg.cache.length = seg.pos + (seg.rows.stop - seg.rows.start)
+            out = self.model(x, rows, self.kv)
         if not self.spec.last:
             return StepOutput(_to_bytes(out), out.shape[1] * out.element_size(), ())
         sampled = [i for i in items if i.sample is not None]
@@ -58,17 +62,7 @@ class TorchBackend:
         return StepOutput(None, 0, tuple(tokens))
 
     def release(self, rid: str) -> None:
-        self._caches.pop(rid, None)
         self.sampler.release(rid)
-
-    def cached_tokens(self, rid: str) -> int:
-        cache = self._caches.get(rid)
-        return cache.length if cache else 0
-
-    def _cache(self, rid: str) -> SeqCache:
-        if rid not in self._caches:
-            self._caches[rid] = SeqCache(*self._cache_shape, self.dtype, self.device)
-        return self._caches[rid]
 
     def _inputs(self, items: list[StepItem]) -> torch.Tensor:
         if self.spec.first:

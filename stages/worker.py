@@ -10,8 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import statistics
+import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
+
+import orjson
+import psutil
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -24,7 +30,7 @@ from parallax.broker.wire import ErrorMsg, Forward, Release, decode, encode
 from parallax.scheduler.registry import HEARTBEAT_INTERVAL_S, NodeInfo
 
 from .backend import Backend
-from .engine import Engine, EngineConfig
+from .engine import Engine, EngineConfig, Stats
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,7 @@ class StageWorker:
         self.engine = Engine(backend, config.node_id, engine_config)
         self._wake = asyncio.Event()
         self._reassembler = chunks.Reassembler()
+        self._hops_ms: deque[float] = deque(maxlen=20_000)
         self.nc: NATS | None = None
 
     @property
@@ -62,6 +69,7 @@ class StageWorker:
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set; says goodbye so gateways drop this node at once."""
         self.nc = await connect(self.config.nats_url, name=f"parallax-stage-{self.config.node_id}")
+        self.engine.fit_payload(self.nc.max_payload)
         await self._subscribe()
         tasks = [asyncio.create_task(self._engine_loop()), asyncio.create_task(self._heartbeat_loop())]
         log.info("stage %s serving layers %d:%d of %s on %s", self.config.node_id, self.spec.start,
@@ -82,6 +90,7 @@ class StageWorker:
         await nc.subscribe(subjects.node(s.model, s.start, s.end, self.config.node_id), cb=self._on_work)
         await nc.subscribe(subjects.release(s.model), cb=self._on_work)
         await nc.subscribe(subjects.DISCOVER, cb=self._on_discover)
+        await nc.subscribe(subjects.STATS, cb=self._on_stats)
         await nc.flush()
 
     async def _on_work(self, msg: Msg) -> None:
@@ -97,12 +106,39 @@ class StageWorker:
             if msg.reply:
                 await self.nc.publish(msg.reply, encode(ErrorMsg(message=f"malformed message: {e}", node=self.config.node_id)))
             return
+        if isinstance(header, Forward) and header.sent is not None:
+            self._hops_ms.append(max(0.0, (time.time() - header.sent) * 1000))
         self.engine.submit(header, data)
         self._wake.set()
 
     async def _on_discover(self, msg: Msg) -> None:
         if msg.reply:
             await self.nc.publish(msg.reply, self.info.model_dump_json().encode())
+
+    async def _on_stats(self, msg: Msg) -> None:
+        """Counters for benchmarks and operators; ``{"reset": true}`` zeroes them after answering."""
+        if msg.reply:
+            await self.nc.publish(msg.reply, orjson.dumps(self.stats()))
+        try:
+            reset = bool(msg.data) and orjson.loads(msg.data).get("reset") is True
+        except (orjson.JSONDecodeError, AttributeError):
+            reset = False
+        if reset:
+            self.engine.stats = Stats()
+            self._hops_ms.clear()
+
+    def stats(self) -> dict:
+        e, s, hops = self.engine, self.engine.stats, sorted(self._hops_ms)
+        blocks = e.blocks
+        return {
+            "node_id": self.config.node_id, "model": self.spec.model, "start": self.spec.start, "end": self.spec.end,
+            "steps": s.steps, "rows": s.rows, "busy_s": s.busy_s, "prefix_hit_tokens": s.prefix_hit_tokens,
+            "preempted": s.preempted, "running": len(e.seqs), "waiting": len(e.waiting),
+            "hop_ms": _summary(hops),
+            "kv": {"block_size": blocks.block_size, "blocks_total": blocks.num_blocks, "blocks_used": blocks.used,
+                   "blocks_cached": blocks.cached, "budget_bytes": blocks.num_blocks * self.backend.kv_block_bytes(blocks.block_size)},
+            "rss_bytes": psutil.Process().memory_info().rss,
+        }
 
     async def _engine_loop(self) -> None:
         while True:
@@ -132,3 +168,10 @@ class StageWorker:
             await self.nc.drain()
         except Exception as e:  # the server may already be gone
             log.debug("goodbye failed: %s", e)
+
+
+def _summary(values: list[float]) -> dict:
+    if not values:
+        return {"count": 0, "p50": None, "p99": None, "mean": None}
+    return {"count": len(values), "p50": values[len(values) // 2], "p99": values[min(len(values) - 1, int(len(values) * 0.99))],
+            "mean": statistics.fmean(values)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from parallax.broker.wire import SamplingParams
 from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
+from parallax.stages.engine import EngineConfig
 from parallax.stages.torch_backend import TorchBackend
 from parallax.stages.worker import StageWorker, WorkerConfig
 
@@ -54,10 +56,12 @@ class Cluster:
         self.pipeline: NatsPipeline | None = None
         self.nc = None
 
-    async def add_stage(self, start: int, end: int, dtype: str = "float32", node_id: str | None = None) -> str:
+    async def add_stage(self, start: int, end: int, dtype: str = "float32", node_id: str | None = None,
+                        engine: EngineConfig | None = None) -> str:
         backend = await asyncio.to_thread(TorchBackend.load, self.path, self.model, start, end, dtype, "cpu")
         node_id = node_id or f"s{start}-{end}-{uuid.uuid4().hex[:6]}"
-        worker = StageWorker(backend, WorkerConfig(nats_url=self.url, node_id=node_id, heartbeat_s=0.2))
+        config = WorkerConfig(nats_url=self.url, node_id=node_id, heartbeat_s=0.2)
+        worker = StageWorker(backend, config, engine or EngineConfig(kv_blocks=512))
         stop, ready = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(worker.run(stop, ready))
         await asyncio.wait_for(ready.wait(), 30)
@@ -88,6 +92,19 @@ class Cluster:
         events = [e async for e in self.pipeline.generate(uuid.uuid4().hex, prompt, SamplingParams(**params))]
         return [e.token for e in events]
 
+    def engines(self):
+        return [w.engine for _, _, w in self.stages.values()]
+
+    async def settled(self, timeout: float = 5.0) -> bool:
+        """True once every stage has released every request and KV block (release is a broadcast,
+        so a stage may hear of a finish a moment after the gateway does)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(not e.seqs and not e.waiting and e.blocks.used == 0 for e in self.engines()):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
     async def close(self) -> None:
         for node_id in list(self.stages):
             await self.stop_stage(node_id)
@@ -96,11 +113,12 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def cluster(url: str, path: Path, model: str, num_layers: int, ranges: list[tuple[int, int]], dtype: str = "float32"):
+async def cluster(url: str, path: Path, model: str, num_layers: int, ranges: list[tuple[int, int]], dtype: str = "float32",
+                  engine: EngineConfig | None = None):
     c = Cluster(url, path, model, num_layers)
     try:
         for a, b in ranges:
-            await c.add_stage(a, b, dtype)
+            await c.add_stage(a, b, dtype, engine=engine)
         await c.connect()
         yield c
     finally:

@@ -54,14 +54,7 @@ async def test_replicas_share_work_and_pin_decode(nats_url, tiny, references):
         assert all(r == references[1] for r in results)
         replicas = [w.engine for n, (_, _, w) in c.stages.items() if n.startswith("s3-6")]
         assert all(e.backend.sampler._generators == {} for e in replicas)
-        await released_everywhere(c)
-
-
-async def released_everywhere(c, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while any(w.engine.seqs for _, _, w in c.stages.values()) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert not any(w.engine.seqs for _, _, w in c.stages.values())
+        assert await c.settled()
 
 
 async def test_sampling_seed_and_stops(nats_url, tiny, references):
@@ -150,7 +143,7 @@ async def test_abandoned_request_is_released(nats_url, tiny):
             await stream.__anext__()
         assert any(w.engine.seqs for _, _, w in c.stages.values())
         await stream.aclose()
-        await released_everywhere(c)
+        assert await c.settled()
 
 
 async def test_discovery_sees_stages_started_before_the_gateway(nats_url, tiny):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from parallax.scheduler.allocation import even_split
-from parallax.stages.kv import Rows, SeqCache
+from parallax.stages.kv import KVPool, Rows
 from parallax.stages.models import UnsupportedModel, architecture
 from parallax.stages.torch_backend import load_stage_model
 from tests.cluster import make_tiny_model
@@ -85,19 +85,19 @@ def test_split_forward_matches_transformers(models, name):
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(ids[None]).logits[0]
     stages = [load(path, a, b) for a, b in even_split(layers, 3)]
-    caches = [SeqCache(len(s.layers), s.args.kv_heads, s.args.dim_head, torch.float32, CPU) for s in stages]
+    caches = [KVPool(len(s.layers), s.args.kv_heads, s.args.dim_head, 8, 4, torch.float32, CPU) for s in stages]
     got = [run_stages(stages, caches, ids[:16], 0)] + [run_stages(stages, caches, ids[p : p + 1], p) for p in range(16, 24)]
     got = torch.cat(got)
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 @torch.inference_mode()
-def run_stages(stages, caches, x, pos):
-    n = x.shape[0]
-    for stage, cache in zip(stages, caches):
-        rows = Rows.build([(cache, pos, n, True)], CPU)
+def run_stages(stages, pools, x, pos):
+    n, table = x.shape[0], [5, 2, 7, 0, 3, 1]  # any blocks, in any order: 6 blocks of 4 rows
+    for stage, pool in zip(stages, pools):
+        rows = Rows.build([(table, pos, n, True)], 4, CPU)
         rows.sample_rows = torch.arange(n)  # all logits, to compare every position
-        x = stage(x, rows)
+        x = stage(x, rows, pool)
     return x
 
 
