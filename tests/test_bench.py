@@ -1,0 +1,292 @@
+"""The serving benchmark (`bench/`): pure functions fast, one tiny end-to-end run (slow).
+
+No test asserts on speed: timings depend on the machine and on whatever else runs on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from bench import report
+from bench.client import apply_event, completion_body
+from bench.natsstats import StatsClient, merge_peaks, summarize_stages
+from bench.prompts import WORDS, build_prompts, sentence, token_prompt
+from bench.serve import build_parser, config_from_args, default_requests, kv_bytes_per_token, parse_levels
+from bench.stats import RequestRecord, decode_rate, distribution_ms, percentile, summarize_level
+from parallax.procs import pid_alive
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT_KEYS = {"machine", "config", "cluster", "levels", "baselines", "prefix_cache", "memory", "targets", "error"}
+LEVEL_KEYS = {"concurrency", "requests", "completed", "failed", "wall_s", "completion_tokens", "ttft_ms", "itl_ms",
+              "output_tok_s", "req_s", "decode_tok_s_per_stream", "nats"}
+
+
+def fake_encode(text: str) -> list[int]:
+    """A stand-in tokenizer: one id per word, stable across processes."""
+    return [zlib.crc32(word.encode()) % 50000 for word in text.split()]
+
+
+def record(start: float, chunks: list[float], tokens: int | None = None, error: str | None = None) -> RequestRecord:
+    return RequestRecord(start=start, end=chunks[-1] if chunks else start, chunk_times=chunks,
+                         completion_tokens=tokens, error=error)
+
+
+# ------------------------------------------------------------------------------------ statistics
+def test_percentile_interpolates_like_numpy():
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 4.0
+    assert percentile(values, 50) == pytest.approx(2.5)
+    assert percentile(values, 99) == pytest.approx(3.97)
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError):
+        percentile(values, 101)
+
+
+def test_distribution_is_in_milliseconds():
+    dist = distribution_ms([0.001, 0.003])
+    assert dist["p50"] == pytest.approx(2.0) and dist["mean"] == pytest.approx(2.0)
+    assert distribution_ms([]) == {"p50": None, "p99": None, "mean": None}
+
+
+def test_request_record_ttft_itl_and_decode():
+    r = record(10.0, [10.5, 10.6, 10.8], tokens=3)
+    assert r.ok and r.tokens == 3
+    assert r.ttft == pytest.approx(0.5)
+    assert r.itls == pytest.approx([0.1, 0.2])
+    assert decode_rate([r]) == pytest.approx(2 / 0.3)
+    assert not record(0.0, [], error="boom").ok
+    assert record(0.0, [1.0, 2.0]).tokens == 2  # no usage chunk: one token per text chunk
+
+
+def test_summarize_level_counts_failures_and_rates():
+    ok = [record(0.0, [1.0, 1.5, 2.0], tokens=3), record(0.0, [2.0, 3.0], tokens=2)]
+    failed = record(0.0, [], error="HTTP 503: no stage")
+    summary = summarize_level([*ok, failed], concurrency=2, wall_s=5.0)
+    assert (summary["requests"], summary["completed"], summary["failed"]) == (3, 2, 1)
+    assert summary["completion_tokens"] == 5
+    assert summary["output_tok_s"] == pytest.approx(1.0)
+    assert summary["req_s"] == pytest.approx(0.4)
+    assert summary["ttft_ms"]["p50"] == pytest.approx(1500.0)
+    assert summary["itl_ms"]["p50"] == pytest.approx(500.0)
+    assert summary["errors"] == ["HTTP 503: no stage"]
+
+
+# ---------------------------------------------------------------------------------------- client
+def test_apply_event_reads_text_usage_errors_and_done():
+    r = RequestRecord(start=0.0)
+    assert not apply_event(r, '{"choices":[{"text":"Hi","index":0}]}', 1.0)
+    assert not apply_event(r, '{"choices":[{"text":"","index":0,"finish_reason":"length"}]}', 2.0)
+    assert not apply_event(r, '{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":4}}', 3.0)
+    assert apply_event(r, "[DONE]", 4.0)
+    assert r.chunk_times == [1.0] and r.completion_tokens == 4 and r.prompt_tokens == 5 and r.error is None
+    bad = RequestRecord(start=0.0)
+    assert apply_event(bad, '{"error":{"message":"stage gone","type":"x"}}', 1.0)
+    assert bad.error == "stage gone"
+
+
+def test_completion_body_forces_the_length():
+    body = completion_body("m", [1, 2, 3], 8)
+    assert body["ignore_eos"] is True and body["temperature"] == 0.0 and body["max_tokens"] == 8
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert "model" not in completion_body(None, [1], 1)
+
+
+# --------------------------------------------------------------------------------------- prompts
+def test_prompt_set_is_deterministic_for_a_seed():
+    def make(seed: int):
+        return build_prompts(fake_encode, seed, 32, [3, 2], prefix_len=100, suffix_len=8, memory_requests=2, memory_len=50)
+
+    a, b, c = make(7), make(7), make(8)
+    assert a == b
+    assert a != c
+    assert [len(p) for level in a.levels for p in level] == [32] * 5
+    assert len(a.prefix) == 100 and len(a.suffix_a) == len(a.suffix_b) == 8 and a.suffix_a != a.suffix_b
+    assert [len(p) for p in a.memory] == [50, 50]
+    every = [tuple(p) for p in (*a.warmup, *a.levels[0], *a.levels[1], *a.memory)]
+    assert len(set(every)) == len(every)
+
+
+def test_token_prompt_is_exact_and_uses_the_word_list():
+    import random
+
+    ids = token_prompt(random.Random(1), fake_encode, 17)
+    assert len(ids) == 17
+    words = sentence(random.Random(1)).rstrip(".").lower().split()
+    assert all(w in WORDS for w in words)
+    with pytest.raises(ValueError):
+        token_prompt(random.Random(1), fake_encode, 0)
+
+
+
+@pytest.mark.slow
+def test_prompt_set_with_the_real_tokenizer(smollm2_path: Path):
+    from bench.prompts import tokenizer_encoder
+
+    encode = tokenizer_encoder(str(smollm2_path))
+    a = build_prompts(encode, 3, 128, [2], prefix_len=64, memory_requests=1, memory_len=200)
+    assert a == build_prompts(encode, 3, 128, [2], prefix_len=64, memory_requests=1, memory_len=200)
+    assert [len(p) for p in a.levels[0]] == [128, 128] and len(a.memory[0]) == 200
+
+# ------------------------------------------------------------------------------------ NATS stats
+def test_stage_stats_tolerate_missing_keys():
+    replies = [
+        {"node_id": "b", "start": 15, "end": 30, "busy_s": 2.0, "hop_ms": {"p50": 0.8}},
+        {"node_id": "a", "start": 0, "end": 15, "busy_s": 1.0, "hop_ms": {"p50": 0.5, "p99": 2.0}},
+        {"node_id": "c"},
+    ]
+    summary = summarize_stages(replies, wall_s=4.0)
+    assert [s["stage"] for s in summary["stages"]] == ["0:15", "15:30", "c"]
+    assert summary["nats_hop_p50_ms"] == pytest.approx(0.8)
+    assert [s["busy_frac"] for s in summary["stages"]] == [0.25, 0.5, None]
+    assert summarize_stages([], 1.0) == {"stages": [], "nats_hop_p50_ms": None}
+    assert "n/a" in report.busy_cell(summary["stages"])
+
+
+def test_merge_peaks_keeps_the_largest():
+    peaks: dict = {}
+    merge_peaks(peaks, [{"node_id": "a", "rss_bytes": 10, "kv": {"blocks_used": 3}}])
+    merge_peaks(peaks, [{"node_id": "a", "rss_bytes": 5, "kv": {"blocks_used": 7}}, {"node_id": "b"}])
+    assert peaks["a"]["peak_rss_bytes"] == 10 and peaks["a"]["peak_kv_blocks_used"] == 7
+    assert peaks["b"]["peak_rss_bytes"] is None
+
+
+def test_stats_client_without_nats_answers_nothing():
+    assert asyncio.run(StatsClient(None).reset()) == []
+
+
+# ---------------------------------------------------------------------------------------- report
+def sample_results() -> dict:
+    level1 = summarize_level([record(0.0, [0.1, 0.2, 0.3], tokens=3)], 1, 1.0)
+    level1["nats"] = summarize_stages([{"start": 0, "end": 15, "busy_s": 0.5, "hop_ms": {"p50": 0.4}}], 1.0)
+    level16 = summarize_level([record(0.0, [0.1, 0.2], tokens=2)] * 16, 16, 1.0)
+    level16["nats"] = summarize_stages([], 1.0)
+    return {
+        "machine": {"cpu": "test cpu", "cores": 2},
+        "config": {"model": "m", "stages": 2},
+        "levels": [level1, level16],
+        "baselines": {"batch": 16, "generate_b1": {"decode_tok_s": 5.0}, "loop_batched": {"decode_tok_s": 10.0},
+                      "bandwidth": {"read_gb_s": 20.0, "weight_bytes_per_step": 2**20, "bound_tok_s_batch1": 1.0}},
+        "prefix_cache": {"ttft_a_ms": 1000.0, "ttft_b_ms": 400.0},
+        "memory": None,
+        "targets": [],
+    }
+
+
+def test_targets_pass_fail_and_na():
+    targets = report.compute_targets(sample_results())
+    assert [t["result"] for t in targets] == ["PASS", "PASS", "FAIL", "PASS", "n/a"]
+    assert targets[1]["threshold"] == pytest.approx(12.0) and targets[2]["threshold"] == pytest.approx(300.0)
+
+
+def test_markdown_tables():
+    assert report.fmt(None) == "n/a" and report.fmt(1.234, 2) == "1.23" and report.fmt(3) == "3"
+    assert report.table(["a", "b"], [["1", "2"]]).splitlines() == ["| a | b |", "|---|---|", "| 1 | 2 |"]
+    results = sample_results()
+    results["targets"] = report.compute_targets(results)
+    text = report.markdown(results)
+    levels = report.levels_table(results["levels"]).splitlines()
+    assert len(levels) == 4 and levels[0].count("|") == len(report.LEVEL_HEADERS) + 1
+    assert levels[2].startswith("| 1 | 1 | 1 |") and "0:15: 50%" in levels[2]
+    for heading in ("## Serving", "## Baselines", "## Prefix cache", "## Memory", "## Targets"):
+        assert heading in text
+    assert "FAIL" in text and "test cpu" in text
+
+
+def test_write_results(tmp_path: Path):
+    results = sample_results()
+    json_path, md_path = report.write_results(results, tmp_path / "out")
+    assert json.loads(json_path.read_text())["levels"][0]["concurrency"] == 1
+    assert md_path.read_text().startswith("# Parallax-NATS serving benchmark")
+
+
+def test_cpu_model_from_cpuinfo():
+    assert report.cpu_model("processor : 0\nmodel name\t: AMD EPYC 7B13\n") == "AMD EPYC 7B13"
+
+
+def test_busy_machine_warning():
+    assert report.busy_warning({"load_avg_at_start": [0.1, 0.2, 0.3], "cores": 2}) is None
+    assert report.busy_warning({"load_avg_at_start": None}) is None
+    assert "load average 2.50 on 2 cores" in report.busy_warning({"load_avg_at_start": [2.5, 1.0, 1.0], "cores": 2})
+
+
+# ------------------------------------------------------------------------------------------ args
+def test_args_and_defaults():
+    assert parse_levels("1, 4,16") == (1, 4, 16)
+    assert [default_requests(c) for c in (1, 4, 16, 64)] == [8, 8, 32, 64]
+    cfg = config_from_args(build_parser().parse_args(["--levels", "1,2", "--extra-up-args", "--ready-timeout 60"]))
+    assert cfg.levels == (1, 2) and cfg.requests == (8, 8)
+    assert cfg.extra_up_args == ("--ready-timeout", "60")
+    assert config_from_args(build_parser().parse_args(["--requests-per-level", "3"])).requests == (3, 3, 3, 3)
+
+
+def test_kv_bytes_per_token():
+    config = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+    assert kv_bytes_per_token(config, "bfloat16") == 2 * 30 * 3 * 64 * 2
+    assert kv_bytes_per_token({}, "float32") is None
+
+
+# ------------------------------------------------------------------------------------ end to end
+TINY_RUN = ["--levels", "1,2", "--requests-per-level", "2", "--output-len", "4", "--input-len", "16",
+            "--skip-baselines", "--skip-memory", "--skip-prefix"]
+
+
+def assert_all_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not [p for p in pids if pid_alive(p)]
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_tiny(tmp_path: Path):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "bench.serve", *TINY_RUN, "--out", str(out)], cwd=REPO, check=False,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "latest.json").read_text())
+    assert RESULT_KEYS <= set(results)
+    assert results["error"] is None
+    assert [lv["concurrency"] for lv in results["levels"]] == [1, 2]
+    for lv in results["levels"]:
+        assert LEVEL_KEYS <= set(lv)
+        assert lv["completed"] == 2 and lv["completion_tokens"] == 8
+    assert {"cpu", "cores", "torch", "date"} <= set(results["machine"])
+    assert len(results["targets"]) == 5
+    assert "| concurrency |" in (out / "latest.md").read_text()
+    pids = results["cluster"]["pids"]
+    assert len(pids) >= 4  # parallax up, nats-server, 2 stages, gateway
+    assert_all_gone(pids)
+
+
+@pytest.mark.slow
+def test_benchmark_ctrl_c_stops_the_cluster(tmp_path: Path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench.serve", *TINY_RUN, "--levels", "1", "--requests-per-level", "50",
+           "--output-len", "32", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "level: concurrency" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    results = json.loads((out / "latest.json").read_text())
+    assert results["error"] == "interrupted"
+    assert_all_gone(results["cluster"]["pids"])
+
