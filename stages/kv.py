@@ -53,7 +53,7 @@ class Decode:
 
     rows: torch.Tensor  # [B] row indices
     read_slots: torch.Tensor  # [B, Lmax]
-    mask: torch.Tensor  # [B, 1, 1, Lmax] bool, True where a key is visible
+    mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool, True where a key is visible; None: no padding
 
 
 @dataclass
@@ -95,4 +95,5 @@ def _decode(items: list[tuple[int, torch.Tensor]], device: torch.device) -> Deco
         slots[i, : len(s)] = s
         mask[i, ..., : len(s)] = True
     rows = torch.tensor([r for r, _ in items], dtype=torch.long)
-    return Decode(rows.to(device), slots.to(device), mask.to(device))
+    padded = any(len(s) != longest for _, s in items)  # a mask sends SDPA down a much slower path
+    return Decode(rows.to(device), slots.to(device), mask.to(device) if padded else None)
