@@ -67,7 +67,7 @@ class NatsPipeline:
 
     async def discover(self, wait_s: float = 0.3) -> None:
         inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox, cb=self._on_heartbeat)
+        sub = await self.nc.subscribe(inbox, cb=self._on_discovered)
         await self.nc.publish(subjects.DISCOVER, b"", reply=inbox)
         await asyncio.sleep(wait_s)
         await sub.unsubscribe()
@@ -178,6 +178,10 @@ class NatsPipeline:
         queue = self._streams.get(rid) if rid else None
         if queue is not None:
             queue.put_nowait(event)
+
+    async def _on_discovered(self, msg: Msg) -> None:
+        if msg.data:  # an empty reply is the server's "no responders" status: no stage yet
+            await self._on_heartbeat(msg)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:

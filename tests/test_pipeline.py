@@ -157,3 +157,16 @@ async def test_discovery_sees_stages_started_before_the_gateway(nats_url, tiny):
             assert late.missing() == []
         finally:
             await nc.close()
+
+
+async def test_discovery_with_no_stages_logs_nothing_bad(nats_url, caplog):
+    nc = await nats.connect(nats_url)
+    try:
+        from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
+
+        lonely = NatsPipeline(nc, PipelineConfig(model="tiny", num_layers=LAYERS))
+        await lonely.start(discover_s=0.2)
+        assert lonely.missing() == [(0, LAYERS)]
+        assert "bad heartbeat" not in caplog.text
+    finally:
+        await nc.close()
