@@ -56,5 +56,3 @@ def heartbeats(model: str) -> str:
     """Wildcard for the heartbeats of every node of one model."""
     return f"{PREFIX}.heartbeat.{token(model)}.*"
 
-
-HEARTBEAT_ALL = f"{PREFIX}.heartbeat.>"

@@ -48,6 +48,3 @@ class Registry:
         for node_id in [k for k, (seen, _) in self._nodes.items() if now - seen > self.ttl_s]:
             del self._nodes[node_id]
         return [info for _, info in self._nodes.values() if model is None or info.model == model]
-
-    def alive(self, node_id: str, now: float | None = None) -> bool:
-        return any(n.node_id == node_id for n in self.nodes(now=now))

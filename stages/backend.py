@@ -39,7 +39,7 @@ class StageSpec:
 @dataclass(frozen=True)
 class SampleSpec:
     params: SamplingParams
-    history: tuple[int, ...]  # prompt + generated ids (repetition penalty)
+    history: tuple[int, ...]  # prompt + generated ids; empty when there is no repetition penalty
     banned: tuple[int, ...]  # token ids that must not be sampled now (min_tokens)
     step: int  # index of the token being sampled
 

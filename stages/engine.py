@@ -13,7 +13,6 @@ which the gateway resubmits (prompt + tokens so far) and which is recomputed lat
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections import OrderedDict, deque
@@ -64,7 +63,6 @@ class Sequence:
     hop: int  # index of this stage in meta.chain
     route: list[str | None]
     table: list[int]  # KV blocks, in position order
-    order: int  # admission order: the newest is preempted first
     length: int = 0  # rows whose KV is in the pool
     inbox: deque[Work] = field(default_factory=deque)  # rows received, not yet run
     pending: memoryview | None = None  # first stage: prompt ids (int32) not yet sent into a chunk
@@ -94,12 +92,11 @@ class Engine:
         self.spec = backend.spec
         self.blocks = BlockManager(self.config.kv_blocks, self.config.block_size, self.config.prefix_cache)
         backend.init_kv(self.config.kv_blocks, self.config.block_size)
-        self.seqs: dict[str, Sequence] = {}
+        self.seqs: dict[str, Sequence] = {}  # in admission order: the newest is preempted first
         self.waiting: OrderedDict[str, list[Work]] = OrderedDict()
         self.stats = Stats()
         self._inbox: deque[tuple[Forward | Release, memoryview]] = deque()
         self._released: OrderedDict[str, None] = OrderedDict()
-        self._order = itertools.count()
         self.chunk_tokens = self.config.chunk_tokens
 
     # --- called from the NATS side -------------------------------------------------------------
@@ -219,7 +216,7 @@ class Engine:
         hop = meta.chain.index((self.spec.start, self.spec.end))
         route = list(meta.route)
         route[hop] = self.node_id
-        seq = Sequence(item.rid, meta, hop, route, table, next(self._order), length=cached)
+        seq = Sequence(item.rid, meta, hop, route, table, length=cached)
         seq.registered = cached // self.blocks.block_size
         self.stats.prefix_hit_tokens += cached
         if self.spec.first:
@@ -232,7 +229,7 @@ class Engine:
     def _schedule(self, out: Outgoing) -> list[tuple[Sequence, Work]]:
         batch: dict[str, tuple[Sequence, Work]] = {}
         rows = 0
-        for seq in sorted(self.seqs.values(), key=lambda s: s.order):  # decode rows first
+        for seq in list(self.seqs.values()):  # decode rows first, oldest request first
             if len(batch) >= self.config.max_batch_size:
                 break
             if seq.rid not in self.seqs:  # preempted a moment ago, in this loop
@@ -241,7 +238,7 @@ class Engine:
                 if self._in_order(seq, seq.inbox[0], out):
                     batch[seq.rid] = (seq, seq.inbox.popleft())
                     rows += 1
-        for seq in sorted(self.seqs.values(), key=lambda s: s.order):  # then prefill chunks
+        for seq in list(self.seqs.values()):  # then prefill chunks
             budget = self.config.max_tokens_per_step - rows
             if len(batch) >= self.config.max_batch_size or (budget <= 0 and batch):
                 break
@@ -280,7 +277,7 @@ class Engine:
     def _grow(self, seq: Sequence, rows: int, out: Outgoing) -> bool:
         """Make room for ``rows`` rows of ``seq``, preempting the newest requests if needed."""
         while not self.blocks.can_grow(seq.table, rows):
-            victim = max(self.seqs.values(), key=lambda s: s.order)
+            victim = next(reversed(self.seqs.values()))  # the newest
             self.stats.preempted += 1
             self._fail(victim.rid, victim.reply, f"preempted on stage {self._range}: KV cache full", out, "preempted")
             if victim is seq:
@@ -315,7 +312,8 @@ class Engine:
             return None
         params, done = seq.meta.sampling, len(seq.generated)
         banned = params.stop_token_ids if done < params.min_tokens else ()
-        return SampleSpec(params, seq.meta.prompt_ids + tuple(seq.generated), tuple(banned), done)
+        history = seq.meta.prompt_ids + tuple(seq.generated) if params.repetition_penalty != 1.0 else ()
+        return SampleSpec(params, history, tuple(banned), done)
 
     # --- postprocess -----------------------------------------------------------------------------
     def _forwarded(self, batch: list[tuple[Sequence, Work]], result: StepOutput) -> Outgoing:

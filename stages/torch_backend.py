@@ -16,7 +16,6 @@ from .sampling import Sampler
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int32": torch.int32}
-WIRE_DTYPES = {v: k for k, v in DTYPES.items()}
 
 
 def default_device() -> str:
@@ -66,10 +65,10 @@ class TorchBackend:
 
     def _inputs(self, items: list[StepItem]) -> torch.Tensor:
         if self.spec.first:
-            ids = torch.frombuffer(bytearray(b"".join(i.data for i in items)), dtype=torch.int32)
+            ids = torch.frombuffer(bytearray().join(i.data for i in items), dtype=torch.int32)
             return ids.to(self.device, torch.long)
         wire = DTYPES[items[0].dtype]
-        raw = torch.frombuffer(bytearray(b"".join(i.data for i in items)), dtype=torch.uint8)
+        raw = torch.frombuffer(bytearray().join(i.data for i in items), dtype=torch.uint8)
         return raw.view(wire).view(-1, self.spec.hidden_size).to(self.device, self.dtype)
 
 

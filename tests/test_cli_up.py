@@ -13,24 +13,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from parallax.broker.server import free_port
 
 import parallax.cli as cli
-from parallax.broker.server import free_port
 from parallax.procs import ProcessGroup, pid_alive, spawn
+from tests.processes import child_dies_with_parent, wait_gone
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
 STUBBORN = [sys.executable, "-c",
             "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
             "time.sleep(60)"]
-
-
-def wait_gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def children_of(pid: int) -> list[int]:
@@ -93,16 +85,7 @@ def test_exited_names_the_first_dead_child():
 def test_children_die_with_their_parent():
     code = ("import sys, time\nfrom parallax.procs import spawn\n"
             f"c = spawn('sleep', {SLEEP!r})\nprint(c.pid, flush=True)\ntime.sleep(60)\n")
-    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        child = int(parent.stdout.readline())
-        assert pid_alive(child)
-        parent.kill()
-        parent.wait(10)
-        assert wait_gone(child), "child outlived its parent"
-    finally:
-        if parent.poll() is None:
-            parent.kill()
+    assert child_dies_with_parent(code), "child outlived its parent"
 
 
 def test_spawn_rejects_an_empty_command():

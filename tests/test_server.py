@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import nats
 import pytest
-
 from parallax.broker.errors import ParallaxError
-from parallax.broker.server import EmbeddedServer, NatsServerError, ServerConfig, free_port, nats_server_binary
+from parallax.broker.server import (
+    EmbeddedServer,
+    NatsServerError,
+    ServerConfig,
+    free_port,
+    nats_server_binary,
+)
+
 from parallax.procs import pid_alive
-
 from tests.conftest import start_nats_server
-
-
-def wait_gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
+from tests.processes import child_dies_with_parent
 
 
 def test_binary_is_found_and_runs():
@@ -154,13 +149,4 @@ def test_server_dies_with_its_parent():
         "print(s.pid, flush=True)\n"
         "time.sleep(60)\n"
     )
-    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        child_pid = int(parent.stdout.readline())
-        assert pid_alive(child_pid)
-        parent.kill()
-        parent.wait(10)
-        assert wait_gone(child_pid), "nats-server outlived its parent"
-    finally:
-        if parent.poll() is None:
-            parent.kill()
+    assert child_dies_with_parent(code), "nats-server outlived its parent"
