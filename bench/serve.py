@@ -17,7 +17,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,13 +280,44 @@ async def serve_phases(cfg: BenchConfig, endpoint: Endpoint, prompts: PromptSet,
             results["memory"] = await memory_check(http, model, stats, prompts, cfg, kv_per_token)
 
 
+def run_interruptible(phases: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run(phases)``; Ctrl-C or SIGTERM raise KeyboardInterrupt once the phases have stopped.
+    The main task is cancelled again every 0.5 s until it ends: on Python 3.11 ``asyncio.wait_for``
+    swallows a cancellation that lands as its awaitable completes (a NATS flush, a stats reply)."""
+    if not asyncio.run(_until_signal(phases)):
+        raise KeyboardInterrupt
+
+
+async def _until_signal(phases: Coroutine[Any, Any, None]) -> bool:
+    """True when ``phases`` ran to the end, False when a signal stopped them."""
+    loop, task = asyncio.get_running_loop(), asyncio.ensure_future(phases)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def cancel() -> None:
+        if not task.done():
+            task.cancel()
+            loop.call_later(0.5, cancel)
+
+    for sig in previous:
+        loop.add_signal_handler(sig, cancel)
+    try:
+        await task
+        return True
+    except asyncio.CancelledError:
+        return False
+    finally:
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
+
+
 def run_serving(cfg: BenchConfig, prompts: PromptSet, results: dict[str, Any], kv_per_token: int | None) -> None:
     if cfg.url:
         endpoint = Endpoint(cfg.url.rstrip("/").removesuffix("/v1"), cfg.nats)
         if not healthy(endpoint.url):
             raise ClusterError(f"{endpoint.url}/health does not answer 200")
         results["cluster"] = {"url": endpoint.url, "nats": endpoint.nats_url, "started_by_bench": False}
-        asyncio.run(serve_phases(cfg, endpoint, prompts, results, kv_per_token))
+        run_interruptible(serve_phases(cfg, endpoint, prompts, results, kv_per_token))
         return
     spec = ClusterSpec(cfg.model, cfg.stages, cfg.dtype, cfg.extra_up_args)
     say(f"starting parallax up ({cfg.stages} stages, {cfg.dtype}); log in {cfg.out / 'cluster.log'}")
@@ -294,7 +325,7 @@ def run_serving(cfg: BenchConfig, prompts: PromptSet, results: dict[str, Any], k
     with running_cluster(spec, cfg.out / "cluster.log") as endpoint:
         results["cluster"] = {"url": endpoint.url, "nats": endpoint.nats_url, "started_by_bench": True,
                               "pids": endpoint.pids, "ready_s": time.perf_counter() - started}
-        asyncio.run(serve_phases(cfg, endpoint, prompts, results, kv_per_token))
+        run_interruptible(serve_phases(cfg, endpoint, prompts, results, kv_per_token))
     say("cluster stopped")
 
 

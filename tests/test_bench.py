@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -20,7 +22,14 @@ from bench import report
 from bench.client import apply_event, completion_body
 from bench.natsstats import StatsClient, merge_peaks, summarize_stages
 from bench.prompts import WORDS, build_prompts, sentence, token_prompt
-from bench.serve import build_parser, config_from_args, default_requests, kv_bytes_per_token, parse_levels
+from bench.serve import (
+    build_parser,
+    config_from_args,
+    default_requests,
+    kv_bytes_per_token,
+    parse_levels,
+    run_interruptible,
+)
 from bench.stats import RequestRecord, decode_rate, distribution_ms, percentile, summarize_level
 from parallax.procs import pid_alive
 
@@ -249,6 +258,36 @@ def assert_all_gone(pids: list[int]) -> None:
 
 
 @pytest.mark.slow
+async def _shrugs_off_one_cancel(ended: list[str]) -> None:
+    """Like Python 3.11's wait_for when its awaitable completes as the cancel lands: the cancel is lost."""
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        ended.append("first cancel swallowed")
+    await asyncio.sleep(30)
+    ended.append("ran to the end")
+
+
+def test_ctrl_c_stops_the_phases_even_when_one_cancel_is_swallowed():
+    ended: list[str] = []
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        run_interruptible(_shrugs_off_one_cancel(ended))
+    assert time.monotonic() - started < 5
+    assert ended == ["first cancel swallowed"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_phases_that_finish_return_normally():
+    async def phases() -> None:
+        await asyncio.sleep(0)
+
+    run_interruptible(phases())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_benchmark_end_to_end_tiny(tmp_path: Path):
     out = tmp_path / "results"
     proc = subprocess.run([sys.executable, "-m", "bench.serve", *TINY_RUN, "--out", str(out)], cwd=REPO, check=False,
