@@ -4,17 +4,15 @@
     parallax.<model>.layers.<a>-<b>.<node>     forward work pinned to one replica (holds the request's KV)
     parallax.<model>.release                   broadcast: drop the KV/state of finished or aborted requests
     parallax.gateway.<gateway>                 tokens and errors for the requests of one gateway
-    parallax.discover                          request: every node answers with its NodeInfo
     parallax.stats                             request: every stage answers with its counters ({"reset": true} zeroes them)
-    parallax.heartbeat.<model>.<node>          periodic NodeInfo of a stage
 
-Layer indices are global and half-open (``a:b`` serves layers a..b-1).
+Who is alive and what it serves is not a subject: it is the JetStream KV bucket ``parallax-nodes``
+(:mod:`parallax.broker.kv`). Layer indices are global and half-open (``a:b`` serves layers a..b-1).
 """
 
 import re
 
 PREFIX = "parallax"
-DISCOVER = f"{PREFIX}.discover"
 STATS = f"{PREFIX}.stats"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -46,13 +44,3 @@ def release(model: str) -> str:
 
 def gateway(gateway_id: str) -> str:
     return f"{PREFIX}.gateway.{token(gateway_id)}"
-
-
-def heartbeat(model: str, node_id: str) -> str:
-    return f"{PREFIX}.heartbeat.{token(model)}.{token(node_id)}"
-
-
-def heartbeats(model: str) -> str:
-    """Wildcard for the heartbeats of every node of one model."""
-    return f"{PREFIX}.heartbeat.{token(model)}.*"
-

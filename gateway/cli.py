@@ -57,6 +57,7 @@ async def serve(args: argparse.Namespace) -> None:
         await server.serve()
     finally:
         with contextlib.suppress(Exception):
+            await pipeline.close()
             await nc.drain()
 
 

@@ -1,14 +1,19 @@
 """The gateway's client of the stage chain over NATS.
 
 A request goes to the first range's queue subject with its :class:`RequestMeta`; tokens and errors
-come back on this gateway's subject. The gateway watches heartbeats, so a stage that dies while
-serving a request turns into a :class:`StageFailed` within ``HEARTBEAT_TTL_S`` instead of a hang.
+come back on this gateway's subject. The gateway watches the registry (JetStream KV, keys expire
+``KEY_TTL_S`` after a node's last heartbeat), so a stage that dies while serving a request turns
+into a :class:`StageFailed` within a few seconds instead of a hang. A request a stage hands back
+(``preempted``: KV full, or the stage moved to other layers) is resubmitted with its tokens so far,
+once a chain is complete again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,12 +22,12 @@ from typing import AsyncIterator
 import numpy as np
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from pydantic import ValidationError
-
+from parallax import __version__
 from parallax.broker import chunks, subjects
 from parallax.broker.errors import ChainUnavailable, StageFailed, WireError
 from parallax.broker.wire import RETRYABLE, ErrorMsg, Forward, ForwardItem, Release, RequestMeta, SamplingParams, TokenOut, Tokens, decode, encode
-from parallax.scheduler.registry import NodeInfo, Registry
+from parallax.broker.kv import Presence, nodes_bucket, watch_nodes
+from parallax.scheduler.registry import HEARTBEAT_INTERVAL_S, Load, NodeInfo, Registry
 from parallax.scheduler.routing import find_chain, missing_ranges
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,8 @@ class PipelineConfig:
     token_timeout_s: float = 120.0
     check_every_s: float = 0.25
     max_retries: int = 8  # resubmissions of a preempted request
+    chain_wait_s: float = 30.0  # how long a resubmission waits for a complete chain (a stage reloading)
+    heartbeat_s: float = HEARTBEAT_INTERVAL_S
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.first_token_timeout_s <= 0 or self.token_timeout_s <= 0:
@@ -59,18 +66,35 @@ class NatsPipeline:
         self.registry = Registry()
         self._streams: dict[str, asyncio.Queue] = {}
         self._reassembler = chunks.Reassembler()
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._presence: Presence | None = None
 
-    async def start(self, discover_s: float = 0.3) -> None:
+    async def start(self) -> None:
+        """Subscribe to replies, load the registry (returns once the current nodes are known) and
+        register this gateway."""
         await self.nc.subscribe(self.subject, cb=self._on_reply)
-        await self.nc.subscribe(subjects.heartbeats(self.config.model), cb=self._on_heartbeat)
-        await self.discover(discover_s)
+        kv = await nodes_bucket(self.nc)
+        ready = asyncio.Event()
+        self._tasks.append(asyncio.create_task(watch_nodes(kv, self.registry, self._changed.set, ready)))
+        await asyncio.wait_for(ready.wait(), 10)
+        self._presence = Presence(kv, self.describe, self.config.heartbeat_s)
+        await self._presence.__aenter__()
 
-    async def discover(self, wait_s: float = 0.3) -> None:
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox, cb=self._on_discovered)
-        await self.nc.publish(subjects.DISCOVER, b"", reply=inbox)
-        await asyncio.sleep(wait_s)
-        await sub.unsubscribe()
+    async def close(self) -> None:
+        """Deregister and stop watching (the connection stays the caller's)."""
+        if self._presence is not None:
+            await self._presence.__aexit__(None, None, None)
+            self._presence = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def describe(self) -> NodeInfo:
+        return NodeInfo(node_id=self.gateway_id, kind="gateway", model=self.config.model, num_layers=self.config.num_layers,
+                        host=socket.gethostname(), version=__version__, updated=time.time(),
+                        load=Load(running=len(self._streams)))
 
     # --- Pipeline protocol -------------------------------------------------------------------------
     def missing(self) -> list[tuple[int, int]]:
@@ -91,6 +115,7 @@ class NatsPipeline:
             except Retry as r:
                 log.info("request %s: %s; resubmitting with %d tokens so far", rid, r, len(generated))
                 prefix_cache = prefix_cache and r.code != "prefix_miss"
+                await self._wait_for_chain(self.config.chain_wait_s)
         raise StageFailed(f"request {rid} was preempted {self.config.max_retries + 1} times; the cluster is out of KV memory")
 
     @staticmethod
@@ -120,8 +145,17 @@ class NatsPipeline:
                 await self.nc.publish(subjects.release(self.config.model), encode(Release(rids=(rid,))))
 
     # --- internals ---------------------------------------------------------------------------------
+    async def _wait_for_chain(self, limit_s: float) -> None:
+        """Return once a complete chain is registered, or after ``limit_s`` (the caller then fails
+        with the missing ranges)."""
+        deadline = time.monotonic() + limit_s
+        while find_chain(self._ranges(), self.config.num_layers) is None and time.monotonic() < deadline:
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(1.0, max(0.0, deadline - time.monotonic())))
+
     def _ranges(self) -> list[tuple[int, int]]:
-        return [(n.start, n.end) for n in self.registry.nodes(self.config.model)]
+        return [n.layers for n in self.registry.serving(self.config.model)]
 
     async def _send(self, rid: str, prompt_ids: list[int], params: SamplingParams, chain: list[tuple[int, int]],
                     prefix_cache: bool) -> None:
@@ -148,7 +182,7 @@ class NatsPipeline:
             return event
 
     def _check_alive(self, chain, route) -> None:
-        nodes = {n.node_id: n for n in self.registry.nodes(self.config.model)}
+        nodes = {n.node_id: n for n in self.registry.serving(self.config.model)}
         if route is not None:
             for node_id, (a, b) in zip(route, chain):
                 if node_id not in nodes:
@@ -178,13 +212,3 @@ class NatsPipeline:
         queue = self._streams.get(rid) if rid else None
         if queue is not None:
             queue.put_nowait(event)
-
-    async def _on_discovered(self, msg: Msg) -> None:
-        if msg.data:  # an empty reply is the server's "no responders" status: no stage yet
-            await self._on_heartbeat(msg)
-
-    async def _on_heartbeat(self, msg: Msg) -> None:
-        try:
-            self.registry.update(NodeInfo.model_validate_json(msg.data))
-        except ValidationError as e:
-            log.warning("bad heartbeat on %s: %s", msg.subject, " ".join(str(e).split())[:200])

@@ -371,6 +371,22 @@ class Engine:
         self._release(finished, out, broadcast=True)
         return out
 
+    def evacuate(self, message: str) -> Outgoing:
+        """Drop every request (this stage stops serving its range): each gateway is told
+        ``preempted`` and resubmits the request, with its tokens so far, to another chain."""
+        out: Outgoing = []
+        replies: dict[str, str | None] = {rid: s.reply for rid, s in self.seqs.items()}
+        for rid, works in self.waiting.items():
+            replies[rid] = self._reply_for(works[0].item)
+        while self._inbox:
+            header, _ = self._inbox.popleft()
+            for item in header.items if isinstance(header, Forward) else ():
+                replies.setdefault(item.rid, self._reply_for(item))
+        for rid, reply in replies.items():
+            if rid not in self._released:
+                self._fail(rid, reply, message, out, "preempted")
+        return out
+
     def _finish(self, seq: Sequence, token: int) -> str | None:
         p = seq.meta.sampling
         if token in p.stop_token_ids and not p.ignore_eos and len(seq.generated) > p.min_tokens:

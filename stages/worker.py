@@ -1,8 +1,11 @@
-"""A stage worker: NATS subscriptions around one :class:`Engine`.
+"""A stage worker: NATS subscriptions around one :class:`Engine` serving one layer range.
 
 Subscribes to its layer range (queue group shared with replicas), to its own pinned subject, to the
-model's release broadcast and to discovery; publishes a heartbeat. Malformed messages are logged and
-answered (when they carry a reply subject), never fatal.
+model's release broadcast and to the stats request. Its :class:`NodeInfo` goes to the registry
+(JetStream KV, :mod:`parallax.broker.kv`) every heartbeat. Malformed messages are logged and
+answered (when they carry a reply subject), never fatal. :meth:`attach`/:meth:`detach` start and
+stop serving on a connection someone else owns (a stage the scheduler moves to another range);
+:meth:`run` does it all for a stage with a fixed range.
 """
 
 from __future__ import annotations
@@ -21,16 +24,18 @@ import psutil
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from parallax import __version__
 from parallax.broker import chunks, subjects
 from parallax.broker.connection import connect
 from parallax.broker.errors import WireError
+from parallax.broker.kv import Presence, nodes_bucket
 from parallax.broker.wire import ErrorMsg, Forward, Release, decode, encode
-from parallax.scheduler.registry import HEARTBEAT_INTERVAL_S, NodeInfo
+from parallax.scheduler.registry import HEARTBEAT_INTERVAL_S, Load, ModelProfile, NodeInfo, State
 
 from .backend import Backend
-from .engine import Engine, EngineConfig, Stats
+from .engine import Engine, EngineConfig, Outgoing, Stats
 
 log = logging.getLogger(__name__)
 
@@ -40,57 +45,111 @@ class WorkerConfig:
     nats_url: str = "nats://127.0.0.1:4222"
     node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
+    debug_delay_ms: float = 0.0  # sleep after every step: a slow node on purpose, for routing tests
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0:
             raise ValueError("heartbeat_s must be positive")
+        if self.debug_delay_ms < 0:
+            raise ValueError("debug_delay_ms must not be negative")
         subjects.token(self.node_id)
 
 
+@dataclass(frozen=True)
+class NodeFacts:
+    """What a stage tells the registry besides its range and load."""
+
+    memory_total: int = 0
+    memory_offered: int = 0
+    profile: ModelProfile | None = None
+    manual: bool = True  # the range was given by hand (--layers)
+    layer_ms: float | None = None  # estimate until steps are measured
+
+
+def node_info(node_id: str, model: str, num_layers: int, device: str, dtype: str, facts: NodeFacts, state: State,
+              layers: tuple[int, int] | None = None, load: Load = Load(), layer_ms: float | None = None) -> NodeInfo:
+    start, end = layers or (None, None)
+    return NodeInfo(
+        node_id=node_id, kind="stage", model=model, start=start, end=end, num_layers=num_layers,
+        host=socket.gethostname(), device=device, dtype=dtype, version=__version__, state=state, manual=facts.manual,
+        memory_total=facts.memory_total, memory_offered=facts.memory_offered, layer_ms=layer_ms or facts.layer_ms,
+        load=load, profile=facts.profile, updated=time.time(),
+    )
+
+
 class StageWorker:
-    def __init__(self, backend: Backend, config: WorkerConfig, engine_config: EngineConfig | None = None):
-        self.backend, self.config = backend, config
+    def __init__(self, backend: Backend, config: WorkerConfig, engine_config: EngineConfig | None = None,
+                 facts: NodeFacts = NodeFacts()):
+        self.backend, self.config, self.facts = backend, config, facts
         self.spec = backend.spec
         self.engine = Engine(backend, config.node_id, engine_config)
         self._wake = asyncio.Event()
+        self._stopping = False
         self._reassembler = chunks.Reassembler()
         self._hops_ms: deque[float] = deque(maxlen=20_000)
+        self._step_ms: float | None = None
+        self._subs: list[Subscription] = []
+        self._loop_task: asyncio.Task | None = None
         self.nc: NATS | None = None
 
     @property
     def info(self) -> NodeInfo:
-        s = self.spec
-        return NodeInfo(
-            node_id=self.config.node_id, model=s.model, start=s.start, end=s.end, num_layers=s.num_layers,
-            host=socket.gethostname(), device=s.device, dtype=s.dtype, version=__version__,
-            running=len(self.engine.seqs), queued=self.engine.queued,
-        )
+        return self.describe()
+
+    def describe(self, state: State = "serving") -> NodeInfo:
+        s, e = self.spec, self.engine
+        load = Load(running=len(e.seqs), waiting=e.queued, kv_blocks_used=e.blocks.used, kv_blocks_total=e.blocks.num_blocks)
+        layer_ms = None if self._step_ms is None else self._step_ms / (s.end - s.start)
+        return node_info(self.config.node_id, s.model, s.num_layers, s.device, s.dtype, self.facts, state,
+                         (s.start, s.end), load, layer_ms)
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-        """Serve until ``stop`` is set; says goodbye so gateways drop this node at once."""
-        self.nc = await connect(self.config.nats_url, name=f"parallax-stage-{self.config.node_id}")
-        self.engine.fit_payload(self.nc.max_payload)
-        await self._subscribe()
-        tasks = [asyncio.create_task(self._engine_loop()), asyncio.create_task(self._heartbeat_loop())]
-        log.info("stage %s serving layers %d:%d of %s on %s", self.config.node_id, self.spec.start,
-                 self.spec.end, self.spec.model, self.config.nats_url)
-        if ready is not None:
-            ready.set()
+        """Serve until ``stop`` is set, registered in the KV registry; a clean exit deletes the key."""
+        nc = await connect(self.config.nats_url, name=f"parallax-stage-{self.config.node_id}")
         try:
-            await stop.wait()
+            kv = await nodes_bucket(nc)
+            await self.attach(nc)
+            async with Presence(kv, self.describe, self.config.heartbeat_s):
+                if ready is not None:
+                    ready.set()
+                await stop.wait()
+                await self.detach("the stage is shutting down")
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self._goodbye()
+            await _close(nc)
+
+    async def attach(self, nc: NATS) -> None:
+        """Start serving on ``nc``."""
+        self.nc = nc
+        self.engine.fit_payload(nc.max_payload)
+        await self._subscribe()
+        self._stopping = False
+        self._loop_task = asyncio.create_task(self._engine_loop())
+        log.info("stage %s serving layers %d:%d of %s", self.config.node_id, self.spec.start, self.spec.end, self.spec.model)
+
+    async def detach(self, reason: str) -> None:
+        """Stop serving: no new work, the step in progress completes, running requests are handed
+        back to their gateways as ``preempted`` (they resume on another chain)."""
+        for sub in self._subs:
+            await sub.unsubscribe()
+        self._subs.clear()
+        if self._loop_task is not None:
+            self._stopping = True
+            self._wake.set()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        if self.nc is not None and not self.nc.is_closed:
+            await self._publish(self.engine.evacuate(f"stage {self.config.node_id} left layers "
+                                                     f"{self.spec.start}:{self.spec.end}: {reason}"))
+            await self.nc.flush()
 
     async def _subscribe(self) -> None:
         s, nc = self.spec, self.nc
-        await nc.subscribe(subjects.layers(s.model, s.start, s.end), queue=subjects.layers_queue(s.model, s.start, s.end), cb=self._on_work)
-        await nc.subscribe(subjects.node(s.model, s.start, s.end, self.config.node_id), cb=self._on_work)
-        await nc.subscribe(subjects.release(s.model), cb=self._on_work)
-        await nc.subscribe(subjects.DISCOVER, cb=self._on_discover)
-        await nc.subscribe(subjects.STATS, cb=self._on_stats)
+        self._subs = [
+            await nc.subscribe(subjects.layers(s.model, s.start, s.end), queue=subjects.layers_queue(s.model, s.start, s.end), cb=self._on_work),
+            await nc.subscribe(subjects.node(s.model, s.start, s.end, self.config.node_id), cb=self._on_work),
+            await nc.subscribe(subjects.release(s.model), cb=self._on_work),
+            await nc.subscribe(subjects.STATS, cb=self._on_stats),
+        ]
         await nc.flush()
 
     async def _on_work(self, msg: Msg) -> None:
@@ -110,10 +169,6 @@ class StageWorker:
             self._hops_ms.append(max(0.0, (time.time() - header.sent) * 1000))
         self.engine.submit(header, data)
         self._wake.set()
-
-    async def _on_discover(self, msg: Msg) -> None:
-        if msg.reply:
-            await self.nc.publish(msg.reply, self.info.model_dump_json().encode())
 
     async def _on_stats(self, msg: Msg) -> None:
         """Counters for benchmarks and operators; ``{"reset": true}`` zeroes them after answering."""
@@ -141,33 +196,34 @@ class StageWorker:
         }
 
     async def _engine_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
-            while self.engine.has_work():
+            while self.engine.has_work() and not self._stopping:
+                started = time.perf_counter()
                 try:
                     outgoing = await asyncio.to_thread(self.engine.step)
                 except Exception:  # the engine already guards the backend; this is a last resort
                     log.exception("engine step failed")
                     continue
-                for subject, payload in outgoing:
-                    await chunks.publish(self.nc, subject, payload)
+                self._measure((time.perf_counter() - started) * 1000)
+                await self._publish(outgoing)
+                if self.config.debug_delay_ms:
+                    await asyncio.sleep(self.config.debug_delay_ms / 1000)
 
-    async def _heartbeat_loop(self) -> None:
-        subject = subjects.heartbeat(self.spec.model, self.config.node_id)
-        while True:
-            await self.nc.publish(subject, self.info.model_dump_json().encode())
-            await asyncio.sleep(self.config.heartbeat_s)
+    def _measure(self, ms: float) -> None:
+        self._step_ms = ms if self._step_ms is None else 0.9 * self._step_ms + 0.1 * ms
 
-    async def _goodbye(self) -> None:
-        if self.nc is None or self.nc.is_closed:
-            return
-        leaving = self.info.model_copy(update={"state": "leaving"})
-        try:
-            await self.nc.publish(subjects.heartbeat(self.spec.model, self.config.node_id), leaving.model_dump_json().encode())
-            await self.nc.drain()
-        except Exception as e:  # the server may already be gone
-            log.debug("goodbye failed: %s", e)
+    async def _publish(self, outgoing: Outgoing) -> None:
+        for subject, payload in outgoing:
+            await chunks.publish(self.nc, subject, payload)
+
+
+async def _close(nc: NATS) -> None:
+    try:
+        await nc.drain()
+    except Exception as e:  # the server may already be gone
+        log.debug("drain failed: %s", e)
 
 
 def _summary(values: list[float]) -> dict:

@@ -76,10 +76,10 @@ class Cluster:
     async def kill_stage(self, node_id: str) -> None:
         """Vanish without a goodbye, like a crashed process."""
         stop, task, worker = self.stages.pop(node_id)
+        await worker.nc.close()  # first: no deregistration gets out, the registry key must expire
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await worker.nc.close()
 
     async def connect(self) -> NatsPipeline:
         self.nc = await nats.connect(self.url)
@@ -108,6 +108,8 @@ class Cluster:
     async def close(self) -> None:
         for node_id in list(self.stages):
             await self.stop_stage(node_id)
+        if self.pipeline is not None:
+            await self.pipeline.close()
         if self.nc is not None:
             await self.nc.close()
 

@@ -146,27 +146,28 @@ async def test_abandoned_request_is_released(nats_url, tiny):
         assert await c.settled()
 
 
-async def test_discovery_sees_stages_started_before_the_gateway(nats_url, tiny):
+async def test_registry_sees_stages_started_before_the_gateway(nats_url, tiny):
     async with cluster(nats_url, tiny, "tiny", LAYERS, [(0, 3), (3, 6)]):
         nc = await nats.connect(nats_url)
         try:
             from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
 
             late = NatsPipeline(nc, PipelineConfig(model="tiny", num_layers=LAYERS))
-            await late.start(discover_s=0.2)
+            await late.start()
             assert late.missing() == []
         finally:
             await nc.close()
 
 
-async def test_discovery_with_no_stages_logs_nothing_bad(nats_url, caplog):
+async def test_registry_with_no_stages_logs_nothing_bad(nats_url, caplog):
     nc = await nats.connect(nats_url)
     try:
         from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
 
         lonely = NatsPipeline(nc, PipelineConfig(model="tiny", num_layers=LAYERS))
-        await lonely.start(discover_s=0.2)
+        await lonely.start()
         assert lonely.missing() == [(0, LAYERS)]
-        assert "bad heartbeat" not in caplog.text
+        assert "bad node entry" not in caplog.text
+        await lonely.close()
     finally:
         await nc.close()

@@ -1,0 +1,169 @@
+"""The cluster registry in JetStream KV: bucket ``parallax-nodes``.
+
+    stage.<node_id>       NodeInfo JSON of a stage (rewritten every heartbeat, per-key TTL)
+    gateway.<node_id>     NodeInfo JSON of a gateway
+    scheduler.<node_id>   NodeInfo JSON of a scheduler
+    assign.<node_id>      Assignment JSON: the layer range the leading scheduler gave that stage
+    leader                the leading scheduler's id (a lock: created with a TTL, refreshed by CAS)
+
+A node key carries a TTL of ``KEY_TTL_S`` seconds, so a node that stops heartbeating disappears
+on its own (watchers get a PURGE marker, the bucket has ``limit_marker_ttl``); a clean exit deletes
+it at once. ``nats kv ls parallax-nodes`` / ``nats kv get parallax-nodes stage.<id>`` read it all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from nats.aio.client import Client as NATS
+from nats.js import errors as js_errors
+from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from parallax.scheduler.registry import KEY_TTL_S, NodeInfo, Registry
+
+from .errors import ParallaxError
+
+log = logging.getLogger(__name__)
+NODES_BUCKET = "parallax-nodes"
+KINDS = ("stage", "gateway", "scheduler")
+DELETED = ("DEL", "PURGE")
+
+
+class NoJetStream(ParallaxError):
+    """The NATS server runs without JetStream, so there is no registry."""
+
+
+async def nodes_bucket(nc: NATS, timeout_s: float = 5.0) -> KeyValue:
+    """The ``parallax-nodes`` bucket, created on first use (several nodes may race to create it)."""
+    js = nc.jetstream(timeout=timeout_s)
+    try:
+        return await js.key_value(NODES_BUCKET)
+    except js_errors.BucketNotFoundError:
+        pass
+    except (js_errors.ServiceUnavailableError, js_errors.NoStreamResponseError, asyncio.TimeoutError) as e:
+        raise NoJetStream(f"the NATS server has no JetStream ({type(e).__name__}); start it with `nats-server -js`") from e
+    config = KeyValueConfig(bucket=NODES_BUCKET, history=1, limit_marker_ttl=1,
+                            description="Parallax-NATS nodes, layer assignments and the scheduler lock")
+    try:
+        return await js.create_key_value(config)
+    except js_errors.BadRequestError:  # created by another node in between
+        return await js.key_value(NODES_BUCKET)
+
+
+async def put_ttl(kv: KeyValue, key: str, value: bytes, ttl_s: int = KEY_TTL_S) -> int:
+    """Write ``key`` so that it expires ``ttl_s`` whole seconds after this write; returns the revision."""
+    ack = await kv._js.publish(f"$KV.{kv._name}.{key}", value, msg_ttl=ttl_s)
+    return ack.seq
+
+
+def parse_node(value: bytes | None) -> NodeInfo | None:
+    if not value:
+        return None
+    try:
+        return NodeInfo.model_validate_json(value)
+    except ValidationError as e:
+        log.warning("ignored a bad node entry: %s", " ".join(str(e).split())[:200])
+        return None
+
+
+async def watch_nodes(kv: KeyValue, registry: Registry, on_change: Callable[[], Awaitable[None] | None] | None = None,
+                      ready: asyncio.Event | None = None) -> None:
+    """Keep ``registry`` equal to the bucket's node keys until cancelled. ``ready`` is set once the
+    current keys are in; ``on_change`` runs after every change after that."""
+    watcher = await kv.watch(">")
+    try:
+        async for entry in watcher:
+            if entry is None:  # the end of the initial values
+                if ready is not None:
+                    ready.set()
+                continue
+            if entry.key.split(".", 1)[0] not in KINDS:
+                continue
+            _apply(registry, entry)
+            if on_change is not None and (ready is None or ready.is_set()):
+                result = on_change()
+                if asyncio.iscoroutine(result):
+                    await result
+    finally:
+        await watcher.stop()
+
+
+def _apply(registry: Registry, entry: KeyValue.Entry) -> None:
+    if entry.operation in DELETED:
+        registry.remove(entry.key)
+        return
+    info = parse_node(entry.value)
+    if info is not None and info.key == entry.key:
+        registry.update(info)
+
+
+async def snapshot(kv: KeyValue) -> dict[str, bytes]:
+    """Every live key and its value (for ``parallax status``)."""
+    try:
+        keys = await kv.keys()
+    except js_errors.NoKeysError:
+        return {}
+    values: dict[str, bytes] = {}
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+        except (js_errors.KeyNotFoundError, js_errors.KeyDeletedError):
+            continue
+        if entry.value:
+            values[key] = entry.value
+    return values
+
+
+async def cas_ttl(kv: KeyValue, key: str, value: bytes, last: int, ttl_s: int = KEY_TTL_S) -> int:
+    """Compare-and-set with a TTL: write only if ``key``'s revision is still ``last`` (0: the key
+    must not exist). Raises ``KeyWrongLastSequenceError`` when someone else wrote in between."""
+    headers = {"Nats-Expected-Last-Subject-Sequence": str(last)}
+    try:
+        ack = await kv._js.publish(f"$KV.{kv._name}.{key}", value, headers=headers, msg_ttl=ttl_s)
+    except js_errors.APIError as e:
+        if e.err_code == 10071:
+            raise js_errors.KeyWrongLastSequenceError(description=e.description) from e
+        raise
+    return ack.seq
+
+
+class Presence:
+    """Keeps one node's key alive: written now, every ``every_s`` and on :meth:`beat`, with a TTL;
+    deleted on exit (a crash leaves it to expire)."""
+
+    def __init__(self, kv: KeyValue, describe: Callable[[], NodeInfo], every_s: float):
+        self.kv, self.describe, self.every_s = kv, describe, every_s
+        self._task: asyncio.Task | None = None
+        self._key: str | None = None
+
+    async def __aenter__(self) -> "Presence":
+        await self.beat()
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._key is not None:
+            try:
+                await self.kv.delete(self._key)
+            except Exception as e:  # the server may be gone already; the TTL cleans up
+                log.debug("could not delete %s: %s", self._key, e)
+
+    async def beat(self) -> None:
+        info = self.describe()
+        self._key = info.key
+        await put_ttl(self.kv, info.key, info.model_dump_json().encode())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            try:
+                await self.beat()
+            except Exception as e:  # a reconnect in progress: try again next beat
+                log.warning("heartbeat to the registry failed: %s: %s", type(e).__name__, e)
