@@ -1,10 +1,13 @@
 """The ``parallax`` command.
 
     parallax up --model smollm2-135m --stages 2 --port 8000
+    parallax status --nats nats://127.0.0.1:4222 [--model M] [--json]
 
 ``up`` runs a whole pipeline on this machine: an embedded nats-server (or ``--nats URL``), one stage
 process per layer range and an OpenAI-compatible gateway, and stops all of them on Ctrl-C/SIGTERM.
 Exit codes: 0 after a clean stop, 1 when a process fails, 2 for bad input.
+``status`` prints the cluster registry (nodes, layer coverage, leader; see :mod:`parallax.status`);
+exit code 2 when NATS is unreachable or has no JetStream.
 """
 
 from __future__ import annotations
@@ -71,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S, help="seconds to wait for /health")
     up.add_argument("--stage-args", default="", metavar="ARGS",
                     help="extra flags for every parallax-stage, e.g. \"--max-batch-size 64 --kv-cache-memory 1\"")
+    status = commands.add_parser("status", help="show the cluster registry: nodes, layer coverage, leader")
+    status.add_argument("--nats", metavar="URL", default="nats://127.0.0.1:4222", help="NATS server")
+    status.add_argument("--model", help="only this model's nodes and coverage")
+    status.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    status.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to connect and read")
     return parser
 
 
@@ -210,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     # a shell starts background jobs with SIGINT ignored; `kill -INT` must still stop us cleanly
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        if args.command == "status":
+            from parallax.status import run_status
+
+            return run_status(args)
         return run_up(args)
     except (UsageError, ModelNotFound) as exc:
         print(f"parallax: error: {exc}", file=sys.stderr)
