@@ -104,6 +104,9 @@ class Assignment(BaseModel):
         return self
 
 
+LEADER_KEY = "leader"  # the leading scheduler's lock
+
+
 def node_key(kind: str, node_id: str) -> str:
     return f"{kind}.{node_id}"
 
