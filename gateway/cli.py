@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS server URL")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--routing", default="load", choices=["load", "round-robin"],
+                   help="how each request's replicas are chosen: least expected time from the stages' load and "
+                        "speed (default), or in turn")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -48,11 +51,12 @@ async def serve(args: argparse.Namespace) -> None:
 
     source, config, tokenizer, eos = await asyncio.to_thread(build, args)
     nc = await connect(args.nats, name="parallax-gateway")
-    pipeline = NatsPipeline(nc, PipelineConfig(model=source.name, num_layers=config["num_hidden_layers"]))
+    pipeline_config = PipelineConfig(model=source.name, num_layers=config["num_hidden_layers"], routing=args.routing)
+    pipeline = NatsPipeline(nc, pipeline_config)
     await pipeline.start()
     app = create_app(pipeline, tokenizer, source.name, config.get("max_position_embeddings", 2048), eos)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower()))
-    log.info("gateway for %s on http://%s:%d (NATS %s)", source.name, args.host, args.port, args.nats)
+    log.info("gateway for %s on http://%s:%d (NATS %s, routing %s)", source.name, args.host, args.port, args.nats, args.routing)
     try:
         await server.serve()
     finally:

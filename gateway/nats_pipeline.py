@@ -1,8 +1,11 @@
 """The gateway's client of the stage chain over NATS.
 
-A request goes to the first range's queue subject with its :class:`RequestMeta`; tokens and errors
-come back on this gateway's subject. The gateway watches the registry (JetStream KV, keys expire
-``KEY_TTL_S`` after a node's last heartbeat), so a stage that dies while serving a request turns
+Each request gets a route of concrete replicas, one per hop (:func:`choose_route`: by expected time
+from the registry's load and measured speed and this gateway's own in-flight counts, or
+round-robin), pinned in its :class:`RequestMeta` and sent to the first node's own
+subject, so every hop goes to the chosen replica; tokens and errors come back on this gateway's
+subject. The gateway watches the registry (JetStream KV, keys expire ``KEY_TTL_S`` after a node's
+last heartbeat), so a stage that dies while serving a request turns
 into a :class:`StageFailed` within a few seconds instead of a hang. A request a stage hands back
 (``preempted``: KV full, or the stage moved to other layers) is resubmitted with its tokens so far,
 once a chain is complete again.
@@ -17,7 +20,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Literal
 
 import numpy as np
 from nats.aio.client import Client as NATS
@@ -28,7 +31,7 @@ from parallax.broker.errors import ChainUnavailable, StageFailed, WireError
 from parallax.broker.wire import RETRYABLE, ErrorMsg, Forward, ForwardItem, Release, RequestMeta, SamplingParams, TokenOut, Tokens, decode, encode
 from parallax.broker.kv import Presence, nodes_bucket, watch_nodes
 from parallax.scheduler.registry import HEARTBEAT_INTERVAL_S, Load, NodeInfo, Registry
-from parallax.scheduler.routing import find_chain, missing_ranges
+from parallax.scheduler.routing import POLICIES, RouteState, choose_route, find_chain, missing_ranges
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +55,13 @@ class PipelineConfig:
     max_retries: int = 8  # resubmissions of a preempted request
     chain_wait_s: float = 30.0  # how long a resubmission waits for a complete chain (a stage reloading)
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
+    routing: Literal["load", "round-robin"] = "load"  # how a request's replicas are chosen (scheduler.routing)
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.first_token_timeout_s <= 0 or self.token_timeout_s <= 0:
             raise ValueError("num_layers and timeouts must be positive")
+        if self.routing not in POLICIES:
+            raise ValueError(f"routing must be one of {', '.join(POLICIES)}, got {self.routing!r}")
 
 
 class NatsPipeline:
@@ -69,6 +75,7 @@ class NatsPipeline:
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._presence: Presence | None = None
+        self.routes = RouteState()  # local in-flight counts per node, the round-robin turn
 
     async def start(self) -> None:
         """Subscribe to replies, load the registry (returns once the current nodes are known) and
@@ -125,21 +132,23 @@ class NatsPipeline:
         return params.model_copy(update={"max_tokens": params.max_tokens - done, "min_tokens": max(0, params.min_tokens - done)})
 
     async def _attempt(self, rid: str, prompt_ids: list[int], params: SamplingParams, prefix_cache: bool) -> AsyncIterator[TokenOut]:
-        chain = find_chain(self._ranges(), self.config.num_layers)
-        if chain is None:
+        hops = choose_route(self.registry.serving(self.config.model), self.config.num_layers, self.config.routing, self.routes)
+        if hops is None:
             raise ChainUnavailable(self.config.model, self.missing())
+        chain = [(a, b) for _, a, b in hops]
+        route = tuple(node_id for node_id, _, _ in hops)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = queue
-        finished = False
+        self.routes.acquire(hops)
+        finished, first = False, True
         try:
-            await self._send(rid, prompt_ids, params, chain, prefix_cache)
-            route: tuple[str, ...] | None = None
+            await self._send(rid, prompt_ids, params, chain, prefix_cache, route)
             while not finished:
-                event = await self._next(queue, chain, route, first=route is None)
-                route = event.route or route
-                finished = event.finish is not None
+                event = await self._next(queue, chain, route, first)
+                first, finished = False, event.finish is not None
                 yield event
         finally:
+            self.routes.release(hops)
             self._streams.pop(rid, None)
             if not finished and not self.nc.is_closed:
                 await self.nc.publish(subjects.release(self.config.model), encode(Release(rids=(rid,))))
@@ -158,13 +167,14 @@ class NatsPipeline:
         return [n.layers for n in self.registry.serving(self.config.model)]
 
     async def _send(self, rid: str, prompt_ids: list[int], params: SamplingParams, chain: list[tuple[int, int]],
-                    prefix_cache: bool) -> None:
-        meta = RequestMeta(reply=self.subject, chain=tuple(chain), route=(None,) * len(chain), sampling=params,
+                    prefix_cache: bool, route: tuple[str, ...]) -> None:
+        """Publish the prompt to the first node of ``route``, the whole route pinned in the meta."""
+        meta = RequestMeta(reply=self.subject, chain=tuple(chain), route=route, sampling=params,
                            prompt_ids=tuple(prompt_ids), prefix_cache=prefix_cache)
         item = ForwardItem(rid=rid, pos=0, n=len(prompt_ids), meta=meta)
         ids = np.asarray(prompt_ids, dtype="<i4").tobytes()
         payload = encode(Forward(items=(item,), dtype="int32", shape=(len(prompt_ids),)), ids)
-        await chunks.publish(self.nc, subjects.layers(self.config.model, *chain[0]), payload)
+        await chunks.publish(self.nc, subjects.node(self.config.model, *chain[0], route[0]), payload)
 
     async def _next(self, queue: asyncio.Queue, chain, route, first: bool) -> TokenOut:
         limit = self.config.first_token_timeout_s if first else self.config.token_timeout_s
@@ -187,6 +197,8 @@ class NatsPipeline:
             for node_id, (a, b) in zip(route, chain):
                 if node_id not in nodes:
                     raise StageFailed(f"stage {node_id} serving layers {a}:{b} stopped while serving the request")
+                if nodes[node_id].layers != (a, b):
+                    raise StageFailed(f"stage {node_id} stopped serving layers {a}:{b} while serving the request")
             return
         served = {(n.start, n.end) for n in nodes.values()}
         for a, b in chain:

@@ -9,13 +9,16 @@ import signal
 from parallax.broker.cli import run_command
 
 from .engine import EngineConfig
-from .worker import StageWorker, WorkerConfig
+from .worker import NodeFacts, StageWorker, WorkerConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="parallax-stage", description=__doc__)
     p.add_argument("--model", required=True, help="alias (smollm2-135m), HF id, local HF folder or .gguf file")
-    p.add_argument("--layers", required=True, help="half-open global layer range, e.g. 0:15")
+    p.add_argument("--layers", default=None,
+                   help="half-open global layer range, e.g. 0:15 (default: ask a parallax-scheduler for one)")
+    p.add_argument("--memory", default=None, metavar="SIZE",
+                   help="memory this node offers for weights + KV cache, e.g. 8GiB (default: 80%% of free memory)")
     p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS server URL")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
@@ -30,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget.add_argument("--kv-cache-fraction", type=float, default=0.05, help="KV cache as a fraction of free memory (default 0.05)")
     e.add_argument("--no-prefix-cache", action="store_true", help="do not share KV blocks of common prompt prefixes")
     e.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--debug-delay-ms", type=float, default=0.0, metavar="MS",
+                   help="sleep MS after every engine step: a slow node on purpose (routing tests and benchmarks)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -65,25 +70,64 @@ def engine_config(args: argparse.Namespace, backend) -> EngineConfig:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from parallax.scheduler.allocation import parse_layers
+    from parallax.scheduler.allocation import parse_layers, parse_size
 
-    from .source import resolve_model
-    from .torch_backend import TorchBackend
+    from .source import read_config, resolve_model
+    from .torch_backend import TorchBackend, default_device
 
-    start, end = parse_layers(args.layers)
+    layers = parse_layers(args.layers) if args.layers is not None else None
+    offered = parse_size(args.memory) if args.memory is not None else None
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
     source = resolve_model(args.model)
-    backend = await asyncio.to_thread(TorchBackend.load, source.path, source.name, start, end, args.dtype, args.device)
-    engine = engine_config(args, backend)
-    config = WorkerConfig(nats_url=args.nats) if args.node_id is None else WorkerConfig(nats_url=args.nats, node_id=args.node_id)
+    device = args.device or default_device()
+    facts = await asyncio.to_thread(node_facts, source.path, args.dtype, device, offered, layers is not None)
+    config = worker_config(args)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await StageWorker(backend, config, engine).run(stop)
+    if layers is None:
+        from .auto import AutoStage
+
+        def load(start: int, end: int):
+            return TorchBackend.load(source.path, source.name, start, end, args.dtype, device)
+
+        num_layers = read_config(source.path)["num_hidden_layers"]
+        stage = AutoStage(source.name, num_layers, device, args.dtype, load, lambda b: engine_config(args, b), config, facts)
+        await stage.run(stop)
+        return
+    backend = await asyncio.to_thread(TorchBackend.load, source.path, source.name, *layers, args.dtype, device)
+    await StageWorker(backend, config, engine_config(args, backend), facts).run(stop)
+
+
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    if args.node_id is None:
+        return WorkerConfig(nats_url=args.nats, debug_delay_ms=args.debug_delay_ms)
+    return WorkerConfig(nats_url=args.nats, node_id=args.node_id, debug_delay_ms=args.debug_delay_ms)
+
+
+def node_facts(path, dtype: str, device: str, offered: int | None, manual: bool) -> NodeFacts:
+    """Memory, the model's sizes and a speed estimate, for the registry and the scheduler."""
+    from .profile import estimate_layer_ms, model_profile
+    from .source import read_config
+
+    profile = model_profile(path, dtype)
+    total = total_memory(device)
+    layer_ms = estimate_layer_ms(profile, read_config(path)["hidden_size"], dtype, device)
+    return NodeFacts(memory_total=total, memory_offered=offered or int(0.8 * free_memory(device)), profile=profile,
+                     manual=manual, layer_ms=layer_ms)
+
+
+def total_memory(device: str) -> int:
+    import psutil
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[1]
+    return psutil.virtual_memory().total
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,10 +57,10 @@ class Cluster:
         self.nc = None
 
     async def add_stage(self, start: int, end: int, dtype: str = "float32", node_id: str | None = None,
-                        engine: EngineConfig | None = None) -> str:
+                        engine: EngineConfig | None = None, debug_delay_ms: float = 0.0) -> str:
         backend = await asyncio.to_thread(TorchBackend.load, self.path, self.model, start, end, dtype, "cpu")
         node_id = node_id or f"s{start}-{end}-{uuid.uuid4().hex[:6]}"
-        config = WorkerConfig(nats_url=self.url, node_id=node_id, heartbeat_s=0.2)
+        config = WorkerConfig(nats_url=self.url, node_id=node_id, heartbeat_s=0.2, debug_delay_ms=debug_delay_ms)
         worker = StageWorker(backend, config, engine or EngineConfig(kv_blocks=512))
         stop, ready = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(worker.run(stop, ready))

@@ -1,0 +1,117 @@
+"""A stage started without ``--layers``: it registers as ``waiting`` with its memory, speed and the
+model's sizes, watches its key ``assign.<node_id>`` in the registry, and serves whatever range the
+leading scheduler writes there. A new range is loaded while the old one still serves; then the old
+one hands its running requests back to their gateways (they resume on a complete chain)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from nats.aio.client import Client as NATS
+from nats.js.kv import KeyValue
+
+from parallax.broker.connection import connect
+from parallax.broker.kv import DELETED, Presence, nodes_bucket
+from parallax.scheduler.registry import Assignment, NodeInfo, State, assign_key
+
+from .backend import Backend
+from .engine import EngineConfig
+from .worker import NodeFacts, StageWorker, WorkerConfig, _close, node_info
+
+log = logging.getLogger(__name__)
+LoadFn = Callable[[int, int], Backend]  # (start, end) -> a loaded backend (runs in a thread)
+
+
+class AutoStage:
+    def __init__(self, model: str, num_layers: int, device: str, dtype: str, load: LoadFn,
+                 engine_config: Callable[[Backend], EngineConfig], config: WorkerConfig, facts: NodeFacts):
+        self.model, self.num_layers, self.device, self.dtype = model, num_layers, device, dtype
+        self.load, self.engine_config, self.config, self.facts = load, engine_config, config, facts
+        self.worker: StageWorker | None = None
+        self.state: State = "waiting"
+        self._presence: Presence | None = None
+
+    def describe(self) -> NodeInfo:
+        if self.worker is not None:  # while a new range loads, the old one still serves
+            return self.worker.describe()
+        return node_info(self.config.node_id, self.model, self.num_layers, self.device, self.dtype, self.facts, self.state)
+
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        nc = await connect(self.config.nats_url, name=f"parallax-stage-{self.config.node_id}")
+        try:
+            kv = await nodes_bucket(nc)
+            async with Presence(kv, self.describe, self.config.heartbeat_s) as presence:
+                self._presence = presence
+                log.info("stage %s waiting for a layer assignment (key %s)", self.config.node_id, assign_key(self.config.node_id))
+                follow, stopped = asyncio.create_task(self._follow(kv, nc)), asyncio.create_task(stop.wait())
+                if ready is not None:
+                    ready.set()
+                await asyncio.wait({follow, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                for task in (follow, stopped):
+                    task.cancel()
+                await asyncio.gather(follow, stopped, return_exceptions=True)
+                if self.worker is not None:
+                    await self.worker.detach("the stage is shutting down")
+                if not follow.cancelled() and follow.exception() is not None:
+                    raise follow.exception()  # the watch broke: exit rather than serve blind
+        finally:
+            await _close(nc)
+
+    async def _follow(self, kv: KeyValue, nc: NATS) -> None:
+        watcher = await kv.watch(assign_key(self.config.node_id))
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    continue
+                assignment = None if entry.operation in DELETED else _parse(entry.value)
+                await self._apply(assignment, nc)
+        finally:
+            await watcher.stop()
+
+    async def _apply(self, a: Assignment | None, nc: NATS) -> None:
+        current = None if self.worker is None else (self.worker.spec.start, self.worker.spec.end)
+        wanted = None if a is None or a.model != self.model else (a.start, a.end)
+        if wanted == current:
+            return
+        if wanted is None:
+            await self._swap(None, "the scheduler took its layers away")
+            return
+        log.info("stage %s: loading layers %d:%d (plan %d)", self.config.node_id, *wanted, a.epoch)
+        await self._set_state("loading")
+        try:
+            backend = await asyncio.to_thread(self.load, *wanted)
+            worker = StageWorker(backend, self.config, self.engine_config(backend), self.facts)
+        except Exception as e:  # a bad assignment must not kill the stage: it stays as it was
+            log.error("stage %s could not load layers %d:%d: %s", self.config.node_id, *wanted, e)
+            await self._set_state("waiting" if self.worker is None else "serving")
+            return
+        await worker.attach(nc)
+        await self._swap(worker, f"moved to layers {wanted[0]}:{wanted[1]}")
+
+    async def _swap(self, worker: StageWorker | None, reason: str) -> None:
+        old, self.worker = self.worker, worker
+        self.state = "serving" if worker is not None else "waiting"
+        await self._beat()
+        if old is not None:
+            await old.detach(reason)
+
+    async def _set_state(self, state: State) -> None:
+        self.state = state
+        if self.worker is None:
+            await self._beat()
+
+    async def _beat(self) -> None:
+        if self._presence is not None:
+            with contextlib.suppress(Exception):
+                await self._presence.beat()
+
+
+def _parse(value: bytes | None) -> Assignment | None:
+    try:
+        return Assignment.model_validate_json(value or b"")
+    except ValueError as e:
+        log.warning("ignored a bad assignment: %s", " ".join(str(e).split())[:200])
+        return None
