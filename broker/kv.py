@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from parallax.scheduler.registry import KEY_TTL_S, NodeInfo, Registry
 
 from .errors import ParallaxError
+from .tasks import stop_task
 
 log = logging.getLogger(__name__)
 NODES_BUCKET = "parallax-nodes"
@@ -147,8 +148,7 @@ class Presence:
 
     async def __aexit__(self, *exc: object) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stop_task(self._task)
         if self._key is not None:
             try:
                 await self.kv.delete(self._key)

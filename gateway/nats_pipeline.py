@@ -30,6 +30,7 @@ from parallax.broker import chunks, subjects
 from parallax.broker.errors import ChainUnavailable, StageFailed, WireError
 from parallax.broker.wire import RETRYABLE, ErrorMsg, Forward, ForwardItem, Release, RequestMeta, SamplingParams, TokenOut, Tokens, decode, encode
 from parallax.broker.kv import Presence, nodes_bucket, watch_nodes
+from parallax.broker.tasks import stop_task
 from parallax.scheduler.registry import HEARTBEAT_INTERVAL_S, Load, NodeInfo, Registry
 from parallax.scheduler.routing import POLICIES, RouteState, choose_route, find_chain, missing_ranges
 
@@ -94,8 +95,7 @@ class NatsPipeline:
             await self._presence.__aexit__(None, None, None)
             self._presence = None
         for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await stop_task(task)
         self._tasks.clear()
 
     def describe(self) -> NodeInfo:

@@ -15,6 +15,7 @@ from nats.js.kv import KeyValue
 
 from parallax.broker.connection import connect
 from parallax.broker.kv import DELETED, Presence, nodes_bucket
+from parallax.broker.tasks import stop_task
 from parallax.scheduler.registry import Assignment, NodeInfo, State, assign_key
 
 from .backend import Backend
@@ -49,14 +50,14 @@ class AutoStage:
                 follow, stopped = asyncio.create_task(self._follow(kv, nc)), asyncio.create_task(stop.wait())
                 if ready is not None:
                     ready.set()
-                await asyncio.wait({follow, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                for task in (follow, stopped):
-                    task.cancel()
-                await asyncio.gather(follow, stopped, return_exceptions=True)
+                done, _ = await asyncio.wait({follow, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                broken = follow.exception() if follow in done and not follow.cancelled() else None
+                await stop_task(follow)
+                await stop_task(stopped)
                 if self.worker is not None:
                     await self.worker.detach("the stage is shutting down")
-                if not follow.cancelled() and follow.exception() is not None:
-                    raise follow.exception()  # the watch broke: exit rather than serve blind
+                if broken is not None:
+                    raise broken  # the watch broke: exit rather than serve blind
         finally:
             await _close(nc)
 

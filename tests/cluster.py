@@ -12,6 +12,7 @@ import nats
 import torch
 
 from parallax.broker.wire import SamplingParams
+from parallax.broker.tasks import stop_task
 from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
 from parallax.stages.engine import EngineConfig
 from parallax.stages.torch_backend import TorchBackend
@@ -77,9 +78,7 @@ class Cluster:
         """Vanish without a goodbye, like a crashed process."""
         stop, task, worker = self.stages.pop(node_id)
         await worker.nc.close()  # first: no deregistration gets out, the registry key must expire
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)
 
     async def connect(self) -> NatsPipeline:
         self.nc = await nats.connect(self.url)
