@@ -7,6 +7,8 @@ or in turn ("round-robin"). No torch, no NATS here.
 
 from __future__ import annotations
 
+import math
+
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -159,7 +161,7 @@ def _round_robin(nodes: list[NodeInfo], num_layers: int, state: RouteState) -> l
     chains = _shortest_range_chains(list(replicas), num_layers)
     if not chains:
         return None
-    sizes = [_product(len(replicas[r]) for r in chain) for chain in chains]
+    sizes = [math.prod(len(replicas[r]) for r in chain) for chain in chains]
     k = state.turn % sum(sizes)
     state.turn += 1
     for chain, size in zip(chains, sizes):
@@ -206,13 +208,6 @@ def _shortest_range_chains(ranges: list[Range], num_layers: int) -> list[list[Ra
 
     walk(0, [])
     return chains
-
-
-def _product(values: Iterable[int]) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 def _reachable(ranges: list[Range]) -> set[int]:

@@ -3,6 +3,7 @@ sizes read from the checkpoint's headers (no weights loaded) and a quick speed p
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from pathlib import Path
@@ -38,30 +39,26 @@ def _numels(path: Path) -> dict[str, int]:
     for file, names in by_file.items():
         with safe_open(Path(path) / file, framework="pt") as f:
             for name in names:
-                numel[name] = _prod(f.get_slice(name).get_shape())
+                numel[name] = math.prod(f.get_slice(name).get_shape())
     return numel
 
 
-def _prod(shape: list[int]) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
-
-
-def estimate_layer_ms(profile: ModelProfile, hidden_size: int, dtype: str, device: str, repeats: int = 5) -> float:
+def estimate_layer_ms(profile: ModelProfile, hidden_size: int, dtype: str, device: str, budget_s: float = 0.05) -> float:
     """Decode time of one layer at batch 1, estimated by a matrix-vector product over as many
-    weight bytes as a layer has (decode is bound by reading weights)."""
+    weight bytes as a layer has (decode is bound by reading weights): the median of as many runs
+    as fit in ``budget_s`` (at least 5), so that tiny layers are not all noise."""
     dt = DTYPES[dtype]
     rows = max(1, profile.layer_bytes // (hidden_size * torch.empty((), dtype=dt).element_size()))
     w = torch.randn(rows, hidden_size, dtype=dt, device=device)  # w: [R, D]
     x = torch.randn(1, hidden_size, dtype=dt, device=device)  # x: [1, D]
-    times = []
+    times: list[float] = []
     with torch.inference_mode():
-        for _ in range(repeats + 1):
+        torch.nn.functional.linear(x, w)  # warm-up
+        end = time.perf_counter() + budget_s
+        while len(times) < 5 or (time.perf_counter() < end and len(times) < 10_000):
             started = time.perf_counter()
             torch.nn.functional.linear(x, w)
             if w.device.type == "cuda":
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times[1:])
+    return statistics.median(times)

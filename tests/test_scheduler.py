@@ -143,10 +143,11 @@ async def test_stages_without_layers_serve_and_heal_after_sigkill(nats_url, tiny
     for node in ("a", "b", "c"):
         procs.start(node, stage_cmd(nats_url, tiny_model_dir, node, memory))
     async with Watcher(nats_url, name) as w:
-        async def three_serving():
-            return len(w.ranges()) == 3 and find_chain(w.ranges().values(), LAYERS) is not None
-        await w.until(three_serving, 90, "three stages serving one chain")
+        async def serving():  # 2 or 3 stages: how many depends on the speeds they measured
+            return len(w.registry.nodes(name)) == 3 and find_chain(w.ranges().values(), LAYERS) is not None
+        await w.until(serving, 90, "the stages serving one chain")
         assert_one_chain(w.ranges())
+        assert len(w.ranges()) >= 2  # nobody can hold all 6 layers
         assert await w.answer() == expected
 
         victim = max(w.ranges(), key=lambda n: w.ranges()[n][0])
@@ -158,7 +159,7 @@ async def test_stages_without_layers_serve_and_heal_after_sigkill(nats_url, tiny
         assert await w.until(healed, 30, "the cluster heals after a SIGKILL") == expected
         assert time.monotonic() - killed < 30
         assert_one_chain(w.ranges())
-        assert len(w.ranges()) == 2
+        assert len(w.ranges()) == 2  # a spare took the lost layers, or the two left split them
 
 
 @pytest.mark.slow
