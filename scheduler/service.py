@@ -64,7 +64,7 @@ class Scheduler:
 
     def describe(self) -> NodeInfo:
         return NodeInfo(node_id=self.config.node_id, kind="scheduler", host=socket.gethostname(), version=__version__,
-                        state="serving", updated=time.time(), manual=self.leading)
+                        state="serving", updated=time.time())
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         nc = await connect(self.config.nats_url, name=f"parallax-scheduler-{self.config.node_id}")

@@ -72,7 +72,7 @@ def engine_config(args: argparse.Namespace, backend) -> EngineConfig:
 async def serve(args: argparse.Namespace) -> None:
     from parallax.scheduler.allocation import parse_layers, parse_size
 
-    from .source import read_config, resolve_model
+    from .source import resolve_model
     from .torch_backend import TorchBackend, default_device
 
     layers = parse_layers(args.layers) if args.layers is not None else None
@@ -95,8 +95,7 @@ async def serve(args: argparse.Namespace) -> None:
         def load(start: int, end: int):
             return TorchBackend.load(source.path, source.name, start, end, args.dtype, device)
 
-        num_layers = read_config(source.path)["num_hidden_layers"]
-        stage = AutoStage(source.name, num_layers, device, args.dtype, load, lambda b: engine_config(args, b), config, facts)
+        stage = AutoStage(source.name, facts.profile.num_layers, device, args.dtype, load, lambda b: engine_config(args, b), config, facts)
         await stage.run(stop)
         return
     backend = await asyncio.to_thread(TorchBackend.load, source.path, source.name, *layers, args.dtype, device)
@@ -104,9 +103,8 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
-    if args.node_id is None:
-        return WorkerConfig(nats_url=args.nats, debug_delay_ms=args.debug_delay_ms)
-    return WorkerConfig(nats_url=args.nats, node_id=args.node_id, debug_delay_ms=args.debug_delay_ms)
+    named = {} if args.node_id is None else {"node_id": args.node_id}
+    return WorkerConfig(nats_url=args.nats, debug_delay_ms=args.debug_delay_ms, **named)
 
 
 def node_facts(path, dtype: str, device: str, offered: int | None, manual: bool) -> NodeFacts:

@@ -92,10 +92,6 @@ class StageWorker:
         self._loop_task: asyncio.Task | None = None
         self.nc: NATS | None = None
 
-    @property
-    def info(self) -> NodeInfo:
-        return self.describe()
-
     def describe(self, state: State = "serving") -> NodeInfo:
         s, e = self.spec, self.engine
         load = Load(running=len(e.seqs), waiting=e.queued, kv_blocks_used=e.blocks.used, kv_blocks_total=e.blocks.num_blocks)
