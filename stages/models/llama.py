@@ -121,6 +121,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kv.write(self.layer, rows.write_slots, k, v)
+        if not rows.prefills:  # decode only: the rows are the decoding requests, in order
+            return self.o_proj(self._decode(q, rows.decode, kv).view(T, self.heads * self.hd))
         out = torch.empty_like(q)  # [T, H, hd]
         if rows.decode is not None:
             out[rows.decode.rows] = self._decode(q[rows.decode.rows], rows.decode, kv)
@@ -130,11 +132,13 @@ class Attention(nn.Module):
         return self.o_proj(out.view(T, self.heads * self.hd))
 
     def _decode(self, q: torch.Tensor, d: Decode, kv: KVPool) -> torch.Tensor:
-        keys, values = kv.read(self.layer, d.read_slots)  # [B, L, KV, hd]
-        o = F.scaled_dot_product_attention(
-            q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=d.mask, enable_gqa=self.gqa
-        )  # q: [B, H, 1, hd] -> o: [B, H, 1, hd]
-        return o[:, :, 0]
+        B = q.shape[0]  # q: [B, H, hd]
+        keys, values = kv.read_blocks(self.layer, d.tables)  # [B, nb * bs, KV, hd]
+        keys, values = keys[:, : d.length].transpose(1, 2), values[:, : d.length].transpose(1, 2)  # [B, KV, L, hd]
+        # the G = H / KV query heads of a KV head attend as G query rows: one SDPA unit per KV head
+        # (4x faster on CPU than enable_gqa, which runs one unit per query head)
+        o = F.scaled_dot_product_attention(q.view(B, self.kv_heads, -1, self.hd), keys, values, attn_mask=d.mask)
+        return o.reshape(B, self.heads, self.hd)  # [B, KV, G, hd] -> [B, H, hd]
 
     def _prefill(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int) -> torch.Tensor:
         n = q.shape[0]  # q: [n, H, hd]; keys/values: [pos+n, KV, hd]
