@@ -87,6 +87,7 @@ def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: torc
     state = _read_tensors(path, model, args.tie_word_embeddings, dtype, device)
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq, model.attention_scaling = _rope(path, args.dim_head, device)
+    model.fuse()
     log.info("loaded layers %d:%d of %s (%d tensors, %.1f M params)", start, end, path, len(state),
              sum(p.numel() for p in model.parameters()) / 1e6)
     return model.eval()
