@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import kernels
 from .backend import StageSpec, StepItem, StepOutput
 from .kv import KVPool, Rows
 from .models import UnsupportedModel, architecture
@@ -88,6 +89,8 @@ def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: torc
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq, model.attention_scaling = _rope(path, args.dim_head, device)
     model.fuse()
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        kernels.warm_up()
     log.info("loaded layers %d:%d of %s (%d tensors, %.1f M params)", start, end, path, len(state),
              sum(p.numel() for p in model.parameters()) / 1e6)
     return model.eval()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .. import kernels
 from ..kv import Decode, KVPool, Rows
 
 
@@ -52,17 +53,24 @@ class ModelArgs:
 
 
 class Linear(nn.Linear):
-    """On CPUs without native bf16/fp16 matmul, a reduced-precision GEMM over many rows is several
-    times slower than a float32 one (measured: M=16, 1536x576, 1.8 ms vs 0.37 ms), and converting
-    the weight on every call costs more than the GEMM. So batches of ``UPCAST_ROWS`` rows or more use
-    a float32 copy of the weight, made once on first use; one row (decode at batch 1) is bound by
-    memory, where the half-size weight wins. The copy holds the same values: results do not change."""
+    """On CPUs without native bf16/fp16 matmul, torch's reduced-precision GEMM is slow. bf16 weights
+    at up to ``kernels.MAX_ROWS`` rows (decode) go through the numba kernel in ``stages.kernels``,
+    which reads the half-size weight once at memory speed. Larger batches (prefill) use a float32
+    copy of the weight, made once on first use (converting on every call costs more than the GEMM;
+    fp16 from ``UPCAST_ROWS`` rows on, measured M=16, 1536x576: 1.8 ms vs 0.37 ms). The copy holds
+    the same values: results do not change."""
 
     UPCAST_ROWS = 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if w.device.type != "cpu" or w.dtype == torch.float32 or x.shape[0] < self.UPCAST_ROWS:
+        w, rows = self.weight, x.shape[0]
+        if w.device.type != "cpu" or w.dtype == torch.float32:
+            return F.linear(x, w, self.bias)
+        if w.dtype == torch.bfloat16 and rows <= kernels.MAX_ROWS:
+            if "_bits" not in self.__dict__:
+                self.__dict__["_bits"] = kernels.bits(w)  # a view of the weight's memory, not a copy
+            return kernels.linear_bf16(x, self.__dict__["_bits"], self.bias)
+        if rows < self.UPCAST_ROWS:
             return F.linear(x, w, self.bias)
         w32, b32 = self.__dict__.get("_fp32") or self._make_fp32()
         return F.linear(x.float(), w32, b32).to(x.dtype)
