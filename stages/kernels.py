@@ -42,6 +42,9 @@ def linear_bf16(x: torch.Tensor, w_bits: np.ndarray, bias: torch.Tensor | None) 
     """x: [M, I] (M <= MAX_ROWS) -> [M, O] in x's dtype; float32 accumulation like torch."""
     x32 = np.ascontiguousarray(x.float().numpy())
     out = np.empty((x.shape[0], w_bits.shape[0]), np.float32)
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != threads:  # numba's setting is per calling thread: follow torch's
+        numba.set_num_threads(threads)
     _gemm_bf16(w_bits, x32, out)
     y = torch.from_numpy(out)
     if bias is not None:
@@ -50,7 +53,6 @@ def linear_bf16(x: torch.Tensor, w_bits: np.ndarray, bias: torch.Tensor | None) 
 
 
 def warm_up() -> None:
-    """Compile (or load from numba's cache) before the first request; threads as torch's."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    """Compile (or load from numba's cache) before the first request."""
     w = torch.zeros(2, 8, dtype=torch.bfloat16)
     linear_bf16(torch.zeros(1, 8, dtype=torch.bfloat16), bits(w), None)

@@ -39,3 +39,24 @@ def test_linear_routes_decode_rows_to_the_kernel_and_prefill_to_float32():
     assert torch.equal(layer(large), F.linear(large.float(), layer.weight.float()).to(torch.bfloat16))
     assert "_bits" in layer.__dict__ and "_fp32" in layer.__dict__
     assert [n for n, _ in layer.named_parameters()] == ["weight"]  # caches stay out of the state dict
+
+
+def test_kernel_uses_torchs_thread_count_in_any_thread():
+    import threading
+
+    import numba
+
+    seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        def run():
+            kernels.linear_bf16(torch.ones(1, 8, dtype=torch.bfloat16), kernels.bits(torch.ones(4, 8, dtype=torch.bfloat16)), None)
+            seen.append(numba.get_num_threads())
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
