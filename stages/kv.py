@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -20,6 +21,13 @@ class KVPool:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size, self.device = block_size, device
+        self._bits: tuple[np.ndarray, np.ndarray] | None = None
+
+    def bits(self) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values as uint16 arrays sharing the pool's memory (bf16 pools; for numba kernels)."""
+        if self._bits is None:
+            self._bits = tuple(t.view(torch.int16).numpy().view(np.uint16) for t in (self.k, self.v))
+        return self._bits
 
     @staticmethod
     def bytes_per_block(layers: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
@@ -64,6 +72,7 @@ class Decode:
     rows: torch.Tensor | slice  # [B] row indices (a slice when the decode rows are contiguous)
     tables: torch.Tensor  # [B, nb] block ids, padded with block 0
     length: int  # keys to attend: the longest request's length (<= nb * block_size)
+    lengths: torch.Tensor  # [B] keys of each request, its new one included
     mask: torch.Tensor | None  # [B, 1, 1, length] bool, True where a key is visible; None: no padding
 
 
@@ -110,4 +119,4 @@ def _decode(items: list[tuple[int, list[int], int]], device: torch.device) -> De
     rows = [r for r, _, _ in items]
     contiguous = rows == list(range(first, first + len(rows)))
     index = slice(first, first + len(rows)) if contiguous else torch.tensor(rows, dtype=torch.long, device=device)
-    return Decode(index, tables.to(device), longest, None if mask is None else mask.to(device))
+    return Decode(index, tables.to(device), longest, lengths.to(device), None if mask is None else mask.to(device))

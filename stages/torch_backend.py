@@ -50,16 +50,33 @@ class TorchBackend:
         self.kv = KVPool(*self._kv_shape, num_blocks, block_size, self.dtype, self.device)
 
     def run(self, items: list[StepItem]) -> StepOutput:
-        x = self._inputs(items)  # [T] ids or [T, D] hidden
-        parts = [(i.blocks, i.pos, i.n, i.sample is not None) for i in items]
-        rows = Rows.build(parts, self.kv.block_size, self.device)
-        with torch.inference_mode():
-            out = self.model(x, rows, self.kv)
+        groups = self._groups(items)
+        outs = [self._forward([items[i] for i in g]) for g in groups]
+        out = outs[0] if len(groups) == 1 else _in_item_order(items, groups, outs, self.spec.last)
         if not self.spec.last:
             return StepOutput(_to_bytes(out), out.shape[1] * out.element_size(), ())
         sampled = [i for i in items if i.sample is not None]
         tokens = self.sampler.sample(out, [i.rid for i in sampled], [i.sample for i in sampled])
         return StepOutput(None, 0, tuple(tokens))
+
+    def _groups(self, items: list[StepItem]) -> list[list[int]]:
+        """Item indices per forward. Where the model has a fused decode path, decode items run apart
+        from prefill chunks, ``decode_group`` at a time, so a request's decode never depends on what
+        else is in the step."""
+        size = self.model.decode_group
+        if not size:
+            return [list(range(len(items)))]
+        decode = [i for i, item in enumerate(items) if item.n == 1]
+        prefill = [i for i, item in enumerate(items) if item.n > 1]
+        groups = [decode[k : k + size] for k in range(0, len(decode), size)]
+        return groups + [prefill] if prefill else groups
+
+    def _forward(self, items: list[StepItem]) -> torch.Tensor:
+        x = self._inputs(items)  # [T] ids or [T, D] hidden
+        parts = [(i.blocks, i.pos, i.n, i.sample is not None) for i in items]
+        rows = Rows.build(parts, self.kv.block_size, self.device)
+        with torch.inference_mode():
+            return self.model(x, rows, self.kv)
 
     def release(self, rid: str) -> None:
         self.sampler.release(rid)
@@ -71,6 +88,16 @@ class TorchBackend:
         wire = DTYPES[items[0].dtype]
         raw = torch.frombuffer(bytearray().join(i.data for i in items), dtype=torch.uint8)
         return raw.view(wire).view(-1, self.spec.hidden_size).to(self.device, self.dtype)
+
+
+def _in_item_order(items: list[StepItem], groups: list[list[int]], outs: list[torch.Tensor], last: bool) -> torch.Tensor:
+    """Rows of several forwards back in item order: each item's n hidden rows, or its one logits row
+    when it samples (last stage)."""
+    pieces: dict[int, torch.Tensor] = {}
+    for group, out in zip(groups, outs):
+        sizes = [(1 if items[i].sample is not None else 0) if last else items[i].n for i in group]
+        pieces.update(zip(group, out.split(sizes)))
+    return torch.cat([pieces[i] for i in range(len(items))])
 
 
 def _to_bytes(t: torch.Tensor) -> memoryview:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -195,9 +196,30 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
+    def weights(self) -> kernels.LayerWeights:
+        """This layer's tensors as arrays for ``kernels.decode_layer`` (views; made once)."""
+        if "_arrays" not in self.__dict__:
+            attn, mlp = self.self_attn, self.mlp
+            self.__dict__["_arrays"] = kernels.LayerWeights(
+                _f32(self.input_layernorm.weight), *_matrix(attn.qkv_proj), *_matrix(attn.o_proj),
+                _f32(self.post_attention_layernorm.weight), *_matrix(mlp.gate_up_proj), *_matrix(mlp.down_proj),
+                self.input_layernorm.eps,
+            )
+        return self.__dict__["_arrays"]
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rows: Rows, kv: KVPool) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, rows, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().numpy()
+
+
+def _matrix(linear: Linear) -> tuple[np.ndarray, np.ndarray]:
+    """bf16 bits of the weight [O, I] and the bias as float32 (zeros without one)."""
+    bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
+    return kernels.bits(linear.weight), _f32(bias)
 
 
 class StageModel(nn.Module):
@@ -221,11 +243,35 @@ class StageModel(nn.Module):
         [S, V] of the rows in ``rows.sample_rows`` on the last stage."""
         h = self.embed_tokens(x) if self.first else x
         rope = self._rope(rows.positions, h.dtype)
-        for layer in self.layers:
-            h = layer(h, rope, rows, kv)
+        if self._fused_decode(h, rows):
+            h = self._decode_fused(h, rope, rows, kv)
+        else:
+            for layer in self.layers:
+                h = layer(h, rope, rows, kv)
         if not self.last:
             return h
         return self.lm_head(self.norm(h[rows.sample_rows]))
+
+    @property
+    def decode_group(self) -> int:
+        """Decode rows one fused step takes (0: no fused path). bf16 Llama layers on CPU run a decode
+        step layer by layer in one numba call each (``kernels.decode_layer``)."""
+        a, w = self.args, self.layers[0].mlp.down_proj.weight
+        fused = w.device.type == "cpu" and w.dtype == torch.bfloat16 and not a.qk_norm and a.hidden_act == "silu"
+        return kernels.MAX_ROWS if fused else 0
+
+    def _fused_decode(self, h: torch.Tensor, rows: Rows) -> bool:
+        return not rows.prefills and h.shape[0] <= self.decode_group
+
+    def _decode_fused(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rows: Rows, kv: KVPool) -> torch.Tensor:
+        d, a = rows.decode, self.args
+        cos, sin = (t[:, 0].float().numpy() for t in rope)  # [B, hd]
+        batch = kernels.DecodeBatch(cos, sin, rows.write_slots.numpy(), d.tables.numpy(), d.lengths.numpy(), kv.block_size)
+        k_cache, v_cache = kv.bits()
+        x = h.float().numpy().copy()  # [B, D]: bf16 values in float32, updated layer by layer
+        for i, layer in enumerate(self.layers):
+            kernels.decode_layer(x, layer.weights(), batch, a.num_attention_heads, a.kv_heads, a.dim_head, k_cache[i], v_cache[i])
+        return torch.from_numpy(x).to(h.dtype)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :].float()  # [T, hd/2]
