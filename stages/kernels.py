@@ -23,35 +23,24 @@ from numba import njit, prange
 MAX_ROWS = 16
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _gemm_bf16(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-    # w: [O, I] uint16 (bf16 bits); x: [M, I] float32; out: [M, O] float32
-    O, I = w.shape
-    for o in prange(O):
-        row = w[o]
-        for m in range(x.shape[0]):
-            xm = x[m]
-            acc = np.float32(0.0)
-            for i in range(I):
-                acc += np.uint32(np.uint32(row[i]) << np.uint32(16)).view(np.float32) * xm[i]
-            out[m, o] = acc
-
-
 def bits(weight: torch.Tensor) -> np.ndarray:
     """The bf16 weight's bits as a uint16 array sharing its memory: [O, I]."""
     return weight.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
-def linear_bf16(x: torch.Tensor, w_bits: np.ndarray, bias: torch.Tensor | None) -> torch.Tensor:
+def matrix(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """A bf16 projection as kernel arrays: weight bits [O, I] (a view) and the bias as float32 (zeros without one)."""
+    b = bias.detach().float() if bias is not None else torch.zeros(weight.shape[0])
+    return bits(weight), b.numpy()
+
+
+def linear_bf16(x: torch.Tensor, w_bits: np.ndarray, bias: np.ndarray) -> torch.Tensor:
     """x: [M, I] (M <= MAX_ROWS) -> [M, O] in x's dtype; float32 accumulation like torch."""
     x32 = np.ascontiguousarray(x.float().numpy())
     out = np.empty((x.shape[0], w_bits.shape[0]), np.float32)
     follow_torch_threads()
-    _gemm_bf16(w_bits, x32, out)
-    y = torch.from_numpy(out)
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype)
+    _gemv_rows(w_bits, bias, x32, out)
+    return torch.from_numpy(out).to(x.dtype)
 
 
 def follow_torch_threads() -> None:
@@ -62,9 +51,18 @@ def follow_torch_threads() -> None:
 
 
 def warm_up() -> None:
-    """Compile (or load from numba's cache) before the first request."""
+    """Compile every kernel (or load it from numba's disk cache) before the first request."""
     w = torch.zeros(2, 8, dtype=torch.bfloat16)
-    linear_bf16(torch.zeros(1, 8, dtype=torch.bfloat16), bits(w), None)
+    linear_bf16(torch.zeros(1, 8, dtype=torch.bfloat16), *matrix(w, None))
+    D, heads, kv_heads, hd, inter = 8, 2, 1, 4, 8
+    weights = LayerWeights(np.ones(D, np.float32), *matrix(torch.zeros((heads + 2 * kv_heads) * hd, D, dtype=torch.bfloat16), None),
+                           *matrix(torch.zeros(D, heads * hd, dtype=torch.bfloat16), None), np.ones(D, np.float32),
+                           *matrix(torch.zeros(2 * inter, D, dtype=torch.bfloat16), None),
+                           *matrix(torch.zeros(D, inter, dtype=torch.bfloat16), None), 1e-6)
+    cache = np.zeros((2, 4, kv_heads, hd), np.uint16)
+    batch = DecodeBatch(np.ones((1, hd), np.float32), np.zeros((1, hd), np.float32), np.zeros(1, np.int64),
+                        np.zeros((1, 1), np.int64), np.ones(1, np.int64), 4)
+    decode_layer(np.zeros((1, D), np.float32), weights, batch, heads, kv_heads, hd, cache[0], cache[1])
 
 
 # --- one whole decoder layer for decode rows (bf16 values held in float32) -------------------------

@@ -15,7 +15,7 @@ def test_matches_a_float32_reference(rows, bias):
     w = torch.randn(96, 200).to(torch.bfloat16)
     b = torch.randn(96).to(torch.bfloat16) if bias else None
     x = torch.randn(rows, 200).to(torch.bfloat16)
-    got = kernels.linear_bf16(x, kernels.bits(w), b)
+    got = kernels.linear_bf16(x, *kernels.matrix(w, b))
     want = F.linear(x.float(), w.float(), None if b is None else b.float())
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 96)
     # the only difference allowed: summation order (float32) and the final rounding to bf16
@@ -26,8 +26,8 @@ def test_a_row_does_not_depend_on_the_other_rows():
     torch.manual_seed(0)
     w = torch.randn(64, 576).to(torch.bfloat16)
     x = torch.randn(kernels.MAX_ROWS, 576).to(torch.bfloat16)
-    together = kernels.linear_bf16(x, kernels.bits(w), None)
-    alone = torch.cat([kernels.linear_bf16(x[i : i + 1], kernels.bits(w), None) for i in range(len(x))])
+    together = kernels.linear_bf16(x, *kernels.matrix(w, None))
+    alone = torch.cat([kernels.linear_bf16(x[i : i + 1], *kernels.matrix(w, None)) for i in range(len(x))])
     assert torch.equal(together, alone)
 
 
@@ -35,9 +35,9 @@ def test_linear_routes_decode_rows_to_the_kernel_and_prefill_to_float32():
     torch.manual_seed(1)
     layer = Linear(32, 16, bias=False).to(torch.bfloat16)
     small, large = torch.randn(2, 32).to(torch.bfloat16), torch.randn(kernels.MAX_ROWS + 1, 32).to(torch.bfloat16)
-    assert torch.equal(layer(small), kernels.linear_bf16(small, kernels.bits(layer.weight), None))
+    assert torch.equal(layer(small), kernels.linear_bf16(small, *kernels.matrix(layer.weight, None)))
     assert torch.equal(layer(large), F.linear(large.float(), layer.weight.float()).to(torch.bfloat16))
-    assert "_bits" in layer.__dict__ and "_fp32" in layer.__dict__
+    assert "_arrays" in layer.__dict__ and "_fp32" in layer.__dict__
     assert [n for n, _ in layer.named_parameters()] == ["weight"]  # caches stay out of the state dict
 
 
@@ -51,7 +51,7 @@ def test_kernel_uses_torchs_thread_count_in_any_thread():
     torch.set_num_threads(1)
     try:
         def run():
-            kernels.linear_bf16(torch.ones(1, 8, dtype=torch.bfloat16), kernels.bits(torch.ones(4, 8, dtype=torch.bfloat16)), None)
+            kernels.linear_bf16(torch.ones(1, 8, dtype=torch.bfloat16), *kernels.matrix(torch.ones(4, 8, dtype=torch.bfloat16), None))
             seen.append(numba.get_num_threads())
 
         t = threading.Thread(target=run)

@@ -68,13 +68,17 @@ class Linear(nn.Linear):
         if w.device.type != "cpu" or w.dtype == torch.float32:
             return F.linear(x, w, self.bias)
         if w.dtype == torch.bfloat16 and rows <= kernels.MAX_ROWS:
-            if "_bits" not in self.__dict__:
-                self.__dict__["_bits"] = kernels.bits(w)  # a view of the weight's memory, not a copy
-            return kernels.linear_bf16(x, self.__dict__["_bits"], self.bias)
+            return kernels.linear_bf16(x, *self.arrays())
         if rows < self.UPCAST_ROWS:
             return F.linear(x, w, self.bias)
         w32, b32 = self.__dict__.get("_fp32") or self._make_fp32()
         return F.linear(x.float(), w32, b32).to(x.dtype)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Weight bits (a view of the weight's memory) and float32 bias for the numba kernels."""
+        if "_arrays" not in self.__dict__:
+            self.__dict__["_arrays"] = kernels.matrix(self.weight, self.bias)
+        return self.__dict__["_arrays"]
 
     def _make_fp32(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         pair = (self.weight.float(), None if self.bias is None else self.bias.float())
@@ -201,8 +205,8 @@ class DecoderLayer(nn.Module):
         if "_arrays" not in self.__dict__:
             attn, mlp = self.self_attn, self.mlp
             self.__dict__["_arrays"] = kernels.LayerWeights(
-                _f32(self.input_layernorm.weight), *_matrix(attn.qkv_proj), *_matrix(attn.o_proj),
-                _f32(self.post_attention_layernorm.weight), *_matrix(mlp.gate_up_proj), *_matrix(mlp.down_proj),
+                _f32(self.input_layernorm.weight), *attn.qkv_proj.arrays(), *attn.o_proj.arrays(),
+                _f32(self.post_attention_layernorm.weight), *mlp.gate_up_proj.arrays(), *mlp.down_proj.arrays(),
                 self.input_layernorm.eps,
             )
         return self.__dict__["_arrays"]
@@ -214,12 +218,6 @@ class DecoderLayer(nn.Module):
 
 def _f32(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().numpy()
-
-
-def _matrix(linear: Linear) -> tuple[np.ndarray, np.ndarray]:
-    """bf16 bits of the weight [O, I] and the bias as float32 (zeros without one)."""
-    bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
-    return kernels.bits(linear.weight), _f32(bias)
 
 
 class StageModel(nn.Module):
