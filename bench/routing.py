@@ -127,7 +127,7 @@ def markdown(runs: Sequence[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace, policies: list[str], results: dict[str, Any]) -> None:
-    from parallax.stages.source import read_config, resolve_model
+    from parallax.broker.model import read_config, resolve_model
 
     source = resolve_model(args.model)
     num_layers = read_config(source.path)["num_hidden_layers"]

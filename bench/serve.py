@@ -346,7 +346,7 @@ def new_results(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def run(cfg: BenchConfig, results: dict[str, Any]) -> None:
-    from parallax.stages.source import read_config, resolve_model
+    from parallax.broker.model import read_config, resolve_model
 
     warning = report.busy_warning(results["machine"])
     if warning:

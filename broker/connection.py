@@ -8,14 +8,10 @@ import logging
 import nats
 from nats.aio.client import Client as NATS
 
-from .errors import ParallaxError
+from .errors import NatsUnreachable
 
 log = logging.getLogger(__name__)
 FIRST_CONNECT_S = 10.0
-
-
-class NatsUnreachable(ParallaxError):
-    """The NATS server could not be reached when starting."""
 
 
 async def connect(url: str, name: str, first_connect_s: float = FIRST_CONNECT_S, **options) -> NATS:

@@ -1,10 +1,49 @@
-"""One error hierarchy for everything that crosses NATS."""
+"""The one error hierarchy of Parallax-NATS, and the exit codes every command uses.
+
+Exit codes (every CLI): 0 clean stop; 1 something failed while running (:class:`ParallaxError`);
+2 the command could not start: bad input, an unknown model, an unreachable NATS server
+(:class:`UsageError` and its subclasses; argparse's own errors are 2 as well).
+"""
+
+from __future__ import annotations
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class ParallaxError(Exception):
     """Base class of every Parallax-NATS error."""
 
+    exit_code = EXIT_FAILED
 
+
+class UsageError(ParallaxError):
+    """The command cannot start as asked: bad flags, a model that is not there, no NATS server."""
+
+    exit_code = EXIT_USAGE
+
+
+# --- input and environment (exit code 2) ---------------------------------------------------------
+class ModelNotFound(UsageError):
+    """A model name, path or HF id does not point at usable local weights."""
+
+
+class UnsupportedModel(UsageError):
+    """The model's architecture has no implementation here."""
+
+
+class NatsUnreachable(UsageError):
+    """The NATS server could not be reached when starting."""
+
+
+class NoJetStream(UsageError):
+    """The NATS server runs without JetStream, so there is no registry."""
+
+
+class NatsServerError(UsageError):
+    """The nats-server binary is missing, or the embedded server failed to start."""
+
+
+# --- the wire and the pipeline -------------------------------------------------------------------
 class WireError(ParallaxError):
     """A message on the wire is malformed (bad header, dtype, shape or chunking)."""
 
@@ -21,3 +60,20 @@ class ChainUnavailable(ParallaxError):
 
 class StageFailed(ParallaxError):
     """A stage reported an error for a request, or vanished while serving it."""
+
+
+class Retry(ParallaxError):
+    """A stage handed a request back for a reason that resubmitting fixes (preempted, prefix miss)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+# --- the registry and placement ------------------------------------------------------------------
+class RegistryError(ParallaxError):
+    """The cluster registry (JetStream KV) could not be read."""
+
+
+class Unplaceable(ParallaxError):
+    """The nodes' memory cannot serve every layer even once."""

@@ -23,19 +23,14 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from parallax.scheduler.registry import KEY_TTL_S, NodeInfo, Registry
-
-from .errors import ParallaxError
+from .errors import NoJetStream
+from .registry import KEY_TTL_S, NodeInfo, Registry
 from .tasks import stop_task
 
 log = logging.getLogger(__name__)
 NODES_BUCKET = "parallax-nodes"
 KINDS = ("stage", "gateway", "scheduler")
 DELETED = ("DEL", "PURGE")
-
-
-class NoJetStream(ParallaxError):
-    """The NATS server runs without JetStream, so there is no registry."""
 
 
 async def nodes_bucket(nc: NATS, timeout_s: float = 5.0) -> KeyValue:

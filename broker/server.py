@@ -20,15 +20,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from parallax.broker.errors import ParallaxError
+from .errors import NatsServerError
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 _STDERR_TAIL = 1500
-
-
-class NatsServerError(ParallaxError):
-    """The nats-server binary is missing, or the server failed to start."""
 
 
 def nats_server_binary() -> str:

@@ -37,24 +37,24 @@ def build(args: argparse.Namespace):
     """Resolve the model and load what the gateway needs: tokenizer, context length, layer count, EOS."""
     from transformers import AutoTokenizer
 
-    from parallax.stages.source import eos_token_ids, read_config, resolve_model
+    from parallax.broker.model import ModelFacts, eos_token_ids, resolve_model
 
     source = resolve_model(args.model)
-    config = read_config(source.path)
+    facts = ModelFacts.read(source.path)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     eos = sorted(set(eos_token_ids(source.path)) | ({tokenizer.eos_token_id} - {None}))
-    return source, config, tokenizer, eos
+    return source, facts, tokenizer, eos
 
 
 async def serve(args: argparse.Namespace) -> None:
     from .app import create_app
 
-    source, config, tokenizer, eos = await asyncio.to_thread(build, args)
+    source, facts, tokenizer, eos = await asyncio.to_thread(build, args)
     nc = await connect(args.nats, name="parallax-gateway")
-    pipeline_config = PipelineConfig(model=source.name, num_layers=config["num_hidden_layers"], routing=args.routing)
+    pipeline_config = PipelineConfig(model=source.name, num_layers=facts.num_layers, routing=args.routing)
     pipeline = NatsPipeline(nc, pipeline_config)
     await pipeline.start()
-    app = create_app(pipeline, tokenizer, source.name, config.get("max_position_embeddings", 2048), eos)
+    app = create_app(pipeline, tokenizer, source.name, facts.max_positions, eos)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower()))
     log.info("gateway for %s on http://%s:%d (NATS %s, routing %s)", source.name, args.host, args.port, args.nats, args.routing)
     try:

@@ -27,22 +27,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from parallax import __version__
 from parallax.broker import chunks, subjects
-from parallax.broker.errors import ChainUnavailable, StageFailed, WireError
+from parallax.broker.errors import ChainUnavailable, Retry, StageFailed, WireError
 from parallax.broker.wire import RETRYABLE, ErrorMsg, Forward, ForwardItem, Release, RequestMeta, SamplingParams, TokenOut, Tokens, decode, encode
 from parallax.broker.kv import Presence, nodes_bucket, watch_nodes
 from parallax.broker.tasks import stop_task
-from parallax.scheduler.registry import HEARTBEAT_INTERVAL_S, Load, NodeInfo, Registry
+from parallax.broker.registry import HEARTBEAT_INTERVAL_S, Load, NodeInfo, Registry
 from parallax.scheduler.routing import POLICIES, RouteState, choose_route, find_chain, missing_ranges
 
 log = logging.getLogger(__name__)
-
-
-class Retry(Exception):
-    """A stage dropped the request for a reason that resubmitting fixes (preempted, prefix miss)."""
-
-    def __init__(self, message: str, code: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)

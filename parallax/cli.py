@@ -5,9 +5,9 @@
 
 ``up`` runs a whole pipeline on this machine: an embedded nats-server (or ``--nats URL``), one stage
 process per layer range and an OpenAI-compatible gateway, and stops all of them on Ctrl-C/SIGTERM.
-Exit codes: 0 after a clean stop, 1 when a process fails, 2 for bad input.
-``status`` prints the cluster registry (nodes, layer coverage, leader; see :mod:`parallax.status`);
-exit code 2 when NATS is unreachable or has no JetStream.
+``status`` prints the cluster registry (nodes, layer coverage, leader; see :mod:`parallax.status`).
+Exit codes as every command (:mod:`parallax.broker.errors`): 0 after a clean stop, 1 when something
+fails while running (a child process exits), 2 when it cannot start (bad input, NATS unreachable).
 """
 
 from __future__ import annotations
@@ -21,16 +21,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from parallax.broker.errors import ParallaxError
-from parallax.stages.source import ModelNotFound
+from parallax.broker.cli import fail
+from parallax.broker.errors import ParallaxError, UsageError
 
 DTYPES = ("float32", "bfloat16", "float16")
 READY_TIMEOUT_S = 300.0
 POLL_S = 0.5
-
-
-class UsageError(ParallaxError):
-    """Bad command-line input (exit code 2)."""
 
 
 class Shutdown(Exception):
@@ -89,8 +85,8 @@ def _check_port(flag: str, port: int) -> None:
 
 def plan_up(args: argparse.Namespace) -> UpPlan:
     """Validate the input and resolve the model once (a GGUF is converted here, with progress)."""
-    from parallax.scheduler.allocation import even_split
-    from parallax.stages.source import read_config, resolve_model  # no torch import until a conversion
+    from parallax.broker.layers import even_split
+    from parallax.broker.model import ModelFacts, resolve_model  # no torch import until a conversion
 
     _check_port("--port", args.port)
     _check_port("--nats-port", args.nats_port)
@@ -98,13 +94,9 @@ def plan_up(args: argparse.Namespace) -> UpPlan:
         raise UsageError(f"--stages must be at least 1, got {args.stages}")
     if args.ready_timeout <= 0:
         raise UsageError("--ready-timeout must be positive")
-    source = resolve_model(args.model)  # ModelNotFound is a ParallaxError: exit 2
-    config = read_config(source.path)
-    layers = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
-    if not isinstance(layers, int) or layers < 1:
-        raise UsageError(f"{source.path}/config.json has no num_hidden_layers")
+    source = resolve_model(args.model)  # ModelNotFound is a UsageError: exit 2
     try:
-        ranges = even_split(layers, args.stages)
+        ranges = even_split(ModelFacts.read(source.path).num_layers, args.stages)
     except ValueError as exc:
         raise UsageError(f"--stages {args.stages}: {exc}") from None
     return UpPlan(args.model, source.name, ranges, args.dtype, args.host, args.port, tuple(shlex.split(args.stage_args)))
@@ -223,12 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_status(args)
         return run_up(args)
-    except (UsageError, ModelNotFound) as exc:
-        print(f"parallax: error: {exc}", file=sys.stderr)
-        return 2
     except ParallaxError as exc:
-        print(f"parallax: error: {exc}", file=sys.stderr)
-        return 1
+        return fail("parallax", exc)
     except (KeyboardInterrupt, Shutdown):
         return 0
     finally:

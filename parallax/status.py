@@ -22,8 +22,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from parallax.broker.errors import ParallaxError
-from parallax.scheduler.registry import LEADER_KEY, Assignment, NodeInfo
+from parallax.broker.errors import RegistryError, UsageError
+from parallax.broker.registry import LEADER_KEY, Assignment, NodeInfo
 from parallax.scheduler.routing import find_chain, missing_ranges
 
 STALE_S = 5.0  # a node whose last heartbeat (its own wall clock) is older than this shows as stale
@@ -33,10 +33,6 @@ ASSIGN_PREFIX = "assign."
 NO_SCHEDULER = "no scheduler (assignments stay as they are)"
 COLUMNS = ("KIND", "NODE", "MODEL", "LAYERS", "STATE", "DEVICE", "DTYPE", "MEMORY", "LOAD", "LAYER_MS", "HEALTH",
            "VERSION", "ASSIGNMENT")
-
-
-class StatusError(ParallaxError):
-    """The registry could not be read (exit code 1)."""
 
 
 # --- pure part: snapshot -> status dict -> text ---------------------------------------------------
@@ -250,7 +246,7 @@ def render_json(status: Mapping[str, Any]) -> str:
 # --- NATS part -----------------------------------------------------------------------------------
 async def fetch_snapshot(url: str, timeout_s: float = 5.0) -> dict[str, bytes]:
     """Every live key of ``parallax-nodes`` and its value. Raises ``NatsUnreachable``, ``NoJetStream``
-    or :class:`StatusError`."""
+    or :class:`RegistryError`."""
     import nats.errors
 
     from parallax.broker.connection import connect
@@ -261,9 +257,9 @@ async def fetch_snapshot(url: str, timeout_s: float = 5.0) -> dict[str, bytes]:
         kv = await nodes_bucket(nc, timeout_s=timeout_s)  # NoJetStream passes through
         return await asyncio.wait_for(snapshot(kv), timeout_s * 2)
     except asyncio.TimeoutError:  # nats.errors.TimeoutError is one too
-        raise StatusError(f"NATS at {url} did not answer within {timeout_s * 2:.0f} s") from None
+        raise RegistryError(f"NATS at {url} did not answer within {timeout_s * 2:.0f} s") from None
     except nats.errors.Error as e:  # JetStream API errors (e.g. no permission) derive from it
-        raise StatusError(f"cannot read the registry at {url}: {type(e).__name__}: {e}") from None
+        raise RegistryError(f"cannot read the registry at {url}: {type(e).__name__}: {e}") from None
     finally:
         try:
             await asyncio.wait_for(nc.close(), timeout_s)
@@ -272,21 +268,15 @@ async def fetch_snapshot(url: str, timeout_s: float = 5.0) -> dict[str, bytes]:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    """Print the status; 2 (one line on stderr) when NATS is unreachable or has no JetStream."""
-    from parallax.broker.connection import NatsUnreachable
-    from parallax.broker.kv import NoJetStream
-
+    """Print the status. Errors are raised (``parallax``'s main prints one line): unreachable NATS or
+    no JetStream exit 2, an unreadable registry 1."""
     if not args.timeout > 0:
-        print("parallax: error: --timeout must be positive", file=sys.stderr)
-        return 2
+        raise UsageError("--timeout must be positive")
     connection_log = logging.getLogger("parallax.broker.connection")
     level = connection_log.level
-    connection_log.setLevel(logging.ERROR)  # no per-attempt warnings: the error below is the one line
+    connection_log.setLevel(logging.ERROR)  # no per-attempt warnings: the error is the one line
     try:
         snap = asyncio.run(fetch_snapshot(args.nats, args.timeout))
-    except (NatsUnreachable, NoJetStream) as exc:
-        print(f"parallax: error: {exc}", file=sys.stderr)
-        return 2
     finally:
         connection_log.setLevel(level)
     status = build_status(snap, model=args.model)

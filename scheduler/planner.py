@@ -51,14 +51,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
+from parallax.broker.errors import Unplaceable
+
 _EPS = 1e-9
 _STEPS_PER_NODE = 4  # local-search steps per free node, at most
 _PEEL_STATES = 12  # pruned states of the first k that also get replicas of the nodes they free
 _COVER_STATES = 200_000  # budget of the exact search used only when the heuristics place nothing
-
-
-class Unplaceable(ValueError):
-    """The nodes' memory cannot serve every layer even once."""
 
 
 @dataclass(frozen=True)

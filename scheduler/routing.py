@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .registry import NodeInfo
+from parallax.broker.registry import NodeInfo
 
 Range = tuple[int, int]
 Hop = tuple[str, int, int]  # (node id, start, end)

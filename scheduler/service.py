@@ -27,8 +27,8 @@ from parallax.broker.kv import DELETED, Presence, cas_ttl, nodes_bucket, watch_n
 from parallax.broker.subjects import token
 from parallax.broker.tasks import stop_task
 
-from .planner import ModelCost, NodeCapacity, Plan, Unplaceable, plan
-from .registry import HEARTBEAT_INTERVAL_S, LEADER_KEY, Assignment, NodeInfo, Registry, assign_key
+from parallax.broker.errors import Unplaceable
+from parallax.broker.registry import HEARTBEAT_INTERVAL_S, LEADER_KEY, Assignment, NodeInfo, Registry, assign_key
 
 log = logging.getLogger(__name__)
 

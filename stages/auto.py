@@ -16,7 +16,7 @@ from nats.js.kv import KeyValue
 from parallax.broker.connection import connect
 from parallax.broker.kv import DELETED, Presence, nodes_bucket
 from parallax.broker.tasks import stop_task
-from parallax.scheduler.registry import Assignment, NodeInfo, State, assign_key
+from parallax.broker.registry import Assignment, NodeInfo, State, assign_key
 
 from .backend import Backend
 from .engine import EngineConfig

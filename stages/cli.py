@@ -70,9 +70,10 @@ def engine_config(args: argparse.Namespace, backend) -> EngineConfig:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from parallax.scheduler.allocation import parse_layers, parse_size
+    from parallax.broker.cli import parse_size
+    from parallax.broker.layers import parse_layers
+    from parallax.broker.model import resolve_model
 
-    from .source import resolve_model
     from .torch_backend import TorchBackend, default_device
 
     layers = parse_layers(args.layers) if args.layers is not None else None
@@ -110,11 +111,11 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
 def node_facts(path, dtype: str, device: str, offered: int | None, manual: bool) -> NodeFacts:
     """Memory, the model's sizes and a speed estimate, for the registry and the scheduler."""
     from .profile import estimate_layer_ms, model_profile
-    from .source import read_config
+    from parallax.broker.model import ModelFacts
 
     profile = model_profile(path, dtype)
     total = total_memory(device)
-    layer_ms = estimate_layer_ms(profile, read_config(path)["hidden_size"], dtype, device)
+    layer_ms = estimate_layer_ms(profile, ModelFacts.read(path).hidden_size, dtype, device)
     return NodeFacts(memory_total=total, memory_offered=offered or int(0.8 * free_memory(device)), profile=profile,
                      manual=manual, layer_ms=layer_ms)
 

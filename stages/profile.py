@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from parallax.scheduler.registry import ModelProfile
+from parallax.broker.registry import ModelProfile
 
 from .models import architecture
-from .source import read_config
+from parallax.broker.model import read_config
 from .torch_backend import DTYPES, checkpoint_index
 
 

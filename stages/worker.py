@@ -32,7 +32,7 @@ from parallax.broker.connection import connect
 from parallax.broker.errors import WireError
 from parallax.broker.kv import Presence, nodes_bucket
 from parallax.broker.wire import ErrorMsg, Forward, Release, decode, encode
-from parallax.scheduler.registry import HEARTBEAT_INTERVAL_S, Load, ModelProfile, NodeInfo, State
+from parallax.broker.registry import HEARTBEAT_INTERVAL_S, Load, ModelProfile, NodeInfo, State
 
 from .backend import Backend
 from .engine import Engine, EngineConfig, Outgoing, Stats

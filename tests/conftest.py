@@ -54,7 +54,7 @@ def smollm2_tokenizer(smollm2_path: Path):
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The SmolLM2-135M-Instruct HF folder (float32), converted from its GGUF once and cached."""
-    from parallax.stages.source import resolve_model
+    from parallax.broker.model import resolve_model
 
     return resolve_model("smollm2-135m").path
 

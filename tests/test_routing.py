@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from parallax.broker.wire import SamplingParams
-from parallax.scheduler.registry import Load, NodeInfo
+from parallax.broker.registry import Load, NodeInfo
 from parallax.scheduler.routing import RouteState, choose_route, find_chain, missing_ranges
 from tests.cluster import Cluster, reference_greedy
 

@@ -16,11 +16,11 @@ import pytest
 from parallax.broker.kv import nodes_bucket, watch_nodes
 from parallax.broker.wire import SamplingParams
 from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
-from parallax.scheduler.registry import LEADER_KEY, Registry
+from parallax.broker.registry import LEADER_KEY, Registry
 from parallax.scheduler.routing import find_chain
 from parallax.scheduler.service import Scheduler, SchedulerConfig
 from parallax.stages.profile import model_profile
-from parallax.stages.source import resolve_model
+from parallax.broker.model import resolve_model
 from tests.cluster import reference_greedy
 from tests.processes import wait_gone
 
@@ -209,7 +209,7 @@ async def test_leader_lock_is_exclusive_refreshed_and_expires(nats_url):
 async def test_a_stage_moved_to_other_layers_hands_its_requests_back_and_they_finish(nats_url, tiny_model_dir, caplog):
     """A running stream survives its stage being moved: the stage loads the new range, hands the
     request back (preempted), the gateway resumes it on the new chain with the tokens so far."""
-    from parallax.scheduler.registry import Assignment, assign_key
+    from parallax.broker.registry import Assignment, assign_key
     from parallax.stages.auto import AutoStage
     from parallax.stages.engine import EngineConfig
     from parallax.stages.torch_backend import TorchBackend

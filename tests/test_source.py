@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import parallax.stages.source as source
+import parallax.broker.model as source
 from parallax.broker.errors import ParallaxError
-from parallax.stages.source import (
+from parallax.broker.model import (
     ModelNotFound,
     ModelSource,
     eos_token_ids,
@@ -77,7 +77,7 @@ def fake_writer(calls: list, delay: float = 0.3):
 
 
 def test_module_imports_neither_torch_nor_transformers():
-    code = ("import sys, parallax.stages.source, parallax.scheduler.allocation, parallax.broker.server, "
+    code = ("import sys, parallax.broker.model, parallax.broker.layers, parallax.broker.server, "
             "parallax.cli, parallax.procs; print(sorted({'torch', 'transformers'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -259,7 +259,7 @@ def test_concurrent_conversions_across_processes(tmp_path):
     code = (
         "import sys, json, time\n"
         "from pathlib import Path\n"
-        "import parallax.stages.source as s\n"
+        "import parallax.broker.model as s\n"
         "def write(g, out):\n"
         "    print('CONVERTING', flush=True)\n"
         "    time.sleep(1.0)\n"

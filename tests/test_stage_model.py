@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from parallax.scheduler.allocation import even_split
+from parallax.broker.layers import even_split
 from parallax.stages.kv import KVPool, Rows
 from parallax.stages.models import UnsupportedModel, architecture
 from parallax.stages.torch_backend import load_stage_model

@@ -12,7 +12,7 @@ import nats
 import pytest
 from parallax.broker.kv import nodes_bucket, put_ttl
 from parallax.broker.server import free_port
-from parallax.scheduler.registry import Assignment, Load, NodeInfo
+from parallax.broker.registry import Assignment, Load, NodeInfo
 
 from parallax.status import (
     assignment_text,

@@ -5,13 +5,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from parallax.broker.errors import ParallaxError
+from parallax.broker.errors import UnsupportedModel
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-
-
-class UnsupportedModel(ParallaxError):
-    """The model's architecture or one of its features is not implemented."""
 
 
 def architecture(config: dict) -> ModuleType:

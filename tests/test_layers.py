@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from parallax.scheduler.allocation import even_split, format_layers, parse_layers
+from parallax.broker.layers import even_split, format_layers, parse_layers
 
 
 @st.composite

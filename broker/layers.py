@@ -38,20 +38,3 @@ def parse_layers(text: str) -> tuple[int, int]:
 def format_layers(start: int, end: int) -> str:
     """``(0, 15)`` -> ``"0:15"`` (the inverse of :func:`parse_layers`)."""
     return f"{start}:{end}"
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``"8GiB"``, ``"512MiB"``, ``"300KB"``, ``"1.5"`` (a bare number is GiB) -> bytes."""
-    match = _SIZE.match(text) if isinstance(text, str) else None
-    if match is None:
-        raise ValueError(f"size must look like 8GiB, 512MiB, 300KiB or a number of GiB, got {text!r}")
-    value, unit = float(match.group(1)), (match.group(2) or "gib").lower()
-    size = int(value * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"size {text!r} must be positive")
-    return size

