@@ -8,7 +8,8 @@
 
 A node key carries a TTL of ``KEY_TTL_S`` seconds, so a node that stops heartbeating disappears
 on its own (watchers get a PURGE marker, the bucket has ``limit_marker_ttl``); a clean exit deletes
-it at once. ``nats kv ls parallax-nodes`` / ``nats kv get parallax-nodes stage.<id>`` read it all.
+it at once. :class:`CasBucket` holds every conditional or TTL write (the lock, the assignments, the
+heartbeats). ``nats kv ls parallax-nodes`` / ``nats kv get parallax-nodes stage.<id>`` read it all.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NATS
 from nats.js import errors as js_errors
+from nats.js import api
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
@@ -48,12 +50,6 @@ async def nodes_bucket(nc: NATS, timeout_s: float = 5.0) -> KeyValue:
         return await js.create_key_value(config)
     except js_errors.BadRequestError:  # created by another node in between
         return await js.key_value(NODES_BUCKET)
-
-
-async def put_ttl(kv: KeyValue, key: str, value: bytes, ttl_s: int = KEY_TTL_S) -> int:
-    """Write ``key`` so that it expires ``ttl_s`` whole seconds after this write; returns the revision."""
-    ack = await kv._js.publish(f"$KV.{kv._name}.{key}", value, msg_ttl=ttl_s)
-    return ack.seq
 
 
 def parse_node(value: bytes | None) -> NodeInfo | None:
@@ -114,17 +110,81 @@ async def snapshot(kv: KeyValue) -> dict[str, bytes]:
     return values
 
 
-async def cas_ttl(kv: KeyValue, key: str, value: bytes, last: int, ttl_s: int = KEY_TTL_S) -> int:
-    """Compare-and-set with a TTL: write only if ``key``'s revision is still ``last`` (0: the key
-    must not exist). Raises ``KeyWrongLastSequenceError`` when someone else wrote in between."""
-    headers = {"Nats-Expected-Last-Subject-Sequence": str(last)}
-    try:
-        ack = await kv._js.publish(f"$KV.{kv._name}.{key}", value, headers=headers, msg_ttl=ttl_s)
-    except js_errors.APIError as e:
-        if e.err_code == 10071:
-            raise js_errors.KeyWrongLastSequenceError(description=e.description) from e
-        raise
-    return ack.seq
+WRONG_LAST = (10071, 10164)  # JetStream's "wrong last sequence" error codes (the ones KeyValue.update maps)
+
+
+class CasBucket:
+    """Compare-and-set writes on a KV bucket, optionally with a per-key TTL (whole seconds), and
+    the lock built on them (the ``leader`` key).
+
+    A write names the revision it expects the key to have: 0 when the key has no value now (never
+    written, deleted, or expired), else the revision read. A write that lost the race raises
+    ``KeyWrongLastSequenceError``. Values are never empty (an expiry marker reads as one).
+    """
+
+    def __init__(self, kv: KeyValue):
+        self.kv = kv
+
+    async def write(self, key: str, value: bytes, last: int, ttl_s: int | None = None) -> int:
+        """Write ``key`` if its revision is still ``last`` (0: it has no value); the new revision."""
+        if last == 0:
+            return await self.create(key, value, ttl_s)
+        if ttl_s is None:
+            return await self.kv.update(key, value, last=last)
+        return await self._publish_ttl(key, value, ttl_s, last)
+
+    async def create(self, key: str, value: bytes, ttl_s: int | None = None) -> int:
+        """Write ``key`` if it has no value: never written, deleted (``KeyValue.create`` writes over
+        the delete marker) or expired."""
+        try:
+            return await self.kv.create(key, value, msg_ttl=ttl_s)
+        except js_errors.KeyWrongLastSequenceError:
+            # nats-py 2.16's create knows delete markers (KV-Operation DEL/PURGE) but not the marker
+            # the server leaves for ``limit_marker_ttl`` when a TTL expires (Nats-Marker-Reason, no
+            # KV-Operation): kv.get returns that one as an entry without a value.
+            try:
+                marker = await self.kv.get(key)
+            except js_errors.KeyNotFoundError:  # deleted or the marker aged out in between
+                return await self.kv.create(key, value, msg_ttl=ttl_s)
+            if marker.value:
+                raise
+            return await self.write(key, value, marker.revision, ttl_s)
+
+    async def put(self, key: str, value: bytes, ttl_s: int) -> int:
+        """Write ``key`` whatever it holds, to expire ``ttl_s`` seconds later (a heartbeat)."""
+        return await self._publish_ttl(key, value, ttl_s)
+
+    async def delete(self, key: str, last: int) -> bool:
+        """Delete ``key`` if its revision is still ``last``; False when it changed in between."""
+        if last < 1:  # KeyValue.delete would delete whatever the key holds
+            raise ValueError(f"delete {key}: need the revision read, got {last}")
+        try:
+            await self.kv.delete(key, last=last)
+        except js_errors.APIError as e:  # KeyValue.delete does not map the wrong-last-sequence error
+            if e.err_code in WRONG_LAST:
+                return False
+            raise
+        return True
+
+    async def lock(self, key: str, owner: bytes, held: int, ttl_s: int) -> int | None:
+        """Take the lock ``key`` (``held`` 0) or refresh ours (``held``: the revision we wrote), to
+        expire ``ttl_s`` seconds after this write; the new revision, or None if another holds it."""
+        try:
+            return await self.write(key, owner, held, ttl_s)
+        except js_errors.KeyWrongLastSequenceError:
+            return None
+
+    async def _publish_ttl(self, key: str, value: bytes, ttl_s: int, last: int | None = None) -> int:
+        # The one use of nats-py's private KV API: 2.16 has no TTL on KeyValue.put or
+        # KeyValue.update (only create takes msg_ttl), so publish to the key's subject like they do.
+        headers = None if last is None else {api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)}
+        try:
+            ack = await self.kv._js.publish(f"{self.kv._pre}{key}", value, headers=headers, msg_ttl=ttl_s)
+        except js_errors.APIError as e:
+            if e.err_code in WRONG_LAST:
+                raise js_errors.KeyWrongLastSequenceError(description=e.description) from e
+            raise
+        return ack.seq
 
 
 class Presence:
@@ -133,6 +193,7 @@ class Presence:
 
     def __init__(self, kv: KeyValue, describe: Callable[[], NodeInfo], every_s: float):
         self.kv, self.describe, self.every_s = kv, describe, every_s
+        self._bucket = CasBucket(kv)
         self._task: asyncio.Task | None = None
         self._key: str | None = None
 
@@ -153,7 +214,7 @@ class Presence:
     async def beat(self) -> None:
         info = self.describe()
         self._key = info.key
-        await put_ttl(self.kv, info.key, info.model_dump_json().encode())
+        await self._bucket.put(info.key, info.model_dump_json().encode(), KEY_TTL_S)
 
     async def _loop(self) -> None:
         while True:

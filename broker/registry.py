@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 HEARTBEAT_INTERVAL_S = 1.0
 KEY_TTL_S = 3  # server-side TTL of a node's key (whole seconds): gone this long after its last heartbeat
 HEARTBEAT_TTL_S = 3.5  # a watcher's own check, in case an expiry marker is missed
+# A dead node is noticed within this: the gateway fails the requests it was serving, a standby
+# scheduler takes a dead leader's lock. Its last heartbeat (up to one interval before it died) + the
+# TTL + one interval of slack for a busy machine. The README and the tests state this bound.
+DEAD_NODE_NOTICED_S = KEY_TTL_S + 2 * HEARTBEAT_INTERVAL_S
 Kind = Literal["stage", "gateway", "scheduler"]
 State = Literal["waiting", "loading", "serving", "leaving"]
 

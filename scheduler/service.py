@@ -4,8 +4,13 @@ Any number may run; one leads. The lead is the KV key ``leader`` (bucket ``paral
 with a TTL by whoever finds it free, refreshed every heartbeat by compare-and-set, so a dead leader's
 lock expires within ``lock_ttl_s`` and another scheduler takes over. The leader re-plans when the
 membership changes (a stage joins, leaves, or a manual stage moves) and writes each changed range to
-``assign.<node_id>`` with compare-and-set. Assignments have no TTL: stages and gateways keep serving
-while no scheduler runs.
+``assign.<node_id>`` with compare-and-set (:class:`~parallax.broker.kv.CasBucket`). Assignments have
+no TTL: stages and gateways keep serving while no scheduler runs.
+
+A stage whose key expires is planned around at once (a spare takes its layers), but its assignment
+stays for ``forget_s``: a stage that only missed heartbeats (a stall while it loads, a starved CPU)
+comes back to the range it was loading or serving. The assignment of a stage gone that long is
+deleted. Only a stage that is there and planned idle loses its assignment at once.
 """
 
 from __future__ import annotations
@@ -18,20 +23,24 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import nats.errors
 from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
 from parallax import __version__
 from parallax.broker.connection import connect
 from parallax.broker.errors import Unplaceable
-from parallax.broker.kv import DELETED, Presence, cas_ttl, nodes_bucket, watch_nodes
-from parallax.broker.registry import HEARTBEAT_INTERVAL_S, LEADER_KEY, Assignment, NodeInfo, Registry, assign_key
+from parallax.broker.kv import CasBucket, Presence, nodes_bucket, watch_nodes
+from parallax.broker.registry import (HEARTBEAT_INTERVAL_S, KEY_TTL_S, LEADER_KEY, Assignment, NodeInfo, Registry,
+                                      assign_key)
 from parallax.broker.subjects import token
 from parallax.broker.tasks import stop_task
 
 from .planner import ModelCost, NodeCapacity, Plan, plan
 
 log = logging.getLogger(__name__)
+ASSIGN_PREFIX = assign_key("")
+Current = dict[str, tuple[int, Assignment | None]]  # node_id -> (revision, assignment; None: unreadable) of assign.*
 
 
 @dataclass(frozen=True)
@@ -39,11 +48,12 @@ class SchedulerConfig:
     nats_url: str = "nats://127.0.0.1:4222"
     node_id: str = field(default_factory=lambda: f"sched-{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
-    lock_ttl_s: int = 3  # whole seconds (KV TTLs are)
+    lock_ttl_s: int = KEY_TTL_S  # whole seconds (KV TTLs are)
     kv_reserve_tokens: int = 4096  # KV cache positions reserved per layer when fitting layers in memory
     hop_ms: float = 1.0
     tolerance: float = 0.10  # keep the current plan unless another is this much faster
     settle_s: float = 0.5  # wait for a burst of joins to end before planning
+    forget_s: float = 30.0  # a stage missing this long is dead: its assignment is deleted (sooner: kept)
 
     def __post_init__(self) -> None:
         token(self.node_id)
@@ -51,6 +61,8 @@ class SchedulerConfig:
             raise ValueError("need 0 < heartbeat_s < lock_ttl_s (whole seconds, >= 1)")
         if self.kv_reserve_tokens < 0 or self.hop_ms < 0 or not 0 <= self.tolerance < 1 or self.settle_s < 0:
             raise ValueError("kv_reserve_tokens, hop_ms, settle_s must be >= 0 and tolerance in [0, 1)")
+        if self.forget_s < 0:
+            raise ValueError("forget_s must be >= 0")
 
 
 class Scheduler:
@@ -62,6 +74,7 @@ class Scheduler:
         self._lock_rev = 0
         self._changed = asyncio.Event()
         self._planned: object = None  # membership the current assignments were planned for
+        self._gone: dict[str, tuple[float, int]] = {}  # missing stage -> (monotonic since, its assignment's revision)
 
     def describe(self) -> NodeInfo:
         return NodeInfo(node_id=self.config.node_id, kind="scheduler", host=socket.gethostname(), version=__version__,
@@ -71,50 +84,60 @@ class Scheduler:
         nc = await connect(self.config.nats_url, name=f"parallax-scheduler-{self.config.node_id}")
         try:
             kv = await nodes_bucket(nc)
+            bucket = CasBucket(kv)
             loaded = asyncio.Event()
             watch = asyncio.create_task(watch_nodes(kv, self.registry, self._changed.set, loaded))
             await asyncio.wait_for(loaded.wait(), 10)
             async with Presence(kv, self.describe, self.config.heartbeat_s):
                 if ready is not None:
                     ready.set()
-                await self._loop(kv, stop)
+                await self._loop(bucket, stop)
             await stop_task(watch)
-            await self._resign(kv)
+            await self._resign(bucket)
         finally:
             with contextlib.suppress(Exception):
                 await nc.drain()
 
-    async def _loop(self, kv: KeyValue, stop: asyncio.Event) -> None:
+    async def _loop(self, bucket: CasBucket, stop: asyncio.Event) -> None:
         while not stop.is_set():
             was_leading = self.leading
-            self.leading = await self._hold_lock(kv)
+            self.leading = await self._hold_lock(bucket)
             if self.leading and not was_leading:
                 log.info("scheduler %s leads", self.config.node_id)
-                self._planned = None
-            if self.leading and self._membership() != self._planned:
-                await asyncio.sleep(self.config.settle_s)
-                await self._replan(kv)
+                self._planned, self._gone = None, {}
+            if self.leading:
+                await self._lead(bucket)
             self._changed.clear()
             await _either(self._changed, stop, self.config.heartbeat_s)
 
-    # --- the lock ------------------------------------------------------------------------------------
-    async def _hold_lock(self, kv: KeyValue) -> bool:
-        """Refresh our lock, or take a free one; False when another scheduler holds it."""
-        me = self.config.node_id.encode()
+    async def _lead(self, bucket: CasBucket) -> None:
         try:
-            self._lock_rev = await cas_ttl(kv, LEADER_KEY, me, self._lock_rev if self.leading else await _free_rev(kv),
-                                           self.config.lock_ttl_s)
-            return True
-        except js_errors.KeyWrongLastSequenceError:
-            return False
+            if self._membership() != self._planned:
+                await asyncio.sleep(self.config.settle_s)
+                await self._replan(bucket)
+            await self._forget(bucket)
+        except (nats.errors.Error, asyncio.TimeoutError) as e:  # a reconnect in progress: plan again next beat
+            log.warning("planning failed: %s: %s", type(e).__name__, e)
+            self._planned = None
+
+    # --- the lock ------------------------------------------------------------------------------------
+    async def _hold_lock(self, bucket: CasBucket) -> bool:
+        """Refresh our lock, or take a free one; False when another scheduler holds it."""
+        try:
+            rev = await bucket.lock(LEADER_KEY, self.config.node_id.encode(), self._lock_rev if self.leading else 0,
+                                    self.config.lock_ttl_s)
         except Exception as e:  # a reconnect in progress: assume we lost it, try again next beat
             log.warning("leader lock: %s: %s", type(e).__name__, e)
             return False
+        if rev is None:
+            return False
+        self._lock_rev = rev
+        return True
 
-    async def _resign(self, kv: KeyValue) -> None:
+    async def _resign(self, bucket: CasBucket) -> None:
         if self.leading:
             with contextlib.suppress(Exception):
-                await kv.delete(LEADER_KEY, last=self._lock_rev)
+                await bucket.delete(LEADER_KEY, self._lock_rev)
             self.leading = False
 
     # --- planning ------------------------------------------------------------------------------------
@@ -123,22 +146,23 @@ class Scheduler:
         return frozenset((n.node_id, n.model, n.memory_offered, n.manual and n.layers, n.profile is not None)
                          for n in self.registry.nodes(kind="stage"))
 
-    async def _replan(self, kv: KeyValue) -> None:
+    async def _replan(self, bucket: CasBucket) -> None:
         membership = self._membership()
-        stages = [n for n in self.registry.nodes(kind="stage") if n.profile is not None and n.model]
-        current = await self._assignments(kv)
+        present = self.registry.nodes(kind="stage")
+        stages = [n for n in present if n.profile is not None and n.model]
+        current = await self._assignments(bucket.kv)
+        self._note_gone(current, {n.node_id for n in present})
         written = True
         for model in sorted({n.model for n in stages}):
             nodes = [n for n in stages if n.model == model]
             try:
-                written &= await self._apply(kv, model, self._plan(model, nodes, current), current)
+                written &= await self._apply(bucket, model, nodes, self._plan(model, nodes, current), current)
             except Unplaceable as e:
                 log.warning("model %s: %s; keeping the current assignments", model, e)
-        await self._drop_stale(kv, current, {n.node_id for n in stages})
         if written:  # else someone wrote in between: plan again next round
             self._planned = membership
 
-    def _plan(self, model: str, nodes: list[NodeInfo], current: dict[str, tuple[int, Assignment]]) -> Plan:
+    def _plan(self, model: str, nodes: list[NodeInfo], current: Current) -> Plan:
         profile = max((n.profile for n in nodes), key=lambda p: p.num_layers)
         cost = ModelCost(num_layers=profile.num_layers, layer_bytes=profile.layer_bytes,
                          kv_reserve_bytes=profile.kv_bytes_per_token * self.config.kv_reserve_tokens,
@@ -147,17 +171,18 @@ class Scheduler:
         default_ms = sorted(known)[len(known) // 2] if known else 1.0
         caps = [NodeCapacity(n.node_id, n.memory_offered, n.layer_ms or default_ms, n.layers if n.manual else None)
                 for n in sorted(nodes, key=lambda n: n.node_id)]
-        previous = {node: (a.start, a.end) for node, (_, a) in current.items() if a.model == model}
+        previous = {node: (a.start, a.end) for node, (_, a) in current.items() if a is not None and a.model == model}
         previous.update({n.node_id: n.layers for n in nodes if n.manual and n.layers})
         result = plan(cost, caps, previous, self.config.tolerance)
         self.plans[model] = result
         log.info("model %s: %s (%.1f tok/s estimated)", model, _describe(result), result.throughput)
         return result
 
-    async def _apply(self, kv: KeyValue, model: str, result: Plan, current: dict[str, tuple[int, Assignment]]) -> bool:
-        """Write the changed assignments of ``model``; False if a compare-and-set lost a race."""
-        manual = {n.node_id for n in self.registry.nodes(model) if n.manual}
-        epoch = 1 + max((a.epoch for _, a in current.values()), default=0)
+    async def _apply(self, bucket: CasBucket, model: str, nodes: list[NodeInfo], result: Plan, current: Current) -> bool:
+        """Write the changed assignments of ``model``'s ``nodes`` (the stages there now; a missing
+        stage's assignment is left to :meth:`_forget`); False if a compare-and-set lost a race."""
+        manual = {n.node_id for n in nodes if n.manual}
+        epoch = 1 + max((a.epoch for _, a in current.values() if a is not None), default=0)
         wanted = {node: rng for node, rng in result.assignments().items() if node not in manual}
         ok = True
         for node, (start, end) in wanted.items():
@@ -165,59 +190,63 @@ class Scheduler:
             if old is not None and (old.model, old.start, old.end) == (model, start, end):
                 continue
             value = Assignment(node_id=node, model=model, start=start, end=end, epoch=epoch, scheduler=self.config.node_id)
-            ok &= await _cas(kv, assign_key(node), value.model_dump_json().encode(), rev)
-        for node, (rev, old) in current.items():
-            if old.model == model and node not in wanted:
-                await _delete(kv, assign_key(node), rev)
+            ok &= await _write(bucket, assign_key(node), value.model_dump_json().encode(), rev)
+        for node in {n.node_id for n in nodes} - wanted.keys():  # idle or placed by hand: no assignment
+            if node in current:
+                await bucket.delete(assign_key(node), current[node][0])
         return ok
 
-    async def _drop_stale(self, kv: KeyValue, current: dict[str, tuple[int, Assignment]], alive: set[str]) -> None:
-        for node, (rev, _) in current.items():
-            if node not in alive:
-                await _delete(kv, assign_key(node), rev)
+    def _note_gone(self, current: Current, present: set[str]) -> None:
+        """Since when each stage that has an assignment has been missing from the registry."""
+        now = time.monotonic()
+        self._gone = {node: (self._gone.get(node, (now, 0))[0], rev)
+                      for node, (rev, _) in current.items() if node not in present}
+
+    async def _forget(self, bucket: CasBucket) -> None:
+        """Delete the assignment of a stage missing for ``forget_s`` (one back sooner keeps it)."""
+        present = {n.node_id for n in self.registry.nodes(kind="stage")}
+        now = time.monotonic()
+        for node, (since, rev) in list(self._gone.items()):
+            if node in present:
+                del self._gone[node]
+            elif now - since >= self.config.forget_s:
+                del self._gone[node]
+                if await bucket.delete(assign_key(node), rev):
+                    log.info("stage %s missing for %.0f s: deleted its assignment", node, now - since)
 
     @staticmethod
-    async def _assignments(kv: KeyValue) -> dict[str, tuple[int, Assignment]]:
-        """node_id -> (revision, assignment) of every ``assign.*`` key."""
-        out: dict[str, tuple[int, Assignment]] = {}
+    async def _assignments(kv: KeyValue) -> Current:
+        """Every ``assign.<node_id>`` key with a value: its revision and assignment."""
         try:
-            keys = [k for k in await kv.keys() if k.startswith("assign.")]  # (key filters miss here)
+            keys = [k for k in await kv.keys() if k.startswith(ASSIGN_PREFIX)]  # (key filters miss here)
         except js_errors.NoKeysError:
-            return out
+            return {}
+        out: Current = {}
         for key in keys:
-            with contextlib.suppress(js_errors.KeyNotFoundError, js_errors.KeyDeletedError, ValueError):
+            try:
                 entry = await kv.get(key)
-                assignment = Assignment.model_validate_json(entry.value or b"")
-                out[assignment.node_id] = (entry.revision, assignment)
+            except js_errors.KeyNotFoundError:  # deleted in between: a write creates it again
+                continue
+            if entry.value:
+                out[key[len(ASSIGN_PREFIX):]] = (entry.revision, _parse(entry.value))
         return out
 
 
-async def _free_rev(kv: KeyValue) -> int:
-    """The revision to compare against when taking the lock: 0 if the key never existed, the
-    marker's revision if it expired or was deleted; raises if someone holds it."""
+def _parse(value: bytes) -> Assignment | None:
     try:
-        entry = await kv.get(LEADER_KEY)
-    except js_errors.KeyNotFoundError:
-        return 0
-    except js_errors.KeyDeletedError as e:
-        return e.entry.revision if e.entry is not None else 0
-    if entry.operation in DELETED or not entry.value:
-        return entry.revision
-    raise js_errors.KeyWrongLastSequenceError(description=f"held by {entry.value.decode(errors='replace')}")
+        return Assignment.model_validate_json(value)
+    except ValueError as e:
+        log.warning("an unreadable assignment will be overwritten: %s", " ".join(str(e).split())[:200])
+        return None
 
 
-async def _cas(kv: KeyValue, key: str, value: bytes, rev: int) -> bool:
+async def _write(bucket: CasBucket, key: str, value: bytes, rev: int) -> bool:
     try:
-        await kv.update(key, value, last=rev)
+        await bucket.write(key, value, rev)
         return True
     except js_errors.KeyWrongLastSequenceError:
         log.warning("%s changed under us; planning again", key)
         return False
-
-
-async def _delete(kv: KeyValue, key: str, rev: int) -> None:
-    with contextlib.suppress(js_errors.KeyWrongLastSequenceError, js_errors.KeyNotFoundError):
-        await kv.delete(key, last=rev)
 
 
 async def _either(event: asyncio.Event, stop: asyncio.Event, timeout_s: float) -> None:

@@ -83,14 +83,20 @@ class AutoStage:
         log.info("stage %s: loading layers %d:%d (plan %d)", self.config.node_id, *wanted, a.epoch)
         await self._set_state("loading")
         try:
-            backend = await asyncio.to_thread(self.load, *wanted)
-            worker = StageWorker(backend, self.config, self.engine_config(backend), self.facts)
+            worker = await asyncio.to_thread(self._build, *wanted)
         except Exception as e:  # a bad assignment must not kill the stage: it stays as it was
             log.error("stage %s could not load layers %d:%d: %s", self.config.node_id, *wanted, e)
             await self._set_state("waiting" if self.worker is None else "serving")
             return
         await worker.attach(nc)
         await self._swap(worker, f"moved to layers {wanted[0]}:{wanted[1]}")
+
+    def _build(self, start: int, end: int) -> StageWorker:
+        """Load ``start:end`` and build its engine (which fills the KV pool with zeros: a second or more
+        for a large pool). In a worker thread: on the event loop it would stall the heartbeat past
+        the key's TTL, and the scheduler would see this stage leave."""
+        backend = self.load(start, end)
+        return StageWorker(backend, self.config, self.engine_config(backend), self.facts)
 
     async def _swap(self, worker: StageWorker | None, reason: str) -> None:
         old, self.worker = self.worker, worker

@@ -10,7 +10,7 @@ import time
 
 import nats
 import pytest
-from parallax.broker.kv import nodes_bucket, put_ttl
+from parallax.broker.kv import nodes_bucket
 from parallax.broker.server import free_port
 from parallax.broker.registry import Assignment, Load, NodeInfo
 
@@ -190,7 +190,7 @@ async def _register(url: str, entries: dict[str, bytes], ttl: dict[str, int]) ->
         kv = await nodes_bucket(nc)
         for key, value in entries.items():
             if key in ttl:
-                await put_ttl(kv, key, value, ttl[key])
+                await kv.create(key, value, msg_ttl=ttl[key])
             else:
                 await kv.put(key, value)
     finally:
