@@ -217,8 +217,11 @@ class Presence:
         await self._bucket.put(info.key, info.model_dump_json().encode(), KEY_TTL_S)
 
     async def _loop(self) -> None:
+        clock = asyncio.get_running_loop().time
+        due = clock()
         while True:
-            await asyncio.sleep(self.every_s)
+            due = max(due + self.every_s, clock())  # a steady beat: the time a write takes does not add up
+            await asyncio.sleep(due - clock())
             try:
                 await self.beat()
             except Exception as e:  # a reconnect in progress: try again next beat
