@@ -299,13 +299,13 @@ async def test_a_stage_missing_a_few_heartbeats_keeps_its_assignment_and_a_dead_
     assignment (what the old scheduler left behind) is created again on the next plan. Gone for
     longer than ``forget_s``, it loses its assignment."""
     nc = await nats.connect(nats_url)
+    bucket = CasBucket(await nodes_bucket(nc))
+    stages = FakeStages(bucket)
     stop = asyncio.Event()
     config = SchedulerConfig(nats_url=nats_url, node_id="sched", kv_reserve_tokens=0, settle_s=0.1, forget_s=6)
     scheduler = Scheduler(config)
     task = asyncio.create_task(scheduler.run(stop))
     try:
-        bucket = CasBucket(await nodes_bucket(nc))
-        stages = FakeStages(bucket)
         for node in ("a", "b", "c"):
             stages.start(node)
 
@@ -315,21 +315,17 @@ async def test_a_stage_missing_a_few_heartbeats_keeps_its_assignment_and_a_dead_
         before = await _until(placed, 20, "three assignments")
         assert_one_chain({node: rng for node, (_, rng) in before.items()})
 
-        async def present(node):
-            return node in {n.node_id for n in scheduler.registry.nodes(kind="stage")}
-
         async def stage_gone(node):
-            return not await present(node)
+            return node not in {n.node_id for n in scheduler.registry.nodes(kind="stage")}
 
         async def assignment(node):
             return (await _revisions(bucket.kv)).get(node)
         await stages.stall("b")
-        await _until(lambda: stage_gone("b"), 10, "b's key expires")
-        await asyncio.sleep(1.5)  # the scheduler plans without b
+        await _until(lambda: _is("b" in scheduler._gone), 10, "the scheduler plans without b")
         assert await _revisions(bucket.kv) == before  # kept, not deleted
         stages.start("b")
-        await _until(lambda: present("b"), 10, "b is back")
-        await asyncio.sleep(1.5)  # the scheduler plans with b again
+        await _until(lambda: _is("b" not in scheduler._gone), 10, "the scheduler sees b back")
+        await asyncio.sleep(1)  # and plans with it again
         assert await _revisions(bucket.kv) == before  # b is back to the same assignment, nothing rewritten
 
         await bucket.delete(assign_key("b"), before["b"][0])  # the state the old scheduler left behind
@@ -349,8 +345,8 @@ async def test_a_stage_missing_a_few_heartbeats_keeps_its_assignment_and_a_dead_
         await _until(forgotten, 15, "b's assignment deleted after forget_s")
         assert {node: rng for node, (_, rng) in (await _revisions(bucket.kv)).items()} == \
             {node: rng for node, (_, rng) in before.items() if node != "b"}
-        await stages.close()
     finally:
+        await stages.close()
         stop.set()
         await task
         await nc.close()
