@@ -267,10 +267,16 @@ async def test_a_message_over_max_bytes_raises_and_the_next_passes(small_server)
 
 # -------------------------------------------------------------------------------- real stages
 WIDE = 1024  # hidden size: a float32 row is 4 KiB, like a bf16 row of a 2048-wide model
-E2E_PAYLOAD = 40 * 1024  # server max_payload: about 8 rows of hidden states per message
+E2E_PAYLOAD = 24 * 1024  # server max_payload: 5 rows of hidden states fit in one message
 REQUESTS = 32
 NEW_TOKENS = 6
 PROMPTS = [[(i * 37 + j * 11) % 500 + 1 for j in range(3 + i % 5)] for i in range(REQUESTS)]
+BOUND_S = 120  # a broken join loses the request, which would wait out the gateway's 600 s first-token timeout
+
+
+async def generate_all(c, prompts: list[list[int]]) -> list[list[int]]:
+    batch = asyncio.gather(*(c.generate(p, max_tokens=NEW_TOKENS, ignore_eos=True) for p in prompts))
+    return list(await asyncio.wait_for(batch, BOUND_S))
 
 
 @pytest.fixture(scope="module")
@@ -345,12 +351,12 @@ def test_wide_references_are_not_degenerate(references):
 
 async def test_decode_batches_over_max_payload_flow_in_chunks_and_stay_exact(e2e_server, wide, references):
     async with tapped(e2e_server.url) as tap, cluster(e2e_server.url, wide, "wide", 2, [(0, 1), (1, 2)]) as c:
-        got = await asyncio.gather(*(c.generate(p, max_tokens=NEW_TOKENS, ignore_eos=True) for p in PROMPTS))
+        got = await generate_all(c, PROMPTS)
         assert await c.settled()
         workers = [w for _, _, w in c.stages.values()]
         assert all(w.nc.max_payload == E2E_PAYLOAD and w.nc.is_connected for w in workers)
         assert all(w._reassembler.pending == 0 for w in workers)
-    assert list(got) == references
+    assert got == references
     rows_per_message = chunks.chunk_limit(E2E_PAYLOAD) // (WIDE * 4)
     batches = tap.decode_batches()
     assert batches, f"no decode batch was chunked; chunked messages: {[(s, type(h).__name__) for s, h in tap.chunked]}"
@@ -382,7 +388,6 @@ async def test_a_stage_and_a_gateway_survive_malformed_chunk_sequences(e2e_serve
         await nc.publish(c.pipeline.subject, b"x", headers=part("reply", 1, 2))  # the gateway drops it
         await nc.flush()
         assert all(not task.done() for _, task, _ in c.stages.values())
-        assert await c.generate(PROMPTS[0], max_tokens=NEW_TOKENS, ignore_eos=True) == references[0]
-        got = await asyncio.gather(*(c.generate(p, max_tokens=NEW_TOKENS, ignore_eos=True) for p in PROMPTS[:12]))
-        assert list(got) == references[:12]
+        assert await generate_all(c, PROMPTS[:1]) == references[:1]
+        assert await generate_all(c, PROMPTS[:12]) == references[:12]
     assert "dropped malformed message" in caplog.text and "dropped malformed reply" in caplog.text
