@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from .errors import WireError
+from .wire import Message, decode
 
 HEADER_ROOM = 4096  # bytes kept free for NATS headers; the server counts them in max_payload
 ID, PART = "Px-Id", "Px-Part"
@@ -79,6 +80,12 @@ class Reassembler:
             self._parts[msg_id] = partial
             return None
         return b"".join(partial.parts)
+
+    def receive(self, data: bytes, headers: dict[str, str] | None) -> tuple[Message, memoryview] | None:
+        """:meth:`feed`, then :func:`~parallax.broker.wire.decode` the message once it is whole.
+        Raises WireError on a bad chunk or a malformed message."""
+        payload = self.feed(data, headers)
+        return None if payload is None else decode(payload)
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -247,7 +247,7 @@ class ModelFacts:
 
     model_type: str
     num_layers: int
-    hidden_size: int
+    hidden_size: int | None  # None: not in the config (only a stage needs it, and its architecture checks)
     max_positions: int
 
     @classmethod
@@ -255,9 +255,10 @@ class ModelFacts:
         config = read_config(path)
         text = {**config, **(config.get("text_config") or {})}  # multimodal configs nest the LM's
         layers, hidden = text.get("num_hidden_layers"), text.get("hidden_size")
-        if not isinstance(layers, int) or layers < 1 or not isinstance(hidden, int) or hidden < 1:
-            raise ModelNotFound(f"{Path(path) / 'config.json'} has no valid num_hidden_layers / hidden_size")
-        return cls(model_type=str(text.get("model_type", "?")), num_layers=layers, hidden_size=hidden,
+        if not isinstance(layers, int) or layers < 1:
+            raise ModelNotFound(f"{Path(path) / 'config.json'} has no num_hidden_layers")
+        return cls(model_type=str(text.get("model_type", "?")), num_layers=layers,
+                   hidden_size=hidden if isinstance(hidden, int) else None,
                    max_positions=int(text.get("max_position_embeddings") or 2048))
 
 

@@ -1,7 +1,7 @@
 """Subject names. Every subject starts with ``parallax.`` so ``nats sub 'parallax.>'`` shows all.
 
-    parallax.<model>.layers.<a>-<b>            forward work for layers a:b (queue group: replicas share it)
-    parallax.<model>.layers.<a>-<b>.<node>     forward work pinned to one replica (holds the request's KV)
+    parallax.<model>.layers.<a>-<b>.<node>     forward work for layers a:b on one replica (the gateway pins
+                                               every hop of a request; the replica holds its KV)
     parallax.<model>.release                   broadcast: drop the KV/state of finished or aborted requests
     parallax.gateway.<gateway>                 tokens and errors for the requests of one gateway
     parallax.stats                             request: every stage answers with its counters ({"reset": true} zeroes them)
@@ -25,17 +25,8 @@ def token(name: str) -> str:
     return cleaned
 
 
-def layers(model: str, start: int, end: int) -> str:
-    return f"{PREFIX}.{token(model)}.layers.{start}-{end}"
-
-
-def layers_queue(model: str, start: int, end: int) -> str:
-    """Queue group name shared by the replicas of one layer range."""
-    return f"{token(model)}-{start}-{end}"
-
-
 def node(model: str, start: int, end: int, node_id: str) -> str:
-    return f"{layers(model, start, end)}.{token(node_id)}"
+    return f"{PREFIX}.{token(model)}.layers.{start}-{end}.{token(node_id)}"
 
 
 def release(model: str) -> str:

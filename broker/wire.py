@@ -12,7 +12,7 @@ from math import prod
 from typing import Annotated, Literal, Union
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import WireError
 
@@ -25,22 +25,54 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SamplingParams(_Strict):
-    """How the last stage picks a token. ``temperature == 0`` is greedy."""
+# The bounds of every sampling parameter, written once: the gateway's request models use them too.
+Temperature = Annotated[float, Field(ge=0.0)]  # 0: greedy
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=-1)]  # -1 or 0: off
+MaxTokens = Annotated[int, Field(ge=1)]
+MinTokens = Annotated[int, Field(ge=0)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0)]
+Finish = Literal["stop", "length"]  # why the last stage ended a request
+NodeId = Annotated[str, Field(min_length=1)]
 
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)  # -1 or 0: off
+
+class SamplingParams(_Strict):
+    """How the last stage picks a token and when it ends the request. The defaults here are the
+    API's defaults too (the gateway leaves out what a client did not send)."""
+
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = -1
     seed: int | None = None
-    max_tokens: int = Field(16, ge=1)
-    min_tokens: int = Field(0, ge=0)
+    max_tokens: MaxTokens = 16
+    min_tokens: MinTokens = 0  # no stop (token or string) ends the output before this many tokens
     ignore_eos: bool = False
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: RepetitionPenalty = 1.0
     stop_token_ids: tuple[int, ...] = ()
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _at_most_max(cls, min_tokens: int, info: ValidationInfo) -> int:
+        max_tokens = info.data.get("max_tokens")
+        if max_tokens is not None and min_tokens > max_tokens:
+            raise ValueError(f"{min_tokens} is larger than max_tokens ({max_tokens})")
+        return min_tokens
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    def can_stop(self, generated: int) -> bool:
+        """Whether a stop may end the output once it has ``generated`` tokens (vLLM's min_tokens:
+        the sampler bans stop tokens before, the gateway ignores stop strings before)."""
+        return generated >= self.min_tokens
+
+    def rest(self, done: int) -> "SamplingParams":
+        """The parameters for the rest of a request that already has ``done`` tokens (a resubmission)."""
+        if not done:
+            return self
+        rest = {"max_tokens": self.max_tokens - done, "min_tokens": max(0, self.min_tokens - done)}
+        return SamplingParams.model_validate(self.model_dump() | rest)  # validated: done < max_tokens
 
 
 class RequestMeta(_Strict):
@@ -48,7 +80,7 @@ class RequestMeta(_Strict):
 
     reply: str  # gateway subject that receives tokens and errors
     chain: tuple[tuple[int, int], ...]  # layer ranges, in order, covering 0..L
-    route: tuple[str | None, ...]  # node id per hop; None = any replica (queue group)
+    route: tuple[NodeId, ...]  # the replica serving each hop, chosen by the gateway
     sampling: SamplingParams
     prompt_ids: tuple[int, ...]
     prefix_cache: bool = True  # False: compute the whole prompt (retry after a prefix-cache miss)
@@ -72,7 +104,6 @@ class ForwardItem(_Strict):
     n: int = Field(ge=1)
     meta: RequestMeta | None = None  # present on a request's first message only
     sample: bool = True  # the last stage samples after this item (False for non-final prefill chunks)
-    route: tuple[str, ...] | None = None  # the full route, sent once the last stage knows it
 
 
 class Forward(_Strict):
@@ -102,8 +133,7 @@ class TokenOut(_Strict):
     rid: str
     token: int
     index: int  # 0 for the first generated token
-    finish: Literal["stop", "length"] | None = None
-    route: tuple[str, ...] | None = None  # nodes serving the request, sent with index 0
+    finish: Finish | None = None  # set on a request's last token: the gateway trusts it
 
 
 class Tokens(_Strict):
@@ -128,7 +158,8 @@ class Release(_Strict):
     rids: tuple[str, ...]
 
 
-Header = Annotated[Union[Forward, Tokens, ErrorMsg, Release], Field(discriminator="kind")]
+Message = Union[Forward, Tokens, ErrorMsg, Release]
+Header = Annotated[Message, Field(discriminator="kind")]
 _HEADER = TypeAdapter(Header)
 
 
@@ -140,7 +171,7 @@ def encode(header: BaseModel, data: bytes | memoryview = b"") -> bytes:
     return b"".join((MAGIC, _LEN.pack(len(head)), head, data))
 
 
-def decode(payload: bytes) -> tuple[Forward | Tokens | ErrorMsg | Release, memoryview]:
+def decode(payload: bytes) -> tuple[Message, memoryview]:
     """Parse a payload; raises :class:`WireError` with a one-line reason if it is malformed."""
     view = memoryview(payload)
     if len(view) < 8 or bytes(view[:4]) != MAGIC:

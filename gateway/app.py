@@ -14,7 +14,8 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, cast
 
 import anyio
 import anyio.lowlevel
@@ -22,7 +23,7 @@ import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -106,10 +107,11 @@ def _one_line(text: str) -> str:
     return line if len(line) <= _MAX_MESSAGE else line[: _MAX_MESSAGE - 3] + "..."
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+def _validation_error(errors: Sequence[Any]) -> APIError:
+    """A 400 naming every invalid field (pydantic's ``errors()`` of the request or its SamplingParams)."""
     parts: list[str] = []
     params: list[str] = []
-    for err in exc.errors():
+    for err in errors:
         if err.get("type") == "json_invalid":
             reason = err.get("ctx", {}).get("error", "malformed JSON")
             return APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json")
@@ -137,7 +139,7 @@ def _http_error(exc: StarletteHTTPException) -> APIError:
 
 def _install_error_handlers(app: FastAPI) -> None:
     async def on_validation(_: Request, exc: Exception) -> Response:
-        return _validation_error(cast(RequestValidationError, exc)).response()
+        return _validation_error(cast(RequestValidationError, exc).errors()).response()
 
     async def on_http(_: Request, exc: Exception) -> Response:
         return _http_error(cast(StarletteHTTPException, exc)).response()
@@ -256,14 +258,14 @@ class _Generation:
         return token
 
     def _step(self, token: TokenOut) -> _Delta:
+        """The stage decides ``finish`` (stop token, max_tokens, context); the gateway adds only
+        stop strings, which it alone sees, and only once min_tokens allow a stop."""
         self.completion_tokens += 1
         finish = token.finish
-        if finish is None and self.completion_tokens >= self._params.max_tokens:
-            finish = "length"
         text = self._detok.add(token.token)
         if finish is not None:
             text += self._detok.flush()
-        match = self.completion_tokens >= self._params.min_tokens
+        match = self._params.can_stop(self.completion_tokens)
         text, hit = self._stops.feed(text, final=finish is not None, match=match)
         return _Delta(text, "stop" if hit else finish)
 
@@ -280,29 +282,38 @@ class _Generation:
 
 
 # ----------------------------------------------------------------------------------------- format
-class _Format(Protocol):
+class _Format(ABC):
     """How one endpoint shapes its streamed chunks and its complete response."""
 
-    def opening(self) -> list[str]: ...
+    _chunk_type: ClassVar[type[ChatCompletionChunk] | type[CompletionChunk]]
 
-    def text(self, text: str) -> str: ...
-
-    def finish(self, reason: FinishReason) -> str: ...
-
-    def usage(self, usage: Usage) -> str: ...
-
-    def complete(self, text: str, reason: FinishReason, usage: Usage) -> BaseModel: ...
-
-
-class _ChatFormat:
     def __init__(self, job: _Job) -> None:
         self._job = job
 
-    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-        job = self._job
-        return ChatCompletionChunk(
-            id=job.id, created=job.created, model=job.model, choices=choices, usage=usage
-        ).sse()
+    def _head(self) -> dict[str, Any]:
+        return {"id": self._job.id, "created": self._job.created, "model": self._job.model}
+
+    def _chunk(self, choices: list[Any], usage: Usage | None = None) -> str:
+        return self._chunk_type(**self._head(), choices=choices, usage=usage).sse()
+
+    def opening(self) -> list[str]:
+        return []
+
+    def usage(self, usage: Usage) -> str:
+        return self._chunk([], usage)
+
+    @abstractmethod
+    def text(self, text: str) -> str: ...
+
+    @abstractmethod
+    def finish(self, reason: FinishReason) -> str: ...
+
+    @abstractmethod
+    def complete(self, text: str, reason: FinishReason, usage: Usage) -> BaseModel: ...
+
+
+class _ChatFormat(_Format):
+    _chunk_type = ChatCompletionChunk
 
     def opening(self) -> list[str]:
         return [self._chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])]
@@ -313,27 +324,13 @@ class _ChatFormat:
     def finish(self, reason: FinishReason) -> str:
         return self._chunk([ChatChunkChoice(delta=DeltaMessage(), finish_reason=reason)])
 
-    def usage(self, usage: Usage) -> str:
-        return self._chunk([], usage)
-
     def complete(self, text: str, reason: FinishReason, usage: Usage) -> BaseModel:
-        job = self._job
         choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=reason)
-        return ChatCompletion(id=job.id, created=job.created, model=job.model, choices=[choice], usage=usage)
+        return ChatCompletion(**self._head(), choices=[choice], usage=usage)
 
 
-class _CompletionFormat:
-    def __init__(self, job: _Job) -> None:
-        self._job = job
-
-    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-        job = self._job
-        return CompletionChunk(
-            id=job.id, created=job.created, model=job.model, choices=choices, usage=usage
-        ).sse()
-
-    def opening(self) -> list[str]:
-        return []
+class _CompletionFormat(_Format):
+    _chunk_type = CompletionChunk
 
     def text(self, text: str) -> str:
         return self._chunk([CompletionChoice(text=text)])
@@ -341,13 +338,9 @@ class _CompletionFormat:
     def finish(self, reason: FinishReason) -> str:
         return self._chunk([CompletionChoice(text="", finish_reason=reason)])
 
-    def usage(self, usage: Usage) -> str:
-        return self._chunk([], usage)
-
     def complete(self, text: str, reason: FinishReason, usage: Usage) -> BaseModel:
-        job = self._job
         choice = CompletionChoice(text=text, finish_reason=reason)
-        return Completion(id=job.id, created=job.created, model=job.model, choices=[choice], usage=usage)
+        return Completion(**self._head(), choices=[choice], usage=usage)
 
 
 class _EventStream(StreamingResponse):
@@ -446,20 +439,10 @@ class _Gateway:
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param=prompt_param)
         max_tokens = self._max_tokens(len(prompt_ids), req.requested_max_tokens(), prompt_param)
-        if req.min_tokens > max_tokens:
-            message = f"min_tokens ({req.min_tokens}) is larger than max_tokens ({max_tokens})"
-            raise APIError(400, message, param="min_tokens")
-        params = SamplingParams(
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=-1 if req.top_k is None else req.top_k,
-            seed=req.seed,
-            max_tokens=max_tokens,
-            min_tokens=req.min_tokens,
-            ignore_eos=req.ignore_eos,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-            stop_token_ids=self._model.eos_token_ids,
-        )
+        try:
+            params = req.sampling(max_tokens, self._model.eos_token_ids)
+        except ValidationError as exc:
+            raise _validation_error(exc.errors()) from None
         return _Job(
             id=f"{prefix}-{uuid.uuid4().hex}",
             model=self._model.name,

@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 from parallax import __version__
 from parallax.broker import chunks, subjects
 from parallax.broker.errors import ChainUnavailable, Retry, StageFailed, WireError
-from parallax.broker.wire import RETRYABLE, ErrorMsg, Forward, ForwardItem, Release, RequestMeta, SamplingParams, TokenOut, Tokens, decode, encode
+from parallax.broker.wire import RETRYABLE, ErrorMsg, Forward, ForwardItem, Release, RequestMeta, SamplingParams, TokenOut, Tokens, encode
 from parallax.broker.kv import Presence, nodes_bucket, watch_nodes
 from parallax.broker.tasks import stop_task
 from parallax.broker.registry import HEARTBEAT_INTERVAL_S, Load, NodeInfo, Registry
@@ -101,13 +101,15 @@ class NatsPipeline:
 
     async def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenOut]:
         """Stream tokens; a request a stage preempted (KV full) or could not serve from its prefix
-        cache is resubmitted with the tokens so far, up to ``max_retries`` times."""
+        cache is resubmitted with the tokens so far, up to ``max_retries`` times, with what is left of
+        its max_tokens and min_tokens (:meth:`SamplingParams.rest`). The last token carries the last
+        stage's ``finish``."""
         generated: list[int] = []
         prefix_cache = True
         for attempt in range(self.config.max_retries + 1):
             sub_rid = rid if attempt == 0 else f"{rid}~{attempt}"
             try:
-                async for event in self._attempt(sub_rid, prompt_ids + generated, self._rest(params, len(generated)), prefix_cache):
+                async for event in self._attempt(sub_rid, prompt_ids + generated, params.rest(len(generated)), prefix_cache):
                     yield event.model_copy(update={"rid": rid, "index": len(generated)})
                     generated.append(event.token)
                 return
@@ -116,12 +118,6 @@ class NatsPipeline:
                 prefix_cache = prefix_cache and r.code != "prefix_miss"
                 await self._wait_for_chain(self.config.chain_wait_s)
         raise StageFailed(f"request {rid} was preempted {self.config.max_retries + 1} times; the cluster is out of KV memory")
-
-    @staticmethod
-    def _rest(params: SamplingParams, done: int) -> SamplingParams:
-        if not done:
-            return params
-        return params.model_copy(update={"max_tokens": params.max_tokens - done, "min_tokens": max(0, params.min_tokens - done)})
 
     async def _attempt(self, rid: str, prompt_ids: list[int], params: SamplingParams, prefix_cache: bool) -> AsyncIterator[TokenOut]:
         hops = choose_route(self.registry.serving(self.config.model), self.config.num_layers, self.config.routing, self.routes)
@@ -168,7 +164,7 @@ class NatsPipeline:
         payload = encode(Forward(items=(item,), dtype="int32", shape=(len(prompt_ids),)), ids)
         await chunks.publish(self.nc, subjects.node(self.config.model, *chain[0], route[0]), payload)
 
-    async def _next(self, queue: asyncio.Queue, chain, route, first: bool) -> TokenOut:
+    async def _next(self, queue: asyncio.Queue, chain: list[tuple[int, int]], route: tuple[str, ...], first: bool) -> TokenOut:
         limit = self.config.first_token_timeout_s if first else self.config.token_timeout_s
         deadline = time.monotonic() + limit
         while True:
@@ -183,29 +179,22 @@ class NatsPipeline:
                 raise (Retry(event.message, event.code) if event.code in RETRYABLE else StageFailed(event.message))
             return event
 
-    def _check_alive(self, chain, route) -> None:
+    def _check_alive(self, chain: list[tuple[int, int]], route: tuple[str, ...]) -> None:
+        """Fail the request when a replica it is pinned to left the registry or its range."""
         nodes = {n.node_id: n for n in self.registry.serving(self.config.model)}
-        if route is not None:
-            for node_id, (a, b) in zip(route, chain):
-                if node_id not in nodes:
-                    raise StageFailed(f"stage {node_id} serving layers {a}:{b} stopped while serving the request")
-                if nodes[node_id].layers != (a, b):
-                    raise StageFailed(f"stage {node_id} stopped serving layers {a}:{b} while serving the request")
-            return
-        served = {(n.start, n.end) for n in nodes.values()}
-        for a, b in chain:
-            if (a, b) not in served:
-                raise StageFailed(f"no stage serves layers {a}:{b} any more")
+        for node_id, (a, b) in zip(route, chain):
+            if node_id not in nodes:
+                raise StageFailed(f"stage {node_id} serving layers {a}:{b} stopped while serving the request")
+            if nodes[node_id].layers != (a, b):
+                raise StageFailed(f"stage {node_id} stopped serving layers {a}:{b} while serving the request")
 
     async def _on_reply(self, msg: Msg) -> None:
         try:
-            payload = self._reassembler.feed(msg.data, msg.headers)
-            if payload is None:
-                return
-            header, _ = decode(payload)
+            received = self._reassembler.receive(msg.data, msg.headers)
         except WireError as e:
             log.warning("dropped malformed reply: %s", e)
             return
+        header = received[0] if received else None
         if isinstance(header, Tokens):
             for item in header.items:
                 self._deliver(item.rid, item)

@@ -3,6 +3,8 @@
 Requests ignore unknown fields, like vLLM does, so that stock OpenAI clients (which send ``user``,
 ``metadata`` ...) work. Fields that would change the meaning of the answer and that the gateway
 cannot honour (``logprobs``, ``tools``, ``echo``, ``n > 1`` ...) are rejected with a clear message.
+Sampling fields take their bounds from the wire's :class:`SamplingParams` and default to None,
+which means "SamplingParams' default" (:meth:`GenerationRequest.sampling`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import time
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,7 +26,17 @@ from pydantic import (
     model_serializer,
 )
 
-FinishReason = Literal["stop", "length"]
+from parallax.broker.wire import (
+    Finish as FinishReason,
+    MaxTokens,
+    MinTokens,
+    RepetitionPenalty,
+    SamplingParams,
+    Temperature,
+    TopK,
+    TopP,
+)
+
 TokenId = Annotated[int, Field(ge=0)]
 
 
@@ -39,6 +52,13 @@ def _expect(description: str) -> WrapValidator:
     return WrapValidator(validate)
 
 
+def _only_one(value: int | None, info: ValidationInfo) -> int | None:
+    if value not in (None, 1):
+        raise ValueError(f"only {info.field_name}=1 is supported (got {info.field_name}={value})")
+    return value
+
+
+OnlyOne = Annotated[int | None, AfterValidator(_only_one)]  # n, best_of: one choice per request
 StopField = Annotated[str | list[str] | None, _expect("a string or a list of strings")]
 PromptField = Annotated[
     str | list[TokenId] | list[str] | list[list[TokenId]],
@@ -71,26 +91,19 @@ class GenerationRequest(_Request):
     """Fields shared by chat and text completions (OpenAI + vLLM extra sampling params)."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     seed: int | None = None
     stop: StopField = None
-    n: int | None = 1
+    n: OnlyOne = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM extra body parameters
-    top_k: int | None = Field(None, ge=-1)
-    min_tokens: int = Field(0, ge=0)
-    ignore_eos: bool = False
-    repetition_penalty: float | None = Field(None, gt=0.0)
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, n: int | None) -> int | None:
-        if n not in (None, 1):
-            raise ValueError(f"only n=1 is supported (got n={n})")
-        return n
+    top_k: TopK | None = None
+    min_tokens: MinTokens | None = None
+    ignore_eos: bool | None = None
+    repetition_penalty: RepetitionPenalty | None = None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -101,6 +114,15 @@ class GenerationRequest(_Request):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def sampling(self, max_tokens: int, stop_token_ids: tuple[int, ...]) -> SamplingParams:
+        """The wire's parameters: the fields the client sent, SamplingParams' defaults for the rest.
+        Raises ``ValidationError`` when they do not fit together (min_tokens > max_tokens)."""
+        sent = {name: getattr(self, name) for name in _SAMPLED if getattr(self, name) is not None}
+        return SamplingParams(**sent, max_tokens=max_tokens, stop_token_ids=stop_token_ids)
+
+
+_SAMPLED = tuple(sorted(set(GenerationRequest.model_fields) & set(SamplingParams.model_fields) - {"max_tokens"}))
 
 
 class TextPart(_Request):
@@ -154,7 +176,7 @@ class CompletionRequest(GenerationRequest):
     prompt: PromptField
     echo: bool = False
     logprobs: int | None = None
-    best_of: int | None = None
+    best_of: OnlyOne = None
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -173,13 +195,6 @@ class CompletionRequest(GenerationRequest):
     def _unsupported(cls, value: bool | int | str | None, info: ValidationInfo) -> bool | int | str | None:
         if value is not None and value is not False and value != "":
             raise ValueError(f"{info.field_name} is not supported")
-        return value
-
-    @field_validator("best_of")
-    @classmethod
-    def _single_best(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError(f"only best_of=1 is supported (got {value})")
         return value
 
     def prompt_value(self) -> str | list[int]:
@@ -207,7 +222,16 @@ class Usage(BaseModel):
         )
 
 
-class _Chunk(BaseModel):
+class _Head(BaseModel):
+    """What every completion object and chunk starts with (``object`` is set by each kind)."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+
+
+class _Chunk(_Head):
     """A streamed object: ``usage`` is only present when it carries data (OpenAI sends it last)."""
 
     usage: Usage | None = None
@@ -217,23 +241,24 @@ class _Chunk(BaseModel):
         return f"data: {body}\n\n"
 
 
+class _Choice(BaseModel):
+    index: int = 0
+    logprobs: None = None
+    finish_reason: FinishReason | None = None  # set on the last chunk of a stream
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int = 0
+class ChatChoice(_Choice):
     message: AssistantMessage
-    logprobs: None = None
     finish_reason: FinishReason
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(_Head):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=_now)
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -247,42 +272,27 @@ class DeltaMessage(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class ChatChunkChoice(BaseModel):
-    index: int = 0
+class ChatChunkChoice(_Choice):
     delta: DeltaMessage
-    logprobs: None = None
-    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(_Chunk):
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
 
 
-class CompletionChoice(BaseModel):
-    index: int = 0
+class CompletionChoice(_Choice):
     text: str
-    logprobs: None = None
-    finish_reason: FinishReason | None = None
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(_Head):
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
     choices: list[CompletionChoice]
     usage: Usage
 
 
 class CompletionChunk(_Chunk):
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
 
 

@@ -23,12 +23,13 @@ from nats.js.kv import KeyValue
 
 from parallax import __version__
 from parallax.broker.connection import connect
+from parallax.broker.errors import Unplaceable
 from parallax.broker.kv import DELETED, Presence, cas_ttl, nodes_bucket, watch_nodes
+from parallax.broker.registry import HEARTBEAT_INTERVAL_S, LEADER_KEY, Assignment, NodeInfo, Registry, assign_key
 from parallax.broker.subjects import token
 from parallax.broker.tasks import stop_task
 
-from parallax.broker.errors import Unplaceable
-from parallax.broker.registry import HEARTBEAT_INTERVAL_S, LEADER_KEY, Assignment, NodeInfo, Registry, assign_key
+from .planner import ModelCost, NodeCapacity, Plan, plan
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,12 @@ class StageSpec:
 class SampleSpec:
     params: SamplingParams
     history: tuple[int, ...]  # prompt + generated ids; empty when there is no repetition penalty
-    banned: tuple[int, ...]  # token ids that must not be sampled now (min_tokens)
-    step: int  # index of the token being sampled
+    step: int  # index of the token being sampled (= tokens generated so far)
+
+    @property
+    def banned(self) -> tuple[int, ...]:
+        """Token ids that must not be sampled now: the stop tokens, before ``min_tokens``."""
+        return () if self.params.can_stop(self.step) else self.params.stop_token_ids
 
 
 @dataclass(frozen=True)

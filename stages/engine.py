@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from parallax.broker import subjects
 from parallax.broker.wire import (
-    DTYPE_SIZES, ErrorCode, ErrorMsg, Forward, ForwardItem, Release, RequestMeta, TokenOut, Tokens, encode,
+    DTYPE_SIZES, ErrorCode, ErrorMsg, Finish, Forward, ForwardItem, Release, RequestMeta, TokenOut, Tokens, encode,
 )
 
 from .backend import Backend, SampleSpec, StepItem, StepOutput
@@ -60,8 +60,7 @@ class Work:
 class Sequence:
     rid: str
     meta: RequestMeta
-    hop: int  # index of this stage in meta.chain
-    route: list[str | None]
+    hop: int  # index of this stage in meta.chain (meta.route pins the replica of every hop)
     table: list[int]  # KV blocks, in position order
     length: int = 0  # rows whose KV is in the pool
     inbox: deque[Work] = field(default_factory=deque)  # rows received, not yet run
@@ -145,8 +144,6 @@ class Engine:
         if seq is not None:
             if item.meta is not None:
                 return self._fail(item.rid, seq.reply, f"request {item.rid} already exists on this stage", out)
-            if item.route is not None:
-                seq.route = list(item.route)
             seq.inbox.append(work)
             seq.touched = time.monotonic()
         elif item.meta is not None or item.rid in self.waiting:
@@ -193,6 +190,9 @@ class Engine:
             return "bad_request", f"stage {self._range} is not in the request's chain {[list(r) for r in meta.chain]}"
         if meta.chain[-1][1] != self.spec.num_layers:
             return "bad_request", f"chain {[list(r) for r in meta.chain]} does not end at layer {self.spec.num_layers}"
+        pinned = meta.route[meta.chain.index((self.spec.start, self.spec.end))]
+        if pinned != self.node_id:
+            return "bad_request", f"the request's route pins layers {self._range} to {pinned}, not to {self.node_id}"
         if len(meta.prompt_ids) + 1 > self.spec.max_positions:
             return "bad_request", f"the prompt is longer than the model's context of {self.spec.max_positions}"
         if self.spec.first and (item.pos != 0 or item.n != len(meta.prompt_ids)):
@@ -214,9 +214,7 @@ class Engine:
         item = works[0].item
         meta = item.meta
         hop = meta.chain.index((self.spec.start, self.spec.end))
-        route = list(meta.route)
-        route[hop] = self.node_id
-        seq = Sequence(item.rid, meta, hop, route, table, length=cached)
+        seq = Sequence(item.rid, meta, hop, table, length=cached)
         seq.registered = cached // self.blocks.block_size
         self.stats.prefix_hit_tokens += cached
         if self.spec.first:
@@ -310,10 +308,9 @@ class Engine:
     def _sample_spec(self, seq: Sequence, w: Work) -> SampleSpec | None:
         if not (self.spec.last and w.item.sample):
             return None
-        params, done = seq.meta.sampling, len(seq.generated)
-        banned = params.stop_token_ids if done < params.min_tokens else ()
+        params = seq.meta.sampling
         history = seq.meta.prompt_ids + tuple(seq.generated) if params.repetition_penalty != 1.0 else ()
-        return SampleSpec(params, history, tuple(banned), done)
+        return SampleSpec(params, history, len(seq.generated))
 
     # --- postprocess -----------------------------------------------------------------------------
     def _forwarded(self, batch: list[tuple[Sequence, Work]], result: StepOutput) -> Outgoing:
@@ -322,18 +319,12 @@ class Engine:
         for seq, w in batch:
             size = w.item.n * result.row_bytes
             items, datas = groups.setdefault(self._next_subject(seq), ([], []))
-            items.append(self._next_item(seq, w))
+            items.append(w.item)
             datas.append(result.hidden[offset : offset + size])
             offset += size
         width = result.row_bytes // DTYPE_SIZES[self.spec.dtype]
         return [(subject, self._forward_msg(items, datas, (sum(i.n for i in items), width), self.spec.dtype))
                 for subject, (items, datas) in groups.items()]
-
-    @staticmethod
-    def _next_item(seq: Sequence, w: Work) -> ForwardItem:
-        if w.item.meta is None:
-            return w.item
-        return w.item.model_copy(update={"meta": w.item.meta.model_copy(update={"route": tuple(seq.route)})})
 
     @staticmethod
     def _forward_msg(items: list[ForwardItem], datas: list[memoryview], shape: tuple[int, ...], dtype: str) -> bytes:
@@ -342,10 +333,7 @@ class Engine:
 
     def _next_subject(self, seq: Sequence) -> str:
         hop = (seq.hop + 1) % len(seq.meta.chain)
-        start, end = seq.meta.chain[hop]
-        node = seq.route[hop]
-        model = self.spec.model
-        return subjects.node(model, start, end, node) if node else subjects.layers(model, start, end)
+        return subjects.node(self.spec.model, *seq.meta.chain[hop], seq.meta.route[hop])
 
     def _sampled(self, batch: list[tuple[Sequence, Work]], result: StepOutput) -> Outgoing:
         tokens = iter(result.tokens)
@@ -358,13 +346,12 @@ class Engine:
             token = next(tokens)
             seq.generated.append(token)
             index, finish = len(seq.generated) - 1, self._finish(seq, token)
-            route = tuple(seq.route) if index == 0 else None
-            replies.setdefault(seq.reply, []).append(TokenOut(rid=seq.rid, token=token, index=index, finish=finish, route=route))
+            replies.setdefault(seq.reply, []).append(TokenOut(rid=seq.rid, token=token, index=index, finish=finish))
             if finish:
                 finished.append(seq.rid)
             else:
                 items, ids = loops.setdefault(self._next_subject(seq), ([], []))
-                items.append(ForwardItem(rid=seq.rid, pos=seq.length, n=1, route=route))
+                items.append(ForwardItem(rid=seq.rid, pos=seq.length, n=1))
                 ids.append(token.to_bytes(4, "little", signed=True))
         out = [(reply, encode(Tokens(items=tuple(items)))) for reply, items in replies.items()]
         out += [(subject, self._forward_msg(items, ids, (len(items),), "int32")) for subject, (items, ids) in loops.items()]
@@ -387,9 +374,11 @@ class Engine:
                 self._fail(rid, reply, message, out, "preempted")
         return out
 
-    def _finish(self, seq: Sequence, token: int) -> str | None:
+    def _finish(self, seq: Sequence, token: int) -> Finish | None:
+        """The one place that ends a request (the gateway trusts it). The sampler bans stop tokens
+        before ``min_tokens``, so a stop token here may end the output."""
         p = seq.meta.sampling
-        if token in p.stop_token_ids and not p.ignore_eos and len(seq.generated) > p.min_tokens:
+        if token in p.stop_token_ids and not p.ignore_eos:
             return "stop"
         if len(seq.generated) >= p.max_tokens or seq.length + 1 >= self.spec.max_positions:
             return "length"

@@ -1,7 +1,8 @@
 """A stage worker: NATS subscriptions around one :class:`Engine` serving one layer range.
 
-Subscribes to its layer range (queue group shared with replicas), to its own pinned subject, to the
-model's release broadcast and to the stats request. Its :class:`NodeInfo` goes to the registry
+Subscribes to its own subject for its layer range (the gateway pins every hop of a request to one
+replica, so replicas share work through the gateway's routing), to the model's release broadcast
+and to the stats request. Its :class:`NodeInfo` goes to the registry
 (JetStream KV, :mod:`parallax.broker.kv`) every heartbeat. Malformed messages are logged and
 answered (when they carry a reply subject), never fatal. :meth:`attach`/:meth:`detach` start and
 stop serving on a connection someone else owns (a stage the scheduler moves to another range);
@@ -31,7 +32,7 @@ from parallax.broker import chunks, subjects
 from parallax.broker.connection import connect
 from parallax.broker.errors import WireError
 from parallax.broker.kv import Presence, nodes_bucket
-from parallax.broker.wire import ErrorMsg, Forward, Release, decode, encode
+from parallax.broker.wire import ErrorMsg, Forward, Release, encode
 from parallax.broker.registry import HEARTBEAT_INTERVAL_S, Load, ModelProfile, NodeInfo, State
 
 from .backend import Backend
@@ -141,7 +142,6 @@ class StageWorker:
     async def _subscribe(self) -> None:
         s, nc = self.spec, self.nc
         self._subs = [
-            await nc.subscribe(subjects.layers(s.model, s.start, s.end), queue=subjects.layers_queue(s.model, s.start, s.end), cb=self._on_work),
             await nc.subscribe(subjects.node(s.model, s.start, s.end, self.config.node_id), cb=self._on_work),
             await nc.subscribe(subjects.release(s.model), cb=self._on_work),
             await nc.subscribe(subjects.STATS, cb=self._on_stats),
@@ -150,10 +150,10 @@ class StageWorker:
 
     async def _on_work(self, msg: Msg) -> None:
         try:
-            payload = self._reassembler.feed(msg.data, msg.headers)
-            if payload is None:
+            received = self._reassembler.receive(msg.data, msg.headers)
+            if received is None:
                 return
-            header, data = decode(payload)
+            header, data = received
             if not isinstance(header, (Forward, Release)):
                 raise WireError(f"a stage takes fwd or release messages, not {header.kind!r}")
         except WireError as e:

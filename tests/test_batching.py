@@ -104,6 +104,28 @@ async def test_full_kv_pool_queues_and_preempts_but_everyone_finishes(nats_url, 
     assert preempted > 0
 
 
+async def test_preempted_requests_keep_max_and_min_tokens(nats_url, tiny):
+    """A preempted request is resubmitted with its tokens so far and the rest of its limits
+    (``SamplingParams.rest``): the same tokens as alone, exactly max_tokens of them, and its stop
+    token still banned until min_tokens counts the tokens of every attempt."""
+    batch = [[(i * 7 + j) % 500 + 1 for j in range(40)] for i in range(8)]
+    stops = list(range(48, 512))  # most of the vocabulary: unbanned, a stop would end a request at once
+    config = EngineConfig(kv_blocks=12, block_size=16, max_tokens_per_step=128)
+    async with cluster(nats_url, tiny, "tiny", LAYERS, [(0, 3), (3, 6)], engine=config) as c:
+        def ask(prompt: list[int]):
+            return c.generate(prompt, max_tokens=20, min_tokens=20, stop_token_ids=stops)
+
+        alone = [await ask(p) for p in batch]
+        before = sum(e.stats.preempted for e in engines(c))
+        together = await asyncio.gather(*(ask(p) for p in batch))
+        preempted = sum(e.stats.preempted for e in engines(c)) - before
+        assert await c.settled()
+    assert preempted > 0
+    assert list(together) == alone
+    assert all(len(tokens) == 20 and max(tokens) < stops[0] for tokens in alone)
+    assert len({tuple(t) for t in alone}) > 1
+
+
 async def test_prompt_larger_than_the_kv_pool_is_refused(nats_url, tiny):
     from parallax.broker.errors import StageFailed
 

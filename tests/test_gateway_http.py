@@ -266,16 +266,18 @@ async def test_max_completion_tokens_wins(serve: Serve) -> None:
     assert fake.calls[0].params.max_tokens == 2
 
 
-async def test_gateway_stops_at_max_tokens_even_if_pipeline_goes_on(
-    serve: Serve, tokenizer: PreTrainedTokenizerBase
-) -> None:
+@pytest.mark.parametrize("last", [1, 5], ids=["before-max_tokens", "after-max_tokens"])
+async def test_the_pipeline_decides_length(serve: Serve, tokenizer: PreTrainedTokenizerBase, last: int) -> None:
+    """The last stage ends a request (it counts tokens and knows the context); the gateway passes on
+    its finish and never counts to max_tokens itself."""
     fake, client = serve()
-    fake._finish = lambda index, token, params: None  # type: ignore[method-assign]  # a pipeline that never finishes
+    fake._finish = lambda index, token, params: "length" if index == last else None  # type: ignore[method-assign]
     body = (await client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4})).json()
+    assert fake.calls[0].params.max_tokens == 4
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"]["completion_tokens"] == 4
-    assert fake.sent[fake.calls[0].rid] == 4
-    assert fake.ended[fake.calls[0].rid] == "closed"
+    assert body["choices"][0]["text"] == tokenizer.decode(fake.script[: last + 1])
+    assert body["usage"]["completion_tokens"] == last + 1
+    assert fake.ended[fake.calls[0].rid] == "finished"
 
 
 async def test_sampling_params_are_passed_through(serve: Serve, eos: int) -> None:

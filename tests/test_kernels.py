@@ -122,7 +122,7 @@ def test_bf16_decode_does_not_depend_on_the_batch(smollm2_path):
     backend = TorchBackend.load(smollm2_path, "smollm2-135m", 0, 30, "bfloat16", "cpu")
     backend.init_kv(24, 16)
     assert backend.model.decode_group == kernels.MAX_ROWS
-    greedy = SampleSpec(SamplingParams(temperature=0.0, max_tokens=64), (), (), 0)
+    greedy = SampleSpec(SamplingParams(temperature=0.0, max_tokens=64), (), 0)
     prompts = {"a": [1, 4093, 314, 260, 3575, 282, 4649, 47], "b": [1, 504, 3575, 30], "c": list(range(100, 140))}
     tables = {"a": tuple(range(0, 4)), "b": tuple(range(4, 8)), "c": tuple(range(8, 12))}
 

@@ -7,10 +7,12 @@ import time
 import uuid
 
 import nats
+import orjson
 import pytest
+from pydantic import ValidationError
 
 from parallax.broker import subjects
-from parallax.broker.errors import ChainUnavailable, StageFailed
+from parallax.broker.errors import ChainUnavailable, StageFailed, WireError
 from parallax.broker.wire import ErrorMsg, Forward, ForwardItem, RequestMeta, SamplingParams, decode, encode
 from tests.cluster import cluster, make_tiny_model, reference_greedy
 
@@ -49,12 +51,59 @@ async def test_concurrent_requests_equal_one_at_a_time(nats_url, tiny):
 
 
 async def test_replicas_share_work_and_pin_decode(nats_url, tiny, references):
+    """Two replicas of 3:6 share the work through the gateway's routing: it pins each request to a
+    replica by load, and every decode step of a request goes to that replica (which holds its KV)."""
     async with cluster(nats_url, tiny, "tiny", LAYERS, [(0, 3), (3, 6), (3, 6)]) as c:
         results = await asyncio.gather(*(c.generate(PROMPTS[1], max_tokens=40) for _ in range(6)))
         assert all(r == references[1] for r in results)
-        replicas = [w.engine for n, (_, _, w) in c.stages.items() if n.startswith("s3-6")]
-        assert all(e.backend.sampler._generators == {} for e in replicas)
+        replicas = {n: w.engine for n, (_, _, w) in c.stages.items() if n.startswith("s3-6")}
+        routed = c.pipeline.routes.routed
+        assert sum(routed[n] for n in replicas) == 6 and all(routed[n] >= 1 for n in replicas), routed
+        assert all(e.stats.rows > 0 for e in replicas.values())  # both replicas really ran requests
+        assert all(e.backend.sampler._generators == {} for e in replicas.values())
         assert await c.settled()
+
+
+async def test_the_last_stage_decides_finish(nats_url, tiny, references):
+    """``finish`` comes from the last stage: "length" at max_tokens, "stop" on a stop token, and a
+    stop token is never sampled before min_tokens (the sampler bans it)."""
+    prompt, reference = PROMPTS[1], references[1]
+    stop = reference[5]
+    first = reference.index(stop)
+
+    async def finishes(**params) -> tuple[list[int], list[str | None]]:
+        events = [e async for e in c.pipeline.generate(uuid.uuid4().hex, prompt, SamplingParams(temperature=0.0, **params))]
+        return [e.token for e in events], [e.finish for e in events]
+
+    async with cluster(nats_url, tiny, "tiny", LAYERS, [(0, 3), (3, 6)]) as c:
+        assert await finishes(max_tokens=7) == (reference[:7], [None] * 6 + ["length"])
+        assert await finishes(max_tokens=40, stop_token_ids=[stop]) == (reference[: first + 1], [None] * first + ["stop"])
+        tokens, reasons = await finishes(max_tokens=40, stop_token_ids=[stop], min_tokens=first + 2)
+        assert tokens[:first] == reference[:first] and stop not in tokens[: first + 2]
+        assert reasons == [None] * (len(tokens) - 1) + ["stop" if tokens[-1] == stop else "length"]
+        assert len(tokens) == 40 or tokens[-1] == stop
+
+
+def test_the_wire_pins_every_hop():
+    """A route names one node per hop: no "any replica" entry, no route rewrite on the way."""
+    meta = dict(reply="r", chain=((0, 3), (3, 6)), sampling=SamplingParams(), prompt_ids=(1, 2))
+    assert RequestMeta(**meta, route=("a", "b")).route == ("a", "b")
+    for route in [(None, "b"), ("a",), ("a", "")]:
+        with pytest.raises(ValidationError):
+            RequestMeta(**meta, route=route)
+    fwd = {"kind": "fwd", "items": [{"rid": "x", "pos": 0, "n": 1, "route": ["a", "b"]}], "dtype": "int32", "shape": [1]}
+    tokens = {"kind": "tokens", "items": [{"rid": "x", "token": 5, "index": 0, "route": ["a", "b"]}]}
+    for header, data in [(fwd, b"\0" * 4), (tokens, b"")]:
+        with pytest.raises(WireError, match="route"):
+            decode(raw(header, data))
+        del header["items"][0]["route"]
+        decode(raw(header, data))  # the same message without a route is fine
+
+
+def raw(header: dict, data: bytes) -> bytes:
+    """A payload built by hand, to send what ``encode`` would refuse to write."""
+    head = orjson.dumps(header)
+    return b"PXW1" + len(head).to_bytes(4, "big") + head + data
 
 
 async def test_sampling_seed_and_stops(nats_url, tiny, references):
@@ -100,7 +149,8 @@ async def test_missing_ranges_named(nats_url, tiny):
 async def test_malformed_messages_do_not_kill_a_stage(nats_url, tiny, references):
     async with cluster(nats_url, tiny, "tiny", LAYERS, [(0, 3), (3, 6)]) as c:
         nc = c.nc
-        first, second = subjects.layers("tiny", 0, 3), subjects.layers("tiny", 3, 6)
+        head, tail = c.stages  # s0-3-..., s3-6-...
+        first, second = subjects.node("tiny", 0, 3, head), subjects.node("tiny", 3, 6, tail)
         reply = await nc.request(first, b"garbage", timeout=5)
         err, _ = decode(reply.data)
         assert isinstance(err, ErrorMsg) and "malformed" in err.message
@@ -109,7 +159,7 @@ async def test_malformed_messages_do_not_kill_a_stage(nats_url, tiny, references
         # wrong tensor for the stage (token ids to a middle stage) -> error to the request's reply subject
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
-        meta = RequestMeta(reply=inbox, chain=((0, 3), (3, 6)), route=(None, None), sampling=SamplingParams(), prompt_ids=(1, 2))
+        meta = RequestMeta(reply=inbox, chain=((0, 3), (3, 6)), route=(head, tail), sampling=SamplingParams(), prompt_ids=(1, 2))
         bad = Forward(items=(ForwardItem(rid="bad", pos=0, n=2, meta=meta),), dtype="int32", shape=(2,))
         await nc.publish(second, encode(bad, b"\x00" * 8))
         err, _ = decode((await sub.next_msg(timeout=5)).data)
@@ -120,6 +170,12 @@ async def test_malformed_messages_do_not_kill_a_stage(nats_url, tiny, references
         await nc.publish(first, encode(bad, b"\x00" * 8))
         err, _ = decode((await sub.next_msg(timeout=5)).data)
         assert isinstance(err, ErrorMsg) and "not in the request's chain" in err.message
+        # a request whose route pins the first hop to another replica
+        meta = meta.model_copy(update={"chain": ((0, 3), (3, 6)), "route": ("elsewhere", tail)})
+        bad = Forward(items=(ForwardItem(rid="bad3", pos=0, n=2, meta=meta),), dtype="int32", shape=(2,))
+        await nc.publish(first, encode(bad, b"\x00" * 8))
+        err, _ = decode((await sub.next_msg(timeout=5)).data)
+        assert isinstance(err, ErrorMsg) and "pins layers 0:3 to elsewhere" in err.message
         assert await c.generate(PROMPTS[1], max_tokens=40) == references[1]
 
 

@@ -8,7 +8,8 @@ from collections import Counter
 
 import pytest
 
-from parallax.broker.wire import SamplingParams
+from parallax.broker import subjects
+from parallax.broker.wire import SamplingParams, decode
 from parallax.broker.registry import Load, NodeInfo
 from parallax.scheduler.routing import RouteState, choose_route, find_chain, missing_ranges
 from tests.cluster import Cluster, reference_greedy
@@ -154,6 +155,24 @@ PROMPTS = [[(i * 31 + j * 7) % 500 + 3 for j in range(4 + 3 * i)] for i in range
 NEW_TOKENS = 12
 
 
+async def watch_first_messages(nc, ranges: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
+    """Request id -> the nodes whose own subject carried its first message (the one with meta)."""
+    served: dict[str, list[str]] = {}
+
+    def spy(node_id: str):
+        async def seen(msg) -> None:
+            header, _ = decode(msg.data)
+            for item in header.items:
+                if item.meta is not None:
+                    served.setdefault(item.rid, []).append(node_id)
+        return seen
+
+    for node_id, (a, b) in ranges.items():
+        await nc.subscribe(subjects.node("tiny", a, b, node_id), cb=spy(node_id))
+    await nc.flush()
+    return served
+
+
 @pytest.mark.slow  # tiny_model_dir: needs the SmolLM2 conversion (its tokenizer)
 async def test_load_routing_sends_most_work_to_the_fast_replica(nats_url, tiny_model_dir):
     references = [reference_greedy(tiny_model_dir, p, NEW_TOKENS) for p in PROMPTS]
@@ -164,10 +183,12 @@ async def test_load_routing_sends_most_work_to_the_fast_replica(nats_url, tiny_m
         await c.add_stage(3, 6, node_id="b-fast")
         pipeline = await c.connect()
         assert pipeline.config.routing == "load"
+        served = await watch_first_messages(c.nc, {"head": (0, 3), "a-slow": (3, 6), "b-fast": (3, 6)})
 
         async def generate(prompt: list[int]) -> tuple[list[int], tuple[str, ...]]:
-            events = [e async for e in pipeline.generate(uuid.uuid4().hex, prompt, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS))]
-            return [e.token for e in events], events[0].route
+            rid = uuid.uuid4().hex
+            events = [e async for e in pipeline.generate(rid, prompt, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS))]
+            return [e.token for e in events], tuple(served[rid])  # the nodes that really got it, in hop order
 
         # warm-up: 4 at once split 2/2 (nothing measured yet); then both replicas have measured their speed
         warm = await asyncio.gather(*(generate(p) for p in PROMPTS[:4]))
