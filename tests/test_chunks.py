@@ -55,6 +55,17 @@ def small_server():
         server.stop()
 
 
+async def subscribed(nc, subject: str, cb) -> None:
+    """Subscribe, returning once the server has the subscription. ``nc.flush()`` is no barrier here:
+    nats-py writes its PING straight to the socket, ahead of a SUB still in the pending buffer. A
+    probe that comes back is one: the server handles one connection's commands in order."""
+    await nc.subscribe(subject, cb=cb)
+    probe = nc.new_inbox()
+    echo = await nc.subscribe(probe, max_msgs=1)
+    await nc.publish(probe, b"")
+    await echo.next_msg(timeout=10)
+
+
 def part(msg_id: str, index: int, total: int) -> dict[str, str]:
     return {ID: msg_id, PART: f"{index}/{total}"}
 
@@ -168,8 +179,7 @@ async def receiving(url: str, reassembler: Reassembler | None = None):
     pub, sub = await nats.connect(url), await nats.connect(url)
     receiver = Receiver(reassembler or Reassembler())
     try:
-        await sub.subscribe(SUBJECT, cb=receiver.on_msg)
-        await sub.flush()
+        await subscribed(sub, SUBJECT, receiver.on_msg)
         yield pub, receiver
     finally:
         await pub.close()
@@ -337,8 +347,7 @@ async def tapped(url: str):
     nc = await nats.connect(url)
     tap = Tap()
     try:
-        await nc.subscribe(f"{subjects.PREFIX}.>", cb=tap.on_msg)
-        await nc.flush()
+        await subscribed(nc, f"{subjects.PREFIX}.>", tap.on_msg)
         yield tap
     finally:
         await nc.close()
@@ -368,8 +377,7 @@ async def test_decode_batches_over_max_payload_flow_in_chunks_and_stay_exact(e2e
 async def test_a_stage_and_a_gateway_survive_malformed_chunk_sequences(e2e_server, wide, references, caplog):
     async with cluster(e2e_server.url, wide, "wide", 2, [(0, 1), (1, 2)]) as c:
         nc = c.nc
-        first = next(iter(c.stages))
-        targets = [subjects.node("wide", 0, 1, first), subjects.layers("wide", 1, 2)]  # pinned and queue subjects
+        targets = [subjects.node("wide", w.spec.start, w.spec.end, node) for node, (_, _, w) in c.stages.items()]
         inbox = nc.new_inbox()
         replies = await nc.subscribe(inbox)
         cases = [
