@@ -1,9 +1,8 @@
 """Split payloads above the server's ``max_payload`` into numbered chunks and join them again.
 
 A chunked message carries NATS headers ``Px-Id`` (unique per message) and ``Px-Part`` (``i/n``).
-NATS keeps the order of one publisher's messages on one subject, so chunks arrive in order at a
-plain subscriber (a queue group could hand the parts to different members: chunked messages go to
-pinned subjects). A message that stops arriving (a part lost) is dropped after ``max_age_s``.
+NATS keeps the order of one publisher's messages on one subject, so chunks arrive in order. A
+message that stops arriving (a part lost) is dropped once idle for ``max_age_s``.
 """
 
 from __future__ import annotations
