@@ -29,6 +29,20 @@ def start_nats_server(**config) -> EmbeddedServer:
     raise error
 
 
+NEEDS_SMOLLM2 = frozenset({"smollm2_path", "smollm2_tokenizer"})  # the fixtures that convert SmolLM2
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Fail collection when a test needs the SmolLM2 conversion (directly or through another
+    fixture, such as ``tiny_model_dir``) without ``@pytest.mark.slow``: ``-m "not slow"`` must never
+    convert a model."""
+    unmarked = [item.nodeid for item in items
+                if NEEDS_SMOLLM2 & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests need the SmolLM2 conversion but are not marked @pytest.mark.slow:\n  "
+                                + "\n  ".join(unmarked))
+
+
 @pytest.fixture
 def nats_server():
     server = start_nats_server()

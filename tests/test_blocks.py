@@ -19,7 +19,7 @@ def test_allocate_grow_release():
     assert not bm.can_allocate(17) and bm.can_allocate(16)
     bm.release(table)
     assert bm.used == 0
-    with pytest.raises(MemoryError):
+    with pytest.raises(MemoryError, match="not enough free KV blocks"):
         bm.allocate(33)
 
 

@@ -20,6 +20,7 @@ def run(module: str, *args: str, timeout: float = 60) -> subprocess.CompletedPro
     (["--model", "/no/such/model", "--layers", "0:3"], "does not exist"),
     (["--model", "smollm2-135m", "--layers", "0:99"], "outside"),
 ])
+@pytest.mark.slow  # needs the SmolLM2 conversion
 def test_stage_bad_input(args, message, smollm2_path):
     done = run("parallax.stages.cli", *args, "--nats", f"nats://127.0.0.1:{free_port()}")
     assert done.returncode == 2

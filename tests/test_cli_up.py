@@ -88,7 +88,7 @@ def test_children_die_with_their_parent():
 
 
 def test_spawn_rejects_an_empty_command():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="empty command for child 'nothing'"):
         spawn("nothing", [])
 
 

@@ -27,6 +27,7 @@ def stream(tokenizer: PreTrainedTokenizerBase, ids: list[int], prompt: list[int]
 @pytest.mark.parametrize(
     "text", [MULTIBYTE, "Hello, world! How are you?", "  spaces\n\nnew  lines\t", "🎉🎉 ünïcödé"]
 )
+@pytest.mark.slow  # needs the SmolLM2 conversion
 def test_round_trip_token_by_token(tokenizer: PreTrainedTokenizerBase, text: str) -> None:
     ids = tokenizer.encode(text, add_special_tokens=False)
     pieces = stream(tokenizer, ids)
@@ -34,6 +35,7 @@ def test_round_trip_token_by_token(tokenizer: PreTrainedTokenizerBase, text: str
     assert not any("\ufffd" in p for p in pieces)
 
 
+@pytest.mark.slow  # needs the SmolLM2 conversion
 def test_round_trip_after_a_prompt(tokenizer: PreTrainedTokenizerBase) -> None:
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Say it"}], add_generation_prompt=True, tokenize=False
@@ -43,6 +45,7 @@ def test_round_trip_after_a_prompt(tokenizer: PreTrainedTokenizerBase) -> None:
     assert "".join(stream(tokenizer, ids, prompt_ids)) == MULTIBYTE
 
 
+@pytest.mark.slow  # needs the SmolLM2 conversion
 def test_split_character_is_held_until_complete(tokenizer: PreTrainedTokenizerBase) -> None:
     ids = tokenizer.encode(" 🎉", add_special_tokens=False)
     assert len(ids) > 1  # the emoji's bytes are spread over several byte-level tokens
@@ -53,6 +56,7 @@ def test_split_character_is_held_until_complete(tokenizer: PreTrainedTokenizerBa
     assert detok.flush() == ""
 
 
+@pytest.mark.slow  # needs the SmolLM2 conversion
 def test_special_tokens_are_skipped(tokenizer: PreTrainedTokenizerBase) -> None:
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = tokenizer.encode("Done.", add_special_tokens=False) + [eos]
@@ -61,6 +65,7 @@ def test_special_tokens_are_skipped(tokenizer: PreTrainedTokenizerBase) -> None:
     assert pieces[-2] == ""
 
 
+@pytest.mark.slow  # needs the SmolLM2 conversion
 def test_incomplete_character_is_flushed_as_replacement(tokenizer: PreTrainedTokenizerBase) -> None:
     ids = tokenizer.encode("a🎉", add_special_tokens=False)
     detok = IncrementalDetokenizer(tokenizer, [])
@@ -70,6 +75,7 @@ def test_incomplete_character_is_flushed_as_replacement(tokenizer: PreTrainedTok
     assert detok.flush() == ""
 
 
+@pytest.mark.slow  # needs the SmolLM2 conversion
 def test_decode_window_stays_bounded(
     tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch
 ) -> None:

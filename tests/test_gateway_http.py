@@ -24,6 +24,7 @@ from parallax.broker.errors import ChainUnavailable, StageFailed
 from parallax.broker.wire import SamplingParams, TokenOut
 from parallax.gateway.app import create_app
 
+pytestmark = pytest.mark.slow  # every test here uses the SmolLM2 tokenizer: needs the SmolLM2 conversion
 MODEL = "smollm2-135m"
 MAX_CONTEXT = 512
 TEXT = "Hello world! I am SmolLM, a tiny model. 日本語 🎉 works too. The end."

@@ -44,7 +44,7 @@ def test_even_split_examples():
 
 @pytest.mark.parametrize("layers, stages", [(6, 0), (6, -1), (6, 7), (0, 1)])
 def test_even_split_rejects_impossible_splits(layers, stages):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"at least 1 (stage|layer)|cannot split \d+ layers into \d+ stages"):
         even_split(layers, stages)
 
 
@@ -60,5 +60,5 @@ def test_parse_layers(text, expected):
 
 @pytest.mark.parametrize("text", ["", "0", "0:", ":5", "a:b", "5:5", "7:3", "-1:3", "0:15:30", "0-15", None])
 def test_parse_layers_rejects_bad_text(text):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="layer range"):
         parse_layers(text)

@@ -352,6 +352,7 @@ async def test_a_stage_missing_a_few_heartbeats_keeps_its_assignment_and_a_dead_
         await nc.close()
 
 
+@pytest.mark.slow  # tiny_model_dir: needs the SmolLM2 conversion (its tokenizer)
 async def test_a_stage_moved_to_other_layers_hands_its_requests_back_and_they_finish(nats_url, tiny_model_dir, caplog):
     """A running stream survives its stage being moved: the stage loads the new range, hands the
     request back (preempted), the gateway resumes it on the new chain with the tokens so far."""

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import nats
 import pytest
-from parallax.broker.errors import ParallaxError
+from nats.js.errors import ServiceUnavailableError
+from parallax.broker.errors import NoJetStream, ParallaxError
+from parallax.broker.kv import nodes_bucket
 from parallax.broker.server import (
     EmbeddedServer,
     NatsServerError,
@@ -37,7 +39,7 @@ def test_free_port_is_bindable_and_not_4222():
 @pytest.mark.parametrize("bad", [dict(port=0), dict(port=65536), dict(port=-1), dict(host=""),
                                  dict(max_payload=0), dict(max_payload=65 * 1024 * 1024)])
 def test_config_rejects_bad_values(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^(port|host|max_payload) must"):
         ServerConfig(**bad)
 
 
@@ -89,8 +91,10 @@ async def test_jetstream_can_be_disabled():
     server = start_nats_server(jetstream=False)
     nc = await nats.connect(server.url)
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(ServiceUnavailableError):  # no JetStream answers the API subject
             await nc.jetstream().account_info()
+        with pytest.raises(NoJetStream, match="has no JetStream"):  # what parallax makes of it
+            await nodes_bucket(nc)
     finally:
         await nc.close()
         server.stop()

@@ -118,7 +118,7 @@ def test_file_that_is_not_gguf(tmp_path):
 
 
 def test_empty_name():
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(ModelNotFound, match="empty model name"):
         resolve_model("  ")
 
 
@@ -153,7 +153,7 @@ def test_unknown_hf_id_is_model_not_found(offline_hf):
 
 
 def test_invalid_hf_id_is_model_not_found(offline_hf):
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(ModelNotFound, match="'not a valid id!' is not in the local Hugging Face cache"):
         resolve_model("not a valid id!")
 
 
@@ -191,7 +191,7 @@ def test_eos_token_ids_none(tmp_path):
 
 
 def test_read_config_missing(tmp_path):
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(ModelNotFound, match="config.json does not exist"):
         read_config(tmp_path)
 
 
@@ -339,6 +339,7 @@ def test_smollm2_folder_has_a_chat_tokenizer(smollm2_path):
     assert "<|im_start|>assistant" in tokenizer.decode(ids)
 
 
+@pytest.mark.slow  # tiny_model_dir: needs the SmolLM2 conversion (its tokenizer)
 def test_tiny_model_fixtures(tiny_model_dir, tiny_tied_model_dir):
     from transformers import AutoTokenizer
 
