@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import pairwise
 
+from parallax.scheduler.graph import Edge, min_cost_paths
 from parallax.scheduler.planner.fill import _Anchor, _Context
 from parallax.scheduler.planner.types import _EPS, NodeCapacity
-
-_Edge = tuple[int, int, int, int]  # (from boundary, to boundary, cost, capacity)
 
 
 def _chains(anchors: Sequence[_Anchor], num_layers: int,
@@ -20,59 +19,16 @@ def _chains(anchors: Sequence[_Anchor], num_layers: int,
     that repairs fill.
     """
     weight = 2 * len(anchors) + 4
-    edges: list[_Edge] = [(a.start, a.end, -weight if a.extendable else -1, 1) for a in anchors]
+    edges: list[Edge] = [(a.start, a.end, -weight if a.extendable else -1, 1) for a in anchors]
     if gaps:
         froms = {0} | {a.end for a in anchors}
         tos = {num_layers} | {a.start for a in anchors}
         edges += [(p, q, 2, len(anchors)) for p in sorted(froms) for q in sorted(tos) if p < q]
     chains = []
-    for path in _flow_paths(edges, num_layers):
+    for path in min_cost_paths(edges, num_layers):
         chains.append([anchors[i] for i in path if i < len(anchors)])
     used = {id(a) for chain in chains for a in chain}
     return [c for c in chains if c], [a for a in anchors if id(a) not in used]
-
-
-def _flow_paths(edges: Sequence[_Edge], num_layers: int) -> list[list[int]]:
-    """Min-cost flow from boundary 0 to ``num_layers`` (augmenting while a path of negative cost exists),
-    split into paths of edge indices (earlier edges first where a path could go on by several)."""
-    flow = [0] * len(edges)
-    while _augment(edges, flow, num_layers):
-        pass
-    paths = []
-    while True:
-        pos, path = 0, []
-        while pos != num_layers:
-            i = next((i for i, e in enumerate(edges) if flow[i] > 0 and e[0] == pos), None)
-            if i is None:
-                return paths
-            flow[i] -= 1
-            path.append(i)
-            pos = edges[i][1]
-        paths.append(path)
-
-
-def _augment(edges: Sequence[_Edge], flow: list[int], num_layers: int) -> bool:
-    """Push one unit along the cheapest residual path from 0 to L (Bellman-Ford) if its cost is negative."""
-    dist: dict[int, int] = {0: 0}
-    parent: dict[int, tuple[int, int]] = {}
-    for _ in range(len(edges) + 1):
-        changed = False
-        for i, (src, dst, cost, cap) in enumerate(edges):
-            if flow[i] < cap and src in dist and dist[src] + cost < dist.get(dst, 1 << 62):
-                dist[dst], parent[dst], changed = dist[src] + cost, (i, 1), True
-            if flow[i] > 0 and dst in dist and dist[dst] - cost < dist.get(src, 1 << 62):
-                dist[src], parent[src], changed = dist[dst] - cost, (i, -1), True
-        if not changed:
-            break
-    if dist.get(num_layers, 0) >= 0:
-        return False
-    pos, steps = num_layers, 0
-    while pos != 0 and steps <= len(edges):
-        i, direction = parent[pos]
-        flow[i] += direction
-        pos = edges[i][0] if direction > 0 else edges[i][1]
-        steps += 1
-    return True
 
 
 def _swap_twins(chains: list[list[_Anchor]], rest: list[_Anchor]) -> tuple[list[list[_Anchor]], list[_Anchor]]:
