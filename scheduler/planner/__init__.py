@@ -42,6 +42,12 @@ Compared with GradientHQ Parallax's allocator (a dynamic program over the number
 maximizes ``k^2 / stages``, then FLOPs-proportional water-filling of layers), we maximize the estimated
 tokens/s directly (stage time includes the per-hop cost and each node's measured speed) and, within a
 tolerance, prefer fewer hops and fewer moved layers, so joins and departures disturb few nodes.
+
+Modules: :mod:`.types` (what goes in and out: :class:`ModelCost`, :class:`NodeCapacity`,
+:class:`Placement`, :class:`Plan`), :mod:`.fill` (pipeline skeletons and water-filling a gap),
+:mod:`.search` (spreading free nodes over pipelines), :mod:`.incumbents` (the surviving chains of
+``previous``) and :mod:`.choice` (the candidates, the tolerance rule and :func:`plan`). The walks over
+bare layer ranges (the min-cost flow among them) are :mod:`parallax.scheduler.graph`'s.
 """
 
 from parallax.broker.errors import Unplaceable
