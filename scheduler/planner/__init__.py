@@ -18,7 +18,9 @@ placement of an auto node (same node, same range, in a complete pipeline; the ga
 nodes filled by idle or new nodes, new replicas made of idle or new nodes) are the incumbents. Another
 plan replaces them only if it is more than ``tolerance`` faster than the best of them (the best
 incumbent is below ``1 - tolerance`` times its throughput); the lexicographic rule then picks among
-such plans, otherwise among the incumbents.
+such plans, otherwise among the incumbents. (The incumbents are those among the candidates below:
+with hand-placed nodes the surviving chains may be recovered otherwise than they were, since
+``previous`` does not say which of them were partial, and the best incumbent can be missed.)
 
 Algorithm. Within one pipeline with a given node set, layers are water-filled: each layer goes to the
 node whose stage time grows least (exactly the smallest stage time ``T`` with
@@ -30,10 +32,12 @@ pipeline), improved by
 steepest ascent over single-node moves and two-node swaps, then pruned one node or pipeline at a time
 (fewer hops) to give the tolerance rule its choices. With ``previous``, the surviving chains are
 recovered (a min-cost flow over layer boundaries that keeps as many previous placements as it can),
-and repair candidates keep them and fill their gaps by growing neighbours or with idle nodes, besides
-the fresh plans. Hand-placed (``fixed``) ranges stay exactly as they are (their memory is the
-operator's business and is not checked): conflicting ones go to different pipelines, auto nodes fill
-the gaps, and fixed nodes left in no complete pipeline are reported in :attr:`Plan.partial`. If the
+and repair candidates keep them and fill their gaps by growing neighbours or with idle nodes, or with
+idle nodes alone (every kept range as it is, the repaired chains then re-paired at shared boundaries
+where that is faster: the incumbents), besides the fresh plans. Hand-placed (``fixed``) ranges stay
+exactly as they are (their memory is the operator's business and is not checked): conflicting ones go
+to different pipelines, auto nodes fill the gaps, and fixed nodes left in no complete pipeline are
+reported in :attr:`Plan.partial`. If the
 heuristics complete no pipeline, an exact search over chains (bounded to a few hundred thousand
 states) decides between one complete pipeline and :class:`Unplaceable`, so a layer range is never left
 unserved while the memory can serve it.

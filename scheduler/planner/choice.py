@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from parallax.broker.errors import Unplaceable
 from parallax.scheduler.planner.fill import _Anchor, _Context, _fill_gap, _Frame, _frame, _Gap
@@ -44,19 +45,34 @@ def _family(ctx: _Context, frames: list[_Frame], free: list[NodeCapacity]) -> li
 
 
 def _repairs(ctx: _Context, frames: list[_Frame], free: list[NodeCapacity]) -> list[_State]:
-    """Minimal repairs: every gap by its growing neighbours if they can, else by the fastest single free node."""
-    out = []
-    for neighbours_first in (True, False):
-        members, pool = [], sorted(free, key=lambda n: (n.layer_ms, n.node_id))
-        for frame in frames:
-            gaps = []
-            for gap in frame.gaps:
-                chosen = _gap_pick(ctx, gap, pool, neighbours_first)
-                pool = [n for n in pool if n not in chosen]
-                gaps.append(chosen)
-            members.append(tuple(gaps))
-        out.append(_State(tuple(frames), tuple(members)))
-    return out
+    """Minimal repairs: every gap by its growing neighbours if they can, else by the fastest single free node;
+    and by free nodes alone, every anchor left exactly as it is (an incumbent even where growing a
+    neighbour would be as fast)."""
+    held = [_frame([replace(a, extendable=False) for a in frame.anchors], ctx.L) for frame in frames]
+    return [_fill_gaps(ctx, frames, free, True), _fill_gaps(ctx, frames, free, False),
+            _fill_gaps(ctx, held, free, False)]
+
+
+def _fill_gaps(ctx: _Context, frames: list[_Frame], free: list[NodeCapacity], neighbours_first: bool) -> _State:
+    """Each gap in turn gets the fewest free nodes that fill it (:func:`_gap_pick`), fastest first."""
+    members, pool = [], sorted(free, key=lambda n: (n.layer_ms, n.node_id))
+    for frame in frames:
+        gaps = []
+        for gap in frame.gaps:
+            chosen = _gap_pick(ctx, gap, pool, neighbours_first)
+            pool = [n for n in pool if n not in chosen]
+            gaps.append(chosen)
+        members.append(tuple(gaps))
+    return _State(tuple(frames), tuple(members))
+
+
+def _repaired(ctx: _Context, state: _State) -> _State:
+    """The complete pipelines of ``state``, every range held as it is, re-paired at shared boundaries where
+    that is faster (a departed node's gap filled in one chain may suit a faster neighbour in another)."""
+    built = [ctx.build(f, m) for f, m in zip(state.frames, state.members)]
+    chains = [[_Anchor(node, start, end, False) for node, start, end in b.stages] for b in built if b is not None]
+    frames = tuple(_frame(chain, ctx.L) for chain in _swap_tails(chains, ctx.model.hop_ms))
+    return _State(frames, tuple(() for _ in frames))
 
 
 def _gap_pick(ctx: _Context, gap: _Gap, pool: list[NodeCapacity], neighbours_first: bool) -> frozenset[NodeCapacity]:
@@ -100,8 +116,7 @@ def _candidates(ctx: _Context, nodes: Sequence[NodeCapacity]) -> list[_State]:
         anchored = {a.node for chain in everything for a in chain} | {a.node for a in stray}
         free = [n for n in auto if n not in anchored]
         for start in _repairs(ctx, closed + broken, free):
-            states.append(start)
-            states += _family_from(ctx, start, free)
+            states += [start, _repaired(ctx, start), *_family_from(ctx, start, free)]
     return states
 
 
