@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import sys
 import time
 from collections.abc import Iterable, Mapping
 from itertools import pairwise
@@ -24,7 +23,7 @@ from pydantic import ValidationError
 
 from parallax.broker.errors import RegistryError, UsageError
 from parallax.broker.registry import LEADER_KEY, Assignment, NodeInfo
-from parallax.scheduler.routing import find_chain, missing_ranges
+from parallax.scheduler.graph import disjoint_chains, find_chain, missing_ranges
 
 STALE_S = 5.0  # a node whose last heartbeat (its own wall clock) is older than this shows as stale
 KIND_ORDER = ("stage", "gateway", "scheduler")
@@ -116,7 +115,7 @@ def model_coverage(nodes: list[NodeInfo]) -> dict[str, Any]:
         "coverage": coverage(ranges, num_layers),
         "missing": [[a, b] for a, b in missing_ranges(ranges, num_layers)],
         "complete": find_chain(ranges, num_layers) is not None,
-        "pipelines": disjoint_pipelines(ranges, num_layers),
+        "pipelines": disjoint_chains(ranges, num_layers),
     }
 
 
@@ -125,35 +124,6 @@ def coverage(ranges: list[tuple[int, int]], num_layers: int) -> list[dict[str, i
     cuts = sorted({0, num_layers, *(x for r in ranges for x in r if 0 < x < num_layers)})
     return [{"start": a, "end": b, "replicas": sum(1 for s, e in ranges if s <= a and b <= e)}
             for a, b in pairwise(cuts)]
-
-
-def disjoint_pipelines(ranges: list[tuple[int, int]], num_layers: int) -> int:
-    """How many chains 0..num_layers can be formed at once with every range used at most once
-    (a max flow over the boundaries, one unit of capacity per range)."""
-    cap: dict[int, dict[int, int]] = {}
-    for a, b in ranges:
-        cap.setdefault(a, {}).setdefault(b, 0)
-        cap[a][b] += 1
-        cap.setdefault(b, {}).setdefault(a, 0)  # residual edge
-    flow = 0
-    while True:
-        parent: dict[int, int] = {0: 0}
-        queue = [0]
-        while queue and num_layers not in parent:
-            u = queue.pop(0)
-            for v, c in cap.get(u, {}).items():
-                if c > 0 and v not in parent:
-                    parent[v] = u
-                    queue.append(v)
-        if num_layers not in parent:
-            return flow
-        v = num_layers
-        while v != 0:  # every path has bottleneck >= 1; push one unit
-            u = parent[v]
-            cap[u][v] -= 1
-            cap[v][u] += 1
-            v = u
-        flow += 1
 
 
 def human_bytes(n: int) -> str:

@@ -1,14 +1,14 @@
-"""Pick a chain of layer ranges that covers 0..L, and name what is missing when none does.
+"""Pick the replicas of a request's route: one serving node per hop, covering layers 0..L.
 
-:func:`find_chain` and :func:`missing_ranges` work on bare ranges; :func:`choose_route` picks concrete
-replicas (one node per hop) from the registry's :class:`NodeInfo` values, by expected time ("load")
-or in turn ("round-robin"). No torch, no NATS here.
+:func:`choose_route` picks concrete replicas from the registry's :class:`NodeInfo` values, by expected
+time ("load") or in turn ("round-robin"). The walks over bare ranges (:func:`find_chain`,
+:func:`missing_ranges`, the fewest-hop chains) are :mod:`parallax.scheduler.graph`'s; the first two are
+re-exported here for the gateway. No torch, no NATS here.
 """
 
 from __future__ import annotations
 
 import math
-
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -16,46 +16,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from parallax.broker.registry import NodeInfo
+from parallax.scheduler.graph import Range, find_chain, missing_ranges, shortest_chains
 
-Range = tuple[int, int]
+__all__ = ["DEFAULT_LAYER_MS", "HOP_MS", "POLICIES", "Hop", "Policy", "Range", "RouteState", "choose_route",
+           "find_chain", "missing_ranges", "node_cost", "queue_length"]
+
 Hop = tuple[str, int, int]  # (node id, start, end)
 Policy = Literal["load", "round-robin"]
 POLICIES: tuple[Policy, ...] = ("load", "round-robin")
 HOP_MS = 1.0  # fixed cost of one more hop (a NATS round through the server), in ms
 DEFAULT_LAYER_MS = 1.0  # used when no node of the model has a measured or estimated layer_ms
-
-
-def find_chain(ranges: Iterable[Range], num_layers: int) -> list[Range] | None:
-    """The chain with the fewest hops from layer 0 to ``num_layers`` (ranges join end to start)."""
-    by_start: dict[int, set[int]] = {}
-    for a, b in ranges:
-        by_start.setdefault(a, set()).add(b)
-    best: dict[int, list[Range]] = {0: []}
-    frontier = [0]
-    while frontier:  # breadth-first: the first time a boundary is reached uses the fewest hops
-        nxt = []
-        for a in frontier:
-            for b in sorted(by_start.get(a, ())):
-                if b not in best:
-                    best[b] = best[a] + [(a, b)]
-                    nxt.append(b)
-        frontier = nxt
-    return best.get(num_layers)
-
-
-def missing_ranges(ranges: Iterable[Range], num_layers: int) -> list[Range]:
-    """Layer ranges no node covers; if all are covered but no chain joins up, the gaps between chains."""
-    ranges = list(ranges)
-    covered = [False] * num_layers
-    for a, b in ranges:
-        for i in range(max(a, 0), min(b, num_layers)):
-            covered[i] = True
-    gaps = _runs([i for i, c in enumerate(covered) if not c])
-    if gaps or find_chain(ranges, num_layers) is not None:
-        return gaps
-    reach = _reachable(ranges)
-    stuck = max(b for b in reach if b < num_layers)
-    return [(stuck, num_layers)]
 
 
 # --- concrete replicas -------------------------------------------------------------------------
@@ -158,7 +128,7 @@ def _round_robin(nodes: list[NodeInfo], num_layers: int, state: RouteState) -> l
     replicas: dict[Range, list[str]] = {}
     for n in nodes:
         replicas.setdefault((n.start, n.end), []).append(n.node_id)
-    chains = _shortest_range_chains(list(replicas), num_layers)
+    chains = list(shortest_chains(replicas, num_layers))
     if not chains:
         return None
     sizes = [math.prod(len(replicas[r]) for r in chain) for chain in chains]
@@ -175,57 +145,3 @@ def _round_robin(nodes: list[NodeInfo], num_layers: int, state: RouteState) -> l
             route.append((ids[digit], a, b))
         return route[::-1]
     raise AssertionError("unreachable")
-
-
-def _shortest_range_chains(ranges: list[Range], num_layers: int) -> list[list[Range]]:
-    """Every chain of ranges from 0 to ``num_layers`` with the fewest hops, in lexicographic order."""
-    by_start: dict[int, list[int]] = {}
-    for a, b in sorted(ranges):
-        by_start.setdefault(a, []).append(b)
-    depth, frontier = {0: 0}, [0]
-    while frontier and num_layers not in depth:
-        nxt = []
-        for a in frontier:
-            for b in by_start.get(a, ()):
-                if b not in depth:
-                    depth[b] = depth[a] + 1
-                    nxt.append(b)
-        frontier = nxt
-    if num_layers not in depth:
-        return []
-    hops = depth[num_layers]
-    chains: list[list[Range]] = []
-
-    def walk(a: int, path: list[Range]) -> None:
-        if a == num_layers:
-            chains.append(list(path))
-            return
-        for b in by_start.get(a, ()):
-            if depth.get(b) == len(path) + 1 and len(path) + 1 <= hops:
-                path.append((a, b))
-                walk(b, path)
-                path.pop()
-
-    walk(0, [])
-    return chains
-
-
-def _reachable(ranges: list[Range]) -> set[int]:
-    reach, changed = {0}, True
-    while changed:
-        changed = False
-        for a, b in ranges:
-            if a in reach and b not in reach:
-                reach.add(b)
-                changed = True
-    return reach
-
-
-def _runs(indices: list[int]) -> list[Range]:
-    runs: list[Range] = []
-    for i in indices:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs

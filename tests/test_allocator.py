@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cache
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from parallax.scheduler.planner import ModelCost, NodeCapacity, Placement, Plan, Unplaceable, max_layers, plan
@@ -133,30 +133,65 @@ def test_plan_is_valid_exactly_when_the_memory_covers_the_model(case):
             plan(model, nodes)
 
 
-@FAST
+def repaired_throughput(model: ModelCost, nodes: list[NodeCapacity], old: Plan, gone: Placement,
+                        spare: NodeCapacity) -> float:
+    """Throughput of ``old`` with ``spare`` serving ``gone``'s range: every other placement kept."""
+    speed = {n.node_id: n.layer_ms for n in nodes} | {gone.node_id: spare.layer_ms}
+    return sum(1000 / max(p.layers * speed[p.node_id] + model.hop_ms for p in pipeline) for pipeline in old.pipelines)
+
+
+@settings(FAST, max_examples=300)  # more: a needless move shows in a few percent of the examples
 @given(fleets(max_nodes=6), st.data())
-def test_a_departure_is_repaired_by_a_spare_node_moving_only_its_layers(case, data):
+def test_a_departure_moves_the_survivors_only_for_more_than_the_tolerance(case, data):
+    """The planner's rule when a node leaves and an idle or new node could take its range.
+
+    Keeping every surviving placement and handing the departed range to that spare (``repaired``, at
+    least as fast as ``old``) is an incumbent. A plan that changes a survivor's range replaces the
+    incumbents only if it is more than ``TOLERANCE`` faster than the best of them, so than
+    ``repaired``. A plan that keeps every survivor is the lexicographic pick among the incumbents
+    within the tolerance of the best one: it has fewer stages than the repair, or as many and no more
+    moved layers (the departed range), unless the repair is not within the tolerance of the best
+    incumbent (then the pick, which is, is faster than the repair). Fleets with hand-placed nodes are
+    checked for validity only: the planner recovers the surviving pipelines from ranges alone and may
+    pair fixed nodes into them otherwise than ``old`` did. ``--hypothesis-show-statistics`` shows how
+    often each case comes up.
+    """
     model, nodes = case
-    if not coverable(model, nodes):
-        return
-    old = plan(model, nodes)
+    assume(coverable(model, nodes))
+    old = plan(model, nodes, tolerance=TOLERANCE)
     placed = [p for pipeline in old.pipelines for p in pipeline if not _node(nodes, p.node_id).fixed]
-    if not placed:
-        return
-    gone = data.draw(st.sampled_from(placed))
+    assume(placed)
+    gone = data.draw(st.sampled_from(placed), label="departed")
+    speed = _node(nodes, gone.node_id).layer_ms
     rest = [n for n in nodes if n.node_id != gone.node_id]
+    if data.draw(st.booleans(), label="a standby joins"):  # as fast or faster, with room for the departed
+        # range; to the planner the same as a node idle in ``old``: neither is in ``previous``
+        memory = _memory_for(model, gone.layers, gone.start == 0, gone.end == model.num_layers)
+        rest.append(NodeCapacity("standby", memory + data.draw(st.integers(0, 40), label="room to spare"),
+                                 data.draw(st.one_of(st.just(speed), st.floats(0.1, speed)), label="its layer_ms")))
     if not coverable(model, rest):
         with pytest.raises(Unplaceable, match="layers missing"):
-            plan(model, rest, old.assignments())
+            plan(model, rest, old.assignments(), TOLERANCE)
         return
-    new = plan(model, rest, old.assignments())
+    new = plan(model, rest, old.assignments(), TOLERANCE)
     check_plan(model, rest, new)
-    speed = _node(nodes, gone.node_id).layer_ms
-    spare = [n for n in rest
-             if n.node_id in old.idle and n.layer_ms <= speed and _fits(model, n.memory, gone.start, gone.end)]
-    if spare:  # keeping everyone and handing the gap to the spare loses nothing and moves gone.layers (or
-        # fewer: a fixed node with the same range may take over), so a plan moving more must be faster
-        assert new.moved_layers(old.assignments()) <= gone.layers or new.throughput > old.throughput
+    if any(n.fixed for n in nodes):
+        event("hand-placed nodes: validity only")
+        return
+    spares = [n for n in rest if n.node_id not in old.assignments() and n.layer_ms <= speed
+              and _fits(model, n.memory, gone.start, gone.end)]
+    event("a spare can take the departed range" if spares else "no spare can take the departed range")
+    if not spares:
+        return
+    repaired = max(repaired_throughput(model, nodes, old, gone, spare) for spare in spares)
+    assert repaired >= old.throughput * (1 - 1e-9)
+    now, moved = new.assignments(), new.moved_layers(old.assignments())
+    if all(now.get(p.node_id) == (p.start, p.end) for p in placed if p.node_id != gone.node_id):
+        event("every survivor kept")
+        assert (new.stages, moved) <= (old.stages, gone.layers) or new.throughput > repaired * (1 - 1e-9)
+    else:
+        event("a survivor moved")
+        assert (1 - TOLERANCE) * new.throughput > repaired * (1 - 1e-9), "survivors moved for too small a gain"
 
 
 @FAST

@@ -1,4 +1,5 @@
-"""Choosing concrete replicas: the pure ``choose_route``, the flags, and load routing over real NATS."""
+"""Choosing concrete replicas: the pure ``choose_route``, the layer-range graph it walks (checked against
+brute force), the flags, and load routing over real NATS."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import uuid
 from collections import Counter
 
 import pytest
+from hypothesis import event, given
+from hypothesis import strategies as st
 
 from parallax.broker import subjects
 from parallax.broker.wire import SamplingParams, decode
 from parallax.broker.registry import Load, NodeInfo
+from parallax.scheduler.graph import disjoint_chains, min_cost_paths, reachable, shortest_chains
 from parallax.scheduler.routing import RouteState, choose_route, find_chain, missing_ranges
 from tests.cluster import Cluster, reference_greedy
 
@@ -106,6 +110,84 @@ def test_no_complete_chain_is_none():
 def test_range_helpers_still_work():
     assert find_chain([(0, 3), (3, 6), (0, 6)], 6) == [(0, 6)]
     assert missing_ranges([(0, 3)], 6) == [(3, 6)]
+
+
+# --- the layer-range graph (boundaries 0..L, a range a:b is an edge a -> b) ------------------------
+def test_shortest_chains_are_listed_in_lexicographic_order():
+    ranges = [(3, 6), (0, 3), (2, 4), (4, 6), (0, 2), (2, 6), (0, 2)]
+    assert list(shortest_chains(ranges, 6)) == [[(0, 2), (2, 6)], [(0, 3), (3, 6)]]  # not 0:2, 2:4, 4:6
+    assert find_chain(ranges, 6) == [(0, 2), (2, 6)]
+    assert list(shortest_chains([(0, 2), (3, 6)], 6)) == [] and find_chain([(0, 2), (3, 6)], 6) is None
+
+
+def test_reachable_and_missing():
+    assert reachable([(0, 3), (3, 5), (7, 9), (5, 5)]) == {0, 3, 5}
+    assert missing_ranges([(0, 3), (3, 5), (3, 9)], 9) == []
+    assert missing_ranges([(0, 3), (4, 9)], 9) == [(3, 4)]  # a layer nobody holds
+    assert missing_ranges([(0, 4), (3, 9)], 9) == [(4, 9)]  # all held, but the chains do not join
+
+
+def test_min_cost_paths_and_its_bounds():
+    edges = [(0, 4, -5, 1), (4, 9, -5, 1), (0, 9, -1, 2), (0, 4, 3, 1)]  # (from, to, cost, capacity)
+    assert min_cost_paths(edges, 9) == [[0, 1], [2], [2]]  # every path of negative cost, cheapest first
+    assert disjoint_chains([(0, 4), (4, 9), (0, 9), (0, 4)], 9) == 2
+    # the first chain found (0:2 2:3 3:4 4:6) must give way to two: 0:4 4:6 and 0:2 2:6
+    assert disjoint_chains([(0, 2), (2, 3), (3, 4), (4, 6), (0, 4), (2, 6)], 6) == 2
+    with pytest.raises(ValueError):
+        disjoint_chains([(0, 1)], 0)
+
+
+def _all_chains(ranges: list[tuple[int, int]], end: int) -> list[list[tuple[int, int]]]:
+    """Every chain of distinct ranges from 0 to ``end``, by exhaustive search."""
+    out = []
+
+    def walk(pos: int, path: list[tuple[int, int]]) -> None:
+        if pos == end:
+            out.append(list(path))
+        for r in sorted(set(ranges)):
+            if r[0] == pos and r not in path:
+                walk(r[1], path + [r])
+
+    walk(0, [])
+    return out
+
+
+def _most_disjoint(ranges: list[tuple[int, int]], end: int) -> int:
+    """The most chains from 0 to ``end`` that use every range (each copy of it) at most once, by exhaustive search."""
+    best = 0
+    for chain in _all_chains(ranges, end):
+        rest = list(ranges)
+        for r in chain:
+            rest.remove(r)
+        best = max(best, 1 + _most_disjoint(rest, end))
+    return best
+
+
+def _ranges_within(end: int) -> st.SearchStrategy[list[tuple[int, int]]]:
+    one = st.integers(0, end - 1).flatmap(lambda a: st.tuples(st.just(a), st.integers(a + 1, end)))
+    return st.lists(one, max_size=7)
+
+
+small_ranges = st.integers(1, 6).flatmap(lambda end: st.tuples(_ranges_within(end), st.just(end)))
+
+
+@given(small_ranges)
+def test_the_graph_walks_agree_with_brute_force(case):
+    ranges, end = case
+    chains = _all_chains(ranges, end)
+    fewest = min(map(len, chains), default=None)
+    assert list(shortest_chains(ranges, end)) == sorted(c for c in chains if len(c) == fewest)
+    assert reachable(ranges) == {b for b in range(end + 1) if _all_chains(ranges, b)}
+    assert disjoint_chains(ranges, end) == _most_disjoint(ranges, end)
+    missing = missing_ranges(ranges, end)
+    held = {i for a, b in ranges for i in range(a, b)}
+    event("a chain" if chains else "all held, no chain" if set(range(end)) <= held else "layers missing")
+    if chains:
+        assert missing == []
+    elif set(range(end)) <= held:  # all held: the gap after the farthest boundary a chain reaches
+        assert missing == [(max(b for b in reachable(ranges) if b < end), end)]
+    else:
+        assert [i for a, b in missing for i in range(a, b)] == sorted(set(range(end)) - held)
 
 
 # --- round-robin ---------------------------------------------------------------------------------

@@ -13,12 +13,12 @@ import pytest
 from parallax.broker.kv import nodes_bucket
 from parallax.broker.server import free_port
 from parallax.broker.registry import Assignment, Load, NodeInfo
+from parallax.scheduler.graph import disjoint_chains
 
 from parallax.status import (
     assignment_text,
     build_status,
     coverage,
-    disjoint_pipelines,
     human_bytes,
     render_json,
     render_table,
@@ -94,7 +94,7 @@ def test_only_serving_stages_count():
     ([], 0),
 ])
 def test_disjoint_pipelines(ranges, expected):
-    assert disjoint_pipelines(ranges, 30) == expected
+    assert disjoint_chains(ranges, 30) == expected
 
 
 def test_coverage_cuts_at_every_boundary():
