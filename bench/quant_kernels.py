@@ -3,7 +3,7 @@
     python -m bench.quant_kernels                                  # every type, shape and row count
     python -m bench.quant_kernels --types Q4_0,Q8_0 --rows 1,16 --shapes 2048x8192
 
-For each weight shape O x I (out x in features) and row count M: ms per call (median) and GB/s of the
+For each weight shape O x I (out x in features) and row count M: ms per call (the fastest) and GB/s of the
 weight bytes as stored (bytes / time); for bf16 F.linear the bf16 bytes. Weights are random valid
 blocks; each measurement cycles through enough copies of the matrix to exceed --working-set-mib, so the
 weights come from memory, not from the last-level cache, as they would in a model's forward pass.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import time
 from pathlib import Path
 
@@ -45,7 +44,8 @@ def random_blocks(qtype: gguf.GGMLQuantizationType, out_features: int, in_featur
 
 
 def timed(fn, calls: list, min_s: float) -> float:
-    """Median seconds per call, cycling through ``calls`` (argument tuples) for at least min_s and 3 calls."""
+    """Seconds of the fastest call, cycling through ``calls`` (argument tuples) for at least min_s and 3 calls.
+    The fastest, not the median: on a machine shared with other jobs it is the least disturbed call."""
     fn(*calls[0])  # warm up (compile / first-touch)
     times, start, i = [], time.perf_counter(), 0
     while len(times) < 3 or time.perf_counter() - start < min_s:
@@ -53,7 +53,7 @@ def timed(fn, calls: list, min_s: float) -> float:
         fn(*calls[i % len(calls)])
         times.append(time.perf_counter() - t)
         i += 1
-    return statistics.median(times)
+    return min(times)
 
 
 def copies(nbytes: int, working_set_mib: int) -> int:
@@ -74,12 +74,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", default=",".join(map(str, ROWS)))
     p.add_argument("--min-seconds", type=float, default=0.3, help="time spent per measurement")
     p.add_argument("--working-set-mib", type=int, default=64, help="cycle copies of a weight up to this size")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (numba follows)")
     args = p.parse_args(argv)
     types = [Q[name.strip().upper()] for name in args.types.split(",")]
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     rows = [int(n) for n in args.rows.split(",")]
     rng = np.random.default_rng(0)
-    QuantMatrix(Q.Q8_0, (1, 32), np.zeros((1, 34), np.uint8)).matmul(torch.zeros(1, 32))  # start numba's pool
+    warm = QuantMatrix(Q.Q8_0, (1, 32), np.zeros((1, 34), np.uint8))
+    warm.matmul(torch.zeros(1, 32))  # start numba's thread pool first: its start resets torch's thread count
+    torch.set_num_threads(args.threads)
+    warm.matmul(torch.zeros(1, 32))  # numba follows torch
     print(machine())
     print("GB/s = weight bytes as stored / time per call; bf16 = torch F.linear on the bf16 weight. Shared, noisy machine.")
     print(f"{'shape OxI':>11} {'type':>5} {'MiB':>7} " + " ".join(f"{'M=' + str(m):>17}" for m in rows))

@@ -93,6 +93,7 @@ def test_a_decode_row_does_not_depend_on_the_other_rows(qtype, dtype):
     alone = torch.cat([m.matmul(x[i : i + 1]) for i in range(MAX_ROWS)])
     assert torch.equal(together, alone)
     assert torch.equal(m.matmul(x[4:7]), together[4:7])
+    assert m.matmul(x[:0]).shape == (0, O)
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # the kernel follows torch's thread count: one thread splits no rows
     try:
