@@ -57,6 +57,7 @@ class StepItem:
     dtype: str
     sample: SampleSpec | None  # last stage only: sample a token after this item
     blocks: tuple[int, ...]  # KV block table covering positions 0 .. pos+n-1
+    prompt: bool  # rows of the prompt (prefill), not a generated token: a backend may compute the two apart
 
 
 @dataclass(frozen=True)

@@ -285,8 +285,8 @@ class Engine:
 
     # --- run -------------------------------------------------------------------------------------
     def _run(self, batch: list[tuple[Sequence, Work]]) -> Outgoing:
-        items = [StepItem(w.item.rid, w.item.pos, w.item.n, w.data, w.dtype, self._sample_spec(s, w), tuple(s.table))
-                 for s, w in batch]
+        items = [StepItem(w.item.rid, w.item.pos, w.item.n, w.data, w.dtype, self._sample_spec(s, w), tuple(s.table),
+                          prompt=w.item.pos < len(s.meta.prompt_ids)) for s, w in batch]
         started = time.perf_counter()
         try:
             result = self.backend.run(items)

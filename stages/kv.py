@@ -7,6 +7,7 @@ which blocks a request owns.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,9 +84,12 @@ class Rows:
     prefills: list[Prefill]
     decode: Decode | None
     sample_rows: torch.Tensor  # [S] long: the last row of every item that samples
+    items: list[tuple[Sequence[int], int]]  # (block table, n) per item, in row order
+    prompt: bool = False  # the rows are prompt rows, not generated tokens (the fused path projects them apart)
 
     @classmethod
-    def build(cls, parts: list[tuple[list[int], int, int, bool]], block_size: int, device: torch.device) -> "Rows":
+    def build(cls, parts: list[tuple[Sequence[int], int, int, bool]], block_size: int, device: torch.device,
+              prompt: bool = False) -> "Rows":
         """parts: (block table, pos, n, sample) per item, in row order."""
         positions, writes, prefills, dec, sample, offset = [], [], [], [], [], 0
         for table, pos, n, wants_sample in parts:
@@ -104,7 +108,18 @@ class Rows:
         return cls(
             torch.cat(positions).to(device), torch.cat(writes).to(device), prefills,
             _decode(dec, device) if dec else None, torch.tensor(sample, dtype=torch.long, device=device),
+            [(table, n) for table, _, n, _ in parts], prompt,
         )
+
+    def row_tables(self) -> np.ndarray:
+        """[T, nb] int64: each row's block table (its item's, padded with block 0), for kernels that
+        handle one row at a time."""
+        tables = np.zeros((len(self.positions), max(len(t) for t, _ in self.items)), np.int64)
+        row = 0
+        for table, n in self.items:
+            tables[row : row + n, : len(table)] = table
+            row += n
+        return tables
 
 
 def _decode(items: list[tuple[int, list[int], int]], device: torch.device) -> Decode:

@@ -60,21 +60,22 @@ class TorchBackend:
         return StepOutput(None, 0, tuple(tokens))
 
     def _groups(self, items: list[StepItem]) -> list[list[int]]:
-        """Item indices per forward. Where the model has a fused decode path, decode items run apart
-        from prefill chunks, ``decode_group`` at a time, so a request's decode never depends on what
-        else is in the step."""
+        """Item indices per forward. Where the model has a fused path, generated tokens run apart
+        from prompt rows, ``decode_group`` at a time (the fused path computes every row on its own,
+        prompt rows with other projections than generated tokens: a row's result never depends on
+        what else is in the step)."""
         size = self.model.decode_group
         if not size:
             return [list(range(len(items)))]
-        decode = [i for i, item in enumerate(items) if item.n == 1]
-        prefill = [i for i, item in enumerate(items) if item.n > 1]
+        decode = [i for i, item in enumerate(items) if not item.prompt]
+        prompt = [i for i, item in enumerate(items) if item.prompt]
         groups = [decode[k : k + size] for k in range(0, len(decode), size)]
-        return groups + [prefill] if prefill else groups
+        return groups + [prompt] if prompt else groups
 
     def _forward(self, items: list[StepItem]) -> torch.Tensor:
         x = self._inputs(items)  # [T] ids or [T, D] hidden
         parts = [(i.blocks, i.pos, i.n, i.sample is not None) for i in items]
-        rows = Rows.build(parts, self.kv.block_size, self.device)
+        rows = Rows.build(parts, self.kv.block_size, self.device, prompt=all(i.prompt for i in items))
         with torch.inference_mode():
             return self.model(x, rows, self.kv)
 

@@ -55,11 +55,12 @@ class ModelArgs:
 
 class Linear(nn.Linear):
     """On CPUs without native bf16/fp16 matmul, torch's reduced-precision GEMM is slow. bf16 weights
-    at up to ``kernels.MAX_ROWS`` rows (decode) go through the numba kernel in ``stages.kernels``,
-    which reads the half-size weight once at memory speed. Larger batches (prefill) use a float32
-    copy of the weight, made once on first use (converting on every call costs more than the GEMM;
-    fp16 from ``UPCAST_ROWS`` rows on, measured M=16, 1536x576: 1.8 ms vs 0.37 ms). The copy holds
-    the same values: results do not change."""
+    at up to ``kernels.MAX_ROWS`` rows go through the numba kernel in ``stages.kernels``, which reads
+    the half-size weight once at memory speed. Larger batches use a float32 copy of the weight, made
+    once on first use (converting on every call costs more than the GEMM; fp16 from ``UPCAST_ROWS``
+    rows on, measured M=16, 1536x576: 1.8 ms vs 0.37 ms). The copy holds the same values: results
+    do not change. (Models with a fused bf16 layer, ``StageModel.fused``, run their layers and head
+    through ``stages.kernels`` directly; this is the torch path.)"""
 
     UPCAST_ROWS = 4
 
@@ -68,22 +69,18 @@ class Linear(nn.Linear):
         if w.device.type != "cpu" or w.dtype == torch.float32:
             return F.linear(x, w, self.bias)
         if w.dtype == torch.bfloat16 and rows <= kernels.MAX_ROWS:
-            return kernels.linear_bf16(x, *self.arrays())
+            return kernels.linear_bf16(x, self.matrix())
         if rows < self.UPCAST_ROWS:
             return F.linear(x, w, self.bias)
-        w32, b32 = self.__dict__.get("_fp32") or self._make_fp32()
+        w32, b32 = self.matrix().fp32
         return F.linear(x.float(), w32, b32).to(x.dtype)
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Weight bits (a view of the weight's memory) and float32 bias for the numba kernels."""
-        if "_arrays" not in self.__dict__:
-            self.__dict__["_arrays"] = kernels.matrix(self.weight, self.bias)
-        return self.__dict__["_arrays"]
-
-    def _make_fp32(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        pair = (self.weight.float(), None if self.bias is None else self.bias.float())
-        self.__dict__["_fp32"] = pair  # a plain attribute: not a parameter, not in the state dict
-        return pair
+    def matrix(self) -> kernels.Matrix:
+        """This projection as the CPU kernels read it (made once; a plain attribute: not a
+        parameter, not in the state dict)."""
+        if "_matrix" not in self.__dict__:
+            self.__dict__["_matrix"] = kernels.Matrix(self.weight, self.bias)
+        return self.__dict__["_matrix"]
 
 
 class RMSNorm(nn.Module):
@@ -201,12 +198,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def weights(self) -> kernels.LayerWeights:
-        """This layer's tensors as arrays for ``kernels.decode_layer`` (views; made once)."""
+        """This layer's tensors as ``kernels.fused_layer`` reads them (views; made once)."""
         if "_arrays" not in self.__dict__:
             attn, mlp = self.self_attn, self.mlp
             self.__dict__["_arrays"] = kernels.LayerWeights(
-                _f32(self.input_layernorm.weight), *attn.qkv_proj.arrays(), *attn.o_proj.arrays(),
-                _f32(self.post_attention_layernorm.weight), *mlp.gate_up_proj.arrays(), *mlp.down_proj.arrays(),
+                _f32(self.input_layernorm.weight), attn.qkv_proj.matrix(), attn.o_proj.matrix(),
+                _f32(self.post_attention_layernorm.weight), mlp.gate_up_proj.matrix(), mlp.down_proj.matrix(),
                 self.input_layernorm.eps,
             )
         return self.__dict__["_arrays"]
@@ -240,36 +237,40 @@ class StageModel(nn.Module):
         """x: token ids [T] (first stage) or hidden [T, D]. Returns hidden [T, D], or logits
         [S, V] of the rows in ``rows.sample_rows`` on the last stage."""
         h = self.embed_tokens(x) if self.first else x
+        if self.fused:
+            return self._forward_fused(h, rows, kv)
         rope = self._rope(rows.positions, h.dtype)
-        if self._fused_decode(h, rows):
-            h = self._decode_fused(h, rope, rows, kv)
-        else:
-            for layer in self.layers:
-                h = layer(h, rope, rows, kv)
+        for layer in self.layers:
+            h = layer(h, rope, rows, kv)
         if not self.last:
             return h
         return self.lm_head(self.norm(h[rows.sample_rows]))
 
     @property
-    def decode_group(self) -> int:
-        """Decode rows one fused step takes (0: no fused path). bf16 Llama layers on CPU run a decode
-        step layer by layer in one numba call each (``kernels.decode_layer``)."""
+    def fused(self) -> bool:
+        """bf16 Llama layers on CPU run through ``kernels.fused_layer``: a few numba calls per layer,
+        every row computed on its own (batch-invariant), prompt rows and generated tokens apart."""
         a, w = self.args, self.layers[0].mlp.down_proj.weight
-        fused = w.device.type == "cpu" and w.dtype == torch.bfloat16 and not a.qk_norm and a.hidden_act == "silu"
-        return kernels.MAX_ROWS if fused else 0
+        return w.device.type == "cpu" and w.dtype == torch.bfloat16 and not a.qk_norm and a.hidden_act == "silu"
 
-    def _fused_decode(self, h: torch.Tensor, rows: Rows) -> bool:
-        return not rows.prefills and h.shape[0] <= self.decode_group
+    @property
+    def decode_group(self) -> int:
+        """Generated-token rows one fused step takes (0: no fused path)."""
+        return kernels.MAX_ROWS if self.fused else 0
 
-    def _decode_fused(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rows: Rows, kv: KVPool) -> torch.Tensor:
-        d, a = rows.decode, self.args
-        cos, sin = (t[:, 0].float().numpy() for t in rope)  # [B, hd]
-        batch = kernels.DecodeBatch(cos, sin, rows.write_slots.numpy(), d.tables.numpy(), d.lengths.numpy(), kv.block_size)
+    def _forward_fused(self, h: torch.Tensor, rows: Rows, kv: KVPool) -> torch.Tensor:
+        a = self.args
+        tables = rows.row_tables()  # [T, nb]
+        batch = kernels.RowBatch.build(rows.positions.numpy(), self.inv_freq.float().numpy(), self.attention_scaling,
+                                       rows.write_slots.numpy(), tables, kv.block_size, rows.prompt)
         k_cache, v_cache = kv.bits()
-        x = h.float().numpy().copy()  # [B, D]: bf16 values in float32, updated layer by layer
+        x = h.float().numpy().copy()  # [T, D]: bf16 values in float32, updated layer by layer
         for i, layer in enumerate(self.layers):
-            kernels.decode_layer(x, layer.weights(), batch, a.num_attention_heads, a.kv_heads, a.dim_head, k_cache[i], v_cache[i])
-        return torch.from_numpy(x).to(h.dtype)
+            kernels.fused_layer(x, layer.weights(), batch, a.num_attention_heads, a.kv_heads, a.dim_head, k_cache[i], v_cache[i])
+        if not self.last:
+            return torch.from_numpy(x).to(h.dtype)
+        normed = kernels.norm_rows(x[rows.sample_rows.numpy()], _f32(self.norm.weight), self.norm.eps)  # [S, D]
+        return kernels.linear_bf16(torch.from_numpy(normed).to(h.dtype), self.lm_head.matrix())  # [S, V]
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :].float()  # [T, hd/2]
