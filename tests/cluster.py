@@ -124,3 +124,20 @@ async def cluster(url: str, path: Path, model: str, num_layers: int, ranges: lis
         yield c
     finally:
         await c.close()
+
+
+Step = list[tuple[str, int, int, bool]]  # (rid, pos, n, prompt) per item, in the order the backend got them
+
+
+def record_steps(c: Cluster) -> dict[str, list[Step]]:
+    """From now on, every step each stage's backend runs, per node id, in order."""
+    steps: dict[str, list[Step]] = {}
+    for node_id, (_, _, worker) in c.stages.items():
+        backend, log = worker.engine.backend, steps.setdefault(node_id, [])
+
+        def run(items, run=backend.run, log=log):
+            log.append([(i.rid, i.pos, i.n, i.prompt) for i in items])
+            return run(items)
+
+        backend.run = run
+    return steps
