@@ -14,9 +14,9 @@ import torch
 from parallax.broker.wire import SamplingParams
 from parallax.stages import kernels
 from parallax.stages.backend import SampleSpec, StepItem
+from parallax.stages.engine import EngineConfig
 from parallax.stages.kv import Rows
 from parallax.stages.torch_backend import TorchBackend
-from parallax.stages.engine import EngineConfig
 from tests.cluster import Cluster, cluster, make_tiny_model, record_steps
 
 MODEL = "smollm2-135m"

@@ -81,7 +81,8 @@ def test_kernel_uses_torchs_thread_count_in_any_thread():
     torch.set_num_threads(1)
     try:
         def run():
-            kernels.linear_bf16(torch.ones(1, 8, dtype=torch.bfloat16), kernels.Matrix(torch.ones(4, 8, dtype=torch.bfloat16), None))
+            ones = torch.ones(4, 8, dtype=torch.bfloat16)
+            kernels.linear_bf16(ones[:1], kernels.Matrix(ones, None))
             seen.append(numba.get_num_threads())
 
         t = threading.Thread(target=run)
@@ -134,7 +135,8 @@ def test_fused_layers_compute_what_the_torch_layers_compute(bf16_models, name, s
         assert fused.dtype == torch.bfloat16 and fused.shape == reference.shape
         # a few bf16 ulps of the largest value (a wrong head, RoPE or mask is off by the values themselves);
         # logits a few more: the final norm and lm_head amplify a 2-ulp difference of a hidden state
-        for got, want, tol in ((fused, reference, 0.05 if model.last else 0.02), (fused_kv[0], pool.k, 0.02), (fused_kv[1], pool.v, 0.02)):
+        pairs = ((fused, reference, 0.05 if model.last else 0.02), (fused_kv[0], pool.k, 0.02), (fused_kv[1], pool.v, 0.02))
+        for got, want, tol in pairs:
             assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
         assert not torch.equal(fused_kv[0], saved[0])  # the new keys did land in the pool
 
