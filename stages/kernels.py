@@ -99,7 +99,16 @@ def follow_torch_threads() -> None:
 
 
 def warm_up() -> None:
-    """Compile every kernel (or load it from numba's disk cache) before the first request."""
+    """Compile every kernel (or load it from numba's disk cache) before the first request. Starting
+    numba's OpenMP pool resets torch's thread count to numba's: keep the one the stage chose."""
+    threads = torch.get_num_threads()
+    try:
+        _compile_all()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compile_all() -> None:
     linear_bf16(torch.zeros(1, 8, dtype=torch.bfloat16), Matrix(torch.zeros(2, 8, dtype=torch.bfloat16), None))
     D, heads, kv_heads, hd, inter = 8, 2, 1, 4, 8
 

@@ -1,5 +1,8 @@
 """The bf16 CPU kernels: projections for generated tokens and prompt rows, the fused layer."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +187,13 @@ def test_bf16_decode_does_not_depend_on_the_batch(smollm2_path):
     together = decode(["a", "b"], 16, join_at=5)
     assert together["a"] == alone
     assert len(set(alone)) > 3  # it is generating text, not repeating one token
+
+
+def test_warm_up_keeps_torch_thread_count():
+    """`parallax-stage --threads 1` must stay at one thread: numba's pool starting in warm_up reset it."""
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from parallax.stages import kernels\n"
+            "kernels.warm_up(); print(torch.get_num_threads())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "1"
