@@ -31,6 +31,7 @@ class TorchBackend:
         self._kv_shape = (len(model.layers), args.kv_heads, args.dim_head)
         self.kv: KVPool | None = None
         self.sampler = Sampler()
+        self.kernels: dict[str, str] = {}  # set by the kernel tuning at load
 
     @classmethod
     def load(cls, path: Path, model_name: str, start: int, end: int, dtype: str, device: str | None = None) -> "TorchBackend":
