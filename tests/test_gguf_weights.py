@@ -30,13 +30,13 @@ QUANTIZABLE = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
 
 
 def write_tiny_gguf(path: Path, arch: str, qtype: Q, tied: bool = False, seed: int = 0,
-                    raw: dict[str, Q] | None = None, hidden: int = HIDDEN) -> Path:
+                    raw: dict[str, Q] | None = None, hidden: int = HIDDEN, name: str | None = None) -> Path:
     """A seeded random 2-layer model as llama.cpp writes it: matrices in ``qtype`` (``raw``: given GGUF
     names get random bytes of another type), vectors F32, a tiny byte-level BPE tokenizer."""
     rng, raw = np.random.default_rng(seed), raw or {}
     hd = HEAD_DIM[arch]
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"tiny-{arch}")
+    w.add_name(name or f"tiny-{arch}")
     w.add_block_count(LAYERS)
     w.add_context_length(128)
     w.add_embedding_length(hidden)
@@ -149,6 +149,19 @@ def test_llama_tensors_equal_transformers(tmp_path, qtype):
         assert weights.stored_bytes("model.layers.1.self_attn.q_proj.weight") == q_proj.nbytes
     else:  # float matrices as stored, whatever dtype is asked for
         assert q_proj.dtype == {Q.F16: torch.float16, Q.F32: torch.float32}[qtype]
+
+
+def test_mistral_is_a_llama_gguf(tmp_path):
+    """llama.cpp writes Mistral as architecture "llama" (q/k permuted); transformers names it by general.name
+    but cannot load its tensors (gguf-py has no "mistral" architecture), so the reference is the same file
+    named as a llama, checked against transformers above."""
+    mistral = GGUFWeights.open(write_tiny_gguf(tmp_path / "m.gguf", "llama", Q.Q4_0, name="mistral"))
+    llama = GGUFWeights.open(write_tiny_gguf(tmp_path / "l.gguf", "llama", Q.Q4_0))
+    assert mistral.names() == llama.names()
+    for name in mistral.names():
+        assert torch.equal(as_float32(mistral.get(name, torch.float32)), as_float32(llama.get(name, torch.float32)))
+    config = read_config(resolve_model(str(mistral.path), cache_dir=tmp_path / "cache").path)
+    assert (config["model_type"], config["architectures"]) == ("mistral", ["MistralForCausalLM"])
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
