@@ -243,17 +243,16 @@ def write_ggufs(cfg: SynthConfig, hf: Path, paths: dict[str, Path], source_gguf:
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
     index = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]
-    handles: dict[str, object] = {}
+    shapes = dict(specs)
     try:
-        for hf_name, shape in specs:
-            file = index[hf_name]
-            if file not in handles:
-                handles[file] = safe_open(str(hf / file), framework="pt")
-            w = gguf_tensor(cfg, hf_name, handles[file].get_tensor(hf_name).float().numpy())
-            for qtype, writer in writers.items():
-                raw = tensor_qtype(hf_name, shape, qtype)
-                writer.write_tensor_data(w if raw == GGMLQuantizationType.F32 else quantize_rows(w, raw))
-            del w
+        for file in dict.fromkeys(index[name] for name, _ in specs):  # shards in tensor order
+            with safe_open(str(hf / file), framework="pt") as f:  # one shard's pages mapped at a time
+                for hf_name in (name for name, _ in specs if index[name] == file):
+                    w = gguf_tensor(cfg, hf_name, f.get_tensor(hf_name).float().numpy())
+                    for qtype, writer in writers.items():
+                        raw = tensor_qtype(hf_name, shapes[hf_name], qtype)
+                        writer.write_tensor_data(w if raw == GGMLQuantizationType.F32 else quantize_rows(w, raw))
+                    del w
     finally:
         for writer in writers.values():
             writer.close()
