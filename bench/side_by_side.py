@@ -448,14 +448,19 @@ def system_rows(result: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def rss_bound(stage: dict[str, Any]) -> float | None:
+    """Issue 9's per-stage memory target: 1.15 x weights as stored + KV budget + 0.7 GB."""
+    weights = stage["weight_bytes"]
+    return None if weights is None else RSS_SLACK * weights + (stage["kv_budget_bytes"] or 0) + RSS_EXTRA
+
+
 def memory_rows(result: dict[str, Any]) -> list[list[str]]:
     rows = []
     for system in ("parallax1", "parallax2"):
         for stage in (result.get(system) or {}).get("per_stage", []):
-            weights, kv, rss = stage["weight_bytes"], stage["kv_budget_bytes"], stage["peak_rss_bytes"]
-            bound = RSS_SLACK * weights + (kv or 0) + RSS_EXTRA if weights is not None else None
-            rows.append([result["model"], system, stage["stage"], gib(rss), gib(weights), gib(kv),
-                         num(ratio(rss, bound), "{:.2f}")])
+            rss = stage["peak_rss_bytes"]
+            rows.append([result["model"], system, stage["stage"], gib(rss), gib(stage["weight_bytes"]),
+                         gib(stage["kv_budget_bytes"]), num(ratio(rss, rss_bound(stage)), "{:.2f}")])
     llama = result.get("llamacpp") or {}
     if llama.get("peak_rss_bytes"):
         rows.append([result["model"], "llamacpp", "all", gib(llama["peak_rss_bytes"]), gib(result["gguf_bytes"]),
@@ -473,22 +478,22 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         llama = rates(r, "llamacpp")[0]
         for stages, need in SINGLE_VS_LLAMACPP.items():
-            out.append(_target(f"{key}: --stages {stages} single stream / llama.cpp", ratio(rates(r, f"parallax{stages}")[0], llama), need))
+            single = rates(r, f"parallax{stages}")[0]
+            out.append(_target(f"{key}: --stages {stages} single stream / llama.cpp", ratio(single, llama), need))
     for key in ("smollm2-bf16", "synth-bf16"):
         r = by_model.get(key)
         if r is None:
             continue
         loop = rates(r, "transformers")[1]
         for stages in (1, 2):
-            out.append(_target(f"{key}: --stages {stages} aggregate / transformers loop batch", ratio(rates(r, f"parallax{stages}")[1], loop),
+            batch = rates(r, f"parallax{stages}")[1]
+            out.append(_target(f"{key}: --stages {stages} aggregate / transformers loop batch", ratio(batch, loop),
                                BATCH_VS_TRANSFORMERS))
     for r in results:
         for system in ("parallax1", "parallax2"):
             for stage in (r.get(system) or {}).get("per_stage", []):
-                weights, kv, rss = stage["weight_bytes"], stage["kv_budget_bytes"] or 0, stage["peak_rss_bytes"]
-                bound = RSS_SLACK * weights + kv + RSS_EXTRA if weights is not None else None
                 out.append(_target(f"{r['model']} {system} stage {stage['stage']}: RSS / (1.15 w + kv + 0.7 GB)",
-                                   ratio(rss, bound), 1.0, at_most=True))
+                                   ratio(stage["peak_rss_bytes"], rss_bound(stage)), 1.0, at_most=True))
     q4 = (by_model.get("synth-q4_0") or {}).get("parallax2") or {}
     for stage in q4.get("per_stage", []):
         out.append(_target(f"synth-q4_0 parallax2 stage {stage['stage']}: RSS / 1.5 GB",
@@ -502,13 +507,18 @@ def _target(name: str, value: float | None, need: float, at_most: bool = False) 
             "verdict": "n/a" if passed is None else "PASS" if passed else "FAIL"}
 
 
+def _busy(machine: dict[str, Any]) -> list[str]:
+    warning = report.busy_warning(machine)
+    return ["", f"**Warning**: {warning}."] if warning else []
+
+
 def markdown(doc: dict[str, Any]) -> str:
     m, s = doc["machine"], doc["settings"]
     lines = [f"# Side by side ({m['date']}, commit {m['git_commit']})", "",
              f"CPU: {m['cpu']} ({m['cores']} cores), flags: {doc['cpu_flags'] or 'none of avx2/avx512/amx'}; "
              f"load average {m['load_avg_at_start']} at start, {m.get('load_avg_at_end')} at end; "
              f"{s['threads']} threads per system/stage, greedy, {s['new_tokens']} new tokens, prompts of "
-             f"{s['input_len']} tokens, {s['streams']} streams.", "",
+             f"{s['input_len']} tokens, {s['streams']} streams.", *_busy(m), "",
              "| model | system | tokens (1 / all streams) | decode tok/s, 1 stream | aggregate tok/s, "
              f"{s['streams']} streams |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for r in doc["results"] for row in system_rows(r)]
@@ -564,6 +574,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc: dict[str, Any] = {"machine": report.machine_info(), "cpu_flags": cpu_flags(),
                            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.__dict__.items()},
                            "results": [], "targets": []}
+    warning = report.busy_warning(doc["machine"])
+    if warning:
+        say(f"warning: {warning}")
     code = 0
     try:
         for key in settings.models:
