@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.cluster import ClusterError
 from bench.serve import DEFAULT_OUT, run_interruptible
 
 GiB = 1024**3
@@ -221,7 +222,7 @@ def run_worker(python: Path | str, kind: str, job: dict[str, Any], log: Path) ->
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     with open(log, "ab") as err:
         done = subprocess.run([str(python), "-m", "bench.side_by_side", "--worker", kind], input=json.dumps(job),
-                              capture_output=False, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+                              stdout=subprocess.PIPE, stderr=err, text=True, env=env,
                               timeout=WORKER_TIMEOUT_S, check=False)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
@@ -374,14 +375,12 @@ def run_model(key: str, settings: Settings, say_: Callable[[str], None] = say) -
         say_(f"{key}: {system}")
         try:
             result[system] = run_system(system, spec, prompts, settings, log)
+        except ClusterError as exc:  # the cluster did not come up: the other systems still run
+            result[system] = {"error": f"ClusterError: {str(exc)[-1500:]}"}
+            say_(f"{key}: {system} failed: {result[system]['error'][:300]}")
         except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
             result[system] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             say_(f"{key}: {system} failed: {result[system]['error']}")
-        except Exception as exc:  # noqa: BLE001 -- e.g. the cluster did not come up: the other systems still run
-            if type(exc).__name__ != "ClusterError":
-                raise
-            result[system] = {"error": str(exc)[-1500:]}
-            say_(f"{key}: {system} failed: {result[system]['error'][:300]}")
     return result
 
 
