@@ -196,8 +196,8 @@ def test_bad_calls_raise_a_clear_error():
     m = matrix(Q.Q8_0)
     I = in_features(Q.Q8_0)
     for x, message in [(torch.zeros(2, I + 1), rf"input must be \[rows, {I}\]"), (torch.zeros(I), "input must be"),
-                       (torch.zeros(2, I, dtype=torch.float64), "float32 or bfloat16"),
-                       (torch.zeros(2, I, dtype=torch.int64), "float32 or bfloat16")]:
+                       (torch.zeros(2, I, dtype=torch.float64), "float32, bfloat16 or float16"),
+                       (torch.zeros(2, I, dtype=torch.int64), "float32, bfloat16 or float16")]:
         with pytest.raises(ValueError, match=message):
             m.matmul(x)
     for start, stop in [(-1, 2), (3, 2), (0, O + 1)]:
