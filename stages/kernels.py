@@ -204,7 +204,8 @@ def _compile_all() -> None:
                                np.zeros((1, 1), np.int64), 4, prompt)
         fused_layer(np.zeros((1, D), np.float32), weights, batch, heads, kv_heads, hd, cache[0], cache[1])
     norm_rows(np.zeros((1, D), np.float32), np.ones(D, np.float32), 1e-6)
-    zeros(2, D).run("torch-tile", np.zeros((1, D), np.float32))  # the tile decoder (embedding rows too)
+    for name in ("torch-tile", "numba-gemv"):  # the row decoder (embedding rows too), the bf16 GEMV
+        zeros(2, D).run(name, np.zeros((1, D), np.float32))
 
 
 # --- one whole decoder layer, row by row (bf16 values held in float32) -----------------------------
