@@ -1,19 +1,33 @@
-"""numba kernels for bf16 Llama-family layers on CPUs: generated tokens and prompt rows.
+"""Projections as stored and the fused Llama-family layer for CPUs: generated tokens and prompt rows.
 
-Decode at small batch is bound by reading the weights and by per-op overhead. On CPUs without
-native bf16 math (AVX2), torch reads bf16 weights at ~12 GB/s at one row and converts to a float32
-GEMM from 4 rows on, which reads twice the bytes. ``_gemv_rows`` widens each bf16 weight to
-float32 in registers (a 16-bit shift) and reads the weights once for all rows: for the 15 layers of
-a SmolLM2 stage, 1 row 4.3 vs 6.7 ms, 4 rows 7.6 vs 31.6 ms, 16 rows 26.5 vs 39.5 ms. Prompt rows
-go through ``_gemm_rows`` instead, four rows per pass over a transposed copy of the bf16 weight
-(no float32 copy). ``fused_layer`` runs a whole Llama-family layer in a few calls instead of ~25
-torch ops (a 15-layer step at one row: 12.6 -> 7.6 ms).
+A projection (``Projection``: ``Matrix`` for dense bf16/fp16/float32 weights, ``quant.QuantMatrix`` for
+GGUF blocks, ``Stacked`` for q/k/v or gate/up of mixed formats) keeps its weight once, as stored: the
+kernels read W [O, I] in place (no transposed, float32 or dequantized copy). Each has candidate kernels
+(``quant.Tiled``): the numba tile kernel (four weight rows decoded into a small scratch, dotted with
+four input rows at a time), the numba GEMV (one weight row, every input row; a bf16 weight widened in the
+dot itself), a tile-dequant + torch float32 GEMM, and torch's own F.linear for activations of the
+weight's dtype. ``tune`` (``stages.tuning``) times them at stage load and picks one per (shape + format,
+row kind); the picks are cached per machine.
+
+Measured on a 2-core AMD EPYC (avx2 avx512f avx512bw avx512vl avx512_bf16 avx512_vnni ...), torch 2.13,
+one thread, the machine shared with other jobs (ms per call, the fastest of many, bf16 weight; the old
+kernels are this file before issue 9):
+  1536x576 prompt rows M=256: tile 5.35 (old ``_gemm_rows`` over a transposed copy: 6.92), torch bf16
+  F.linear 2.21 (native bf16 dot products); M=64: tile 1.41, old 1.24, torch 0.68.
+  1536x576 M=1: GEMV 0.09 (old 0.08), tile 0.16, torch 0.22; M=16: tile 0.54, GEMV/old 0.62, torch 0.34.
+  49152x576 (lm_head) M=1: GEMV 2.8 (old 2.5), torch 6.5; M=16: tile 22.6, old 31.4, torch 11.2.
+So on this CPU torch's bf16 F.linear wins from 16 rows on where it is batch-invariant, the numba GEMV
+at one row: which is why the choice is measured per machine and shape, not assumed.
+
+``fused_layer`` runs a whole Llama-family layer in a few calls instead of ~25 torch ops, rounding to
+bf16 after every op as the torch path does; its projections go through each Projection's ``decode``
+(generated tokens) or ``prefill`` (prompt rows).
 
 Batch invariance: every row of a step is computed by code that reads only that row (and its own
 request's cached keys) and does the same arithmetic for it whatever else the step holds, so a row's
 result does not depend on the other rows, their number or order, how its prompt was cut into
 chunks, or the thread count. Which projection kernel a row takes depends on whether it is a prompt
-row, never on how many rows a step has.
+row, never on how many rows a step has; a kernel is only picked if it passed that check on this machine.
 """
 
 from __future__ import annotations
