@@ -77,10 +77,13 @@ class Matrix(Tiled):
         self._bias = None if bias is None else bias.detach().to(weight.dtype).contiguous()
         self.fmt, self._kind = DENSE[weight.dtype]
         self.shape = (int(weight.shape[0]), int(weight.shape[1]))
-        self.picks = dict(DEFAULT_PICKS)
         self._block = 1
-        self._kernel_blocks = read_only(self.weight.view(torch.uint8).numpy())  # [O, I * element size]
-        self._bias32 = float32_bias(bias, self.shape[0])
+        self._bias32 = float32_bias(None if bias is None else bias.cpu(), self.shape[0])
+        if self.weight.device.type == "cpu":
+            self.picks = dict(DEFAULT_PICKS)
+            self._kernel_blocks = read_only(self.weight.view(torch.uint8).numpy())  # [O, I * element size]
+        else:  # a GPU weight: torch's F.linear only
+            self.picks = dict.fromkeys(DEFAULT_PICKS, "torch")
 
     @property
     def nbytes(self) -> int:
@@ -97,6 +100,8 @@ class Matrix(Tiled):
         return self.weight.float(), None if self._bias is None else self._bias.float()
 
     def candidates(self, kind: str, dtype: torch.dtype) -> tuple[str, ...]:
+        if self.weight.device.type != "cpu":
+            return ("torch",)
         native = ("torch",) if dtype == self.weight.dtype else ()
         return ("numba", "numba-gemv") + native if kind == "decode" else ("numba", "torch-tile") + native
 
@@ -104,7 +109,7 @@ class Matrix(Tiled):
         return F.linear(x.to(self.weight.dtype), self.weight, self._bias).to(x.dtype)
 
     def _torch_numpy(self, x: np.ndarray) -> np.ndarray:
-        return self._torch(torch.from_numpy(x).to(self.weight.dtype)).float().numpy()
+        return self._torch(torch.from_numpy(x).to(self.weight)).float().cpu().numpy()
 
 
 class Stacked:

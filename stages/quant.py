@@ -374,9 +374,9 @@ class Tiled:
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"input dtype must be float32, bfloat16 or float16; got {x.dtype}")
         kind = "decode" if x.shape[0] <= MAX_ROWS else "prefill"
-        name = self.picks[kind]
-        if name not in self.candidates(kind, x.dtype):
-            name = DEFAULT_PICKS[kind]
+        name, valid = self.picks[kind], self.candidates(kind, x.dtype)
+        if name not in valid:
+            name = DEFAULT_PICKS[kind] if DEFAULT_PICKS[kind] in valid else valid[0]
         if name == "torch":
             return self._torch(x.detach())
         return torch.from_numpy(self.run(name, x.detach().float().numpy())).to(x.dtype)

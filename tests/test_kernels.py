@@ -299,7 +299,7 @@ def _reference_layer(h, ln1, qkv, o, ln2, gu, down, positions, inv_freq, heads, 
     return h + proj(F.silu(g) * u, down)
 
 
-@pytest.mark.parametrize("qtype", [quant.Q.Q8_0, quant.Q.Q4_1, quant.Q.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [quant.Q.Q8_0, quant.Q.Q4_1, quant.Q.Q6_K, "mixed"], ids=str)
 def test_a_fused_layer_of_quantized_projections_computes_the_torch_layer(qtype):
     """fused_layer with QuantMatrix projections (the stage's bf16 activations, weights as GGUF blocks) equals
     the torch path on the dequantized weights (bf16 rounding after every op) to a few bf16 ulps, for a
@@ -310,20 +310,26 @@ def test_a_fused_layer_of_quantized_projections_computes_the_torch_layer(qtype):
     D, heads, kv_heads, hd, inter, eps = 256, 4, 2, 64, 512, 1e-5
     block = 4
 
-    def q(o, i):
-        if qtype in quant.QUANTIZABLE:
-            return quant.QuantMatrix.quantize(rng.standard_normal((o, i)).astype(np.float32) * 0.1, qtype)
-        blocks = random_blocks(qtype, o, i, rng)  # random quants and sub-block scales; f16 scales made small
+    def q(o, i, t=quant.Q.Q6_K if qtype == "mixed" else qtype):
+        if t in quant.QUANTIZABLE:
+            return quant.QuantMatrix.quantize(rng.standard_normal((o, i)).astype(np.float32) * 0.1, t)
+        blocks = random_blocks(t, o, i, rng)  # random quants and sub-block scales; f16 scales made small
         size, n = blocks.shape[1] // (i // 256), i // 256
         view = blocks.reshape(o, n, size)
-        for off in F16_OFFSETS[qtype]:
+        for off in F16_OFFSETS[t]:
             view[:, :, off:off + 2] = rng.uniform(1e-5, 1e-4, (o, n)).astype(np.float16).view(np.uint8).reshape(o, n, 2)
-        return quant.QuantMatrix(qtype, (o, i), blocks)
+        return quant.QuantMatrix(t, (o, i), blocks)
 
-    projs = [q((heads + 2 * kv_heads) * hd, D), q(D, heads * hd), q(2 * inter, D), q(D, inter)]
+    if qtype == "mixed":  # q/k Q4_K and v Q8_0 stacked (as some GGUFs store them), the rest Q6_K and bf16
+        qkv = kernels.stack([q((heads + kv_heads) * hd, D, quant.Q.Q4_K), q(kv_heads * hd, D, quant.Q.Q8_0)])
+        assert isinstance(qkv, kernels.Stacked)
+        dense = kernels.Matrix(torch.randn(D, heads * hd).mul(0.05).to(torch.bfloat16), None)
+        projs = [qkv, dense, q(2 * inter, D), q(D, inter)]
+    else:
+        projs = [q((heads + 2 * kv_heads) * hd, D), q(D, heads * hd), q(2 * inter, D), q(D, inter)]
     ln1, ln2 = (torch.rand(D).add(0.5).to(torch.bfloat16).float().numpy() for _ in range(2))
     w = kernels.LayerWeights(ln1, projs[0], projs[1], ln2, projs[2], projs[3], eps)
-    dense = [p.dequantize_rows(0, p.shape[0]) for p in projs]
+    dense = [torch.cat([part.dequantize_rows(0, part.shape[0]) for part in (p.parts if isinstance(p, kernels.Stacked) else (p,))]) for p in projs]
     inv_freq = (1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)).numpy()
     T = 9
     h = torch.randn(T + 1, D).to(torch.bfloat16)
