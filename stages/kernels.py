@@ -38,13 +38,17 @@ from typing import Iterable, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from . import tuning
 from .quant import DENSE, QuantMatrix, Tiled, float32_bias, read_only
 from .tuning import DEFAULT_PICKS, follow_torch_threads
 
 MAX_ROWS = tuning.MAX_ROWS  # generated-token rows per fused call
+# The fused path's activation precision, named by the KV cache's element type: bf16 (the cache holds bf16
+# bits, every op rounds to bf16 as torch's bf16 ops do) or float32 (a float32 cache, no rounding).
+BF16, F32 = np.uint16(0), np.float32(0)
 
 
 class Projection(Protocol):
@@ -217,12 +221,13 @@ def _compile_all() -> None:
 
     weights = LayerWeights(np.ones(D, np.float32), zeros((heads + 2 * kv_heads) * hd, D), zeros(D, heads * hd),
                            np.ones(D, np.float32), zeros(2 * inter, D), zeros(D, inter), 1e-6)
-    cache = np.zeros((2, 4, kv_heads, hd), np.uint16)
-    for prompt in (False, True):
-        batch = RowBatch.build(np.zeros(1, np.int64), np.ones(hd // 2, np.float32), 1.0, np.zeros(1, np.int64),
-                               np.zeros((1, 1), np.int64), 4, prompt)
-        fused_layer(np.zeros((1, D), np.float32), weights, batch, heads, kv_heads, hd, cache[0], cache[1])
-    norm_rows(np.zeros((1, D), np.float32), np.ones(D, np.float32), 1e-6)
+    for mode in (BF16, F32):
+        cache = np.zeros((2, 4, kv_heads, hd), mode.dtype)
+        for prompt in (False, True):
+            batch = RowBatch.build(np.zeros(1, np.int64), np.ones(hd // 2, np.float32), 1.0, np.zeros(1, np.int64),
+                                   np.zeros((1, 1), np.int64), 4, prompt, mode)
+            fused_layer(np.zeros((1, D), np.float32), weights, batch, heads, kv_heads, hd, cache[0], cache[1])
+        norm_rows(np.zeros((1, D), np.float32), np.ones(D, np.float32), 1e-6, mode)
     for name in ("torch-tile", "numba-gemv"):  # the row decoder (embedding rows too), the bf16 GEMV
         zeros(2, D).run(name, np.zeros((1, D), np.float32))
 
@@ -250,18 +255,46 @@ def _r(x) -> np.float32:  # round a float32 to bf16 precision
     return _bf(_bits(x))
 
 
+def _keep(x, mode):  # x at the activation precision of ``mode`` (BF16: rounded to bf16; F32: as is)
+    raise NotImplementedError  # numba only: see the overload
+
+
+def _store(x, mode):  # x as the KV cache of ``mode`` holds it (bf16 bits or float32)
+    raise NotImplementedError
+
+
+def _load(v):  # a KV cache element as float32
+    raise NotImplementedError
+
+
+@overload(_keep, inline="always")
+def _keep_numba(x, mode):
+    return (lambda x, mode: _r(x)) if isinstance(mode, types.Integer) else (lambda x, mode: np.float32(x))
+
+
+@overload(_store, inline="always")
+def _store_numba(x, mode):
+    return (lambda x, mode: _bits(x)) if isinstance(mode, types.Integer) else (lambda x, mode: np.float32(x))
+
+
+@overload(_load, inline="always")
+def _load_numba(v):
+    return (lambda v: _bf(v)) if isinstance(v, types.Integer) else (lambda v: np.float32(v))
+
+
 @njit(inline="always")
-def _norm(h, w, eps, out) -> None:  # RMSNorm: normalize in float32, round, scale in bf16
+def _norm(h, w, eps, out, mode) -> None:  # RMSNorm: normalize in float32, round, scale (in bf16 for BF16)
     ss = np.float32(0.0)
     for i in range(h.shape[0]):
         ss += h[i] * h[i]
     inv = np.float32(1.0) / np.sqrt(ss / np.float32(h.shape[0]) + np.float32(eps))
     for i in range(h.shape[0]):
-        out[i] = _r(w[i] * _r(h[i] * inv))
+        out[i] = _keep(w[i] * _keep(h[i] * inv, mode), mode)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _attend(qkv, cos, sin, heads, kv_heads, hd, k_cache, v_cache, write_slots, tables, lengths, block_size, scale, out):
+def _attend(qkv, cos, sin, heads, kv_heads, hd, k_cache, v_cache, write_slots, tables, lengths, block_size, scale, out,
+            mode):
     """RoPE on q and k, write k/v to the cache, attend over each row's blocks. qkv: [B, (H+2KV)*hd]."""
     B = qkv.shape[0]
     half = hd // 2
@@ -271,12 +304,12 @@ def _attend(qkv, cos, sin, heads, kv_heads, hd, k_cache, v_cache, write_slots, t
             base = j * hd
             for i in range(hd):
                 other = qkv[b, base + i + half] if i < half else qkv[b, base + i - half]
-                rq[b, j, i] = _r(_r(qkv[b, base + i] * cos[b, i]) + _r(other * sin[b, i]))
+                rq[b, j, i] = _keep(_keep(qkv[b, base + i] * cos[b, i], mode) + _keep(other * sin[b, i], mode), mode)
         slot = write_slots[b]
         for g in range(kv_heads):
             for i in range(hd):
-                k_cache[slot, g, i] = _bits(rq[b, heads + g, i])
-                v_cache[slot, g, i] = _bits(qkv[b, (heads + kv_heads + g) * hd + i])
+                k_cache[slot, g, i] = _store(rq[b, heads + g, i], mode)
+                v_cache[slot, g, i] = _store(qkv[b, (heads + kv_heads + g) * hd + i], mode)
     group = heads // kv_heads
     for bh in prange(B * heads):
         b, h = bh // heads, bh % heads
@@ -287,7 +320,7 @@ def _attend(qkv, cos, sin, heads, kv_heads, hd, k_cache, v_cache, write_slots, t
             slot = tables[b, p // block_size] * block_size + p % block_size
             s = np.float32(0.0)
             for i in range(hd):
-                s += rq[b, h, i] * _bf(k_cache[slot, g, i])
+                s += rq[b, h, i] * _load(k_cache[slot, g, i])
             scores[p] = s * scale
             top = max(top, scores[p])
         total = np.float32(0.0)
@@ -298,50 +331,50 @@ def _attend(qkv, cos, sin, heads, kv_heads, hd, k_cache, v_cache, write_slots, t
         for p in range(n):
             slot = tables[b, p // block_size] * block_size + p % block_size
             for i in range(hd):
-                acc[i] += scores[p] * _bf(v_cache[slot, g, i])
+                acc[i] += scores[p] * _load(v_cache[slot, g, i])
         for i in range(hd):
-            out[b, h * hd + i] = _r(acc[i] / total)
+            out[b, h * hd + i] = _keep(acc[i] / total, mode)
 
 
 @njit(fastmath=True, cache=True)
-def _residual_norm(h, add, w, eps, normed) -> None:  # h = bf16(h + add); normed = RMSNorm(h)
+def _residual_norm(h, add, w, eps, normed, mode) -> None:  # h = bf16(h + add); normed = RMSNorm(h)
     for b in range(h.shape[0]):
         for i in range(h.shape[1]):
-            h[b, i] = _r(h[b, i] + add[b, i])
-        _norm(h[b], w, eps, normed[b])
+            h[b, i] = _keep(h[b, i] + add[b, i], mode)
+        _norm(h[b], w, eps, normed[b], mode)
 
 
 @njit(fastmath=True, cache=True)
-def _silu_mul(gu, inter, out) -> None:  # out = bf16(bf16(silu(gate)) * up)
+def _silu_mul(gu, inter, out, mode) -> None:  # out = bf16(bf16(silu(gate)) * up)
     for b in range(gu.shape[0]):
         for i in range(inter):
             g = gu[b, i]
-            out[b, i] = _r(_r(g / (np.float32(1.0) + np.exp(-g))) * gu[b, inter + i])
+            out[b, i] = _keep(_keep(g / (np.float32(1.0) + np.exp(-g)), mode) * gu[b, inter + i], mode)
 
 
 @njit(cache=True)
-def _rope_rows(positions, inv_freq, scaling, cos, sin) -> None:
+def _rope_rows(positions, inv_freq, scaling, cos, sin, mode) -> None:
     """cos, sin: [T, hd] from each row's own position (float32, rounded to bf16; sin's first half
     negated, see ``_attend``). Exact float32 math (no fastmath): cos/sin of large angles."""
     half = inv_freq.shape[0]
     for t in range(positions.shape[0]):
         for i in range(half):
             f = np.float32(positions[t]) * inv_freq[i]
-            c, s = _r(np.float32(np.cos(f)) * scaling), _r(np.float32(np.sin(f)) * scaling)
+            c, s = _keep(np.float32(np.cos(f)) * scaling, mode), _keep(np.float32(np.sin(f)) * scaling, mode)
             cos[t, i], cos[t, half + i], sin[t, i], sin[t, half + i] = c, c, -s, s
 
 
 @njit(fastmath=True, cache=True)
-def _norm_rows(h, w, eps, out) -> None:
+def _norm_rows(h, w, eps, out, mode) -> None:
     for b in range(h.shape[0]):
-        _norm(h[b], w, eps, out[b])
+        _norm(h[b], w, eps, out[b], mode)
 
 
 @njit(fastmath=True, cache=True)
-def _add_rows(h, add) -> None:  # h = bf16(h + add)
+def _add_rows(h, add, mode) -> None:  # h = bf16(h + add)
     for b in range(h.shape[0]):
         for i in range(h.shape[1]):
-            h[b, i] = _r(h[b, i] + add[b, i])
+            h[b, i] = _keep(h[b, i] + add[b, i], mode)
 
 
 @dataclass(frozen=True)
@@ -363,47 +396,53 @@ class RowBatch:
     """What every layer of one fused step shares: T rows, each one position of a request that
     attends over its own request's keys (the new ones of this step included)."""
 
-    cos: np.ndarray  # [T, hd] float32 (bf16 values; sin with its first half negated)
+    cos: np.ndarray  # [T, hd] float32 (bf16 values for BF16; sin with its first half negated)
     sin: np.ndarray
     write_slots: np.ndarray  # [T] int64: where each row's key/value goes
     tables: np.ndarray  # [T, nb] int64: each row's block table
     lengths: np.ndarray  # [T] int64: keys each row attends to (its position + 1)
     block_size: int
     prompt: bool  # prompt rows (projections' ``prefill``) or generated tokens (their ``decode``)
+    mode: np.uint16 | np.float32 = BF16  # activation precision: BF16 or F32
 
     @classmethod
     def build(cls, positions: np.ndarray, inv_freq: np.ndarray, scaling: float, write_slots: np.ndarray,
-              tables: np.ndarray, block_size: int, prompt: bool) -> "RowBatch":
+              tables: np.ndarray, block_size: int, prompt: bool, mode: np.uint16 | np.float32 = BF16) -> "RowBatch":
         """positions: [T] int64; inv_freq: [hd/2] float32 (RoPE)."""
         cos = np.empty((len(positions), 2 * len(inv_freq)), np.float32)
         sin = np.empty_like(cos)
-        _rope_rows(positions, inv_freq, np.float32(scaling), cos, sin)
-        return cls(cos, sin, write_slots, tables, positions + 1, block_size, prompt)
+        _rope_rows(positions, inv_freq, np.float32(scaling), cos, sin, mode)
+        return cls(cos, sin, write_slots, tables, positions + 1, block_size, prompt, mode)
 
 
 def fused_layer(h: np.ndarray, w: LayerWeights, batch: RowBatch, heads: int, kv_heads: int, head_dim: int,
                 k_cache: np.ndarray, v_cache: np.ndarray) -> None:
-    """h: [T, D] float32 holding bf16 values, updated in place; k_cache, v_cache: [slots, KV, hd] bf16 bits."""
+    """h: [T, D] float32 (bf16 values for BF16), updated in place; k_cache, v_cache: [slots, KV, hd] of the
+    batch's mode: bf16 bits (uint16) or float32."""
+    mode = batch.mode
+    if k_cache.dtype != mode.dtype or v_cache.dtype != mode.dtype:
+        raise ValueError(f"a {mode.dtype} fused step needs a {mode.dtype} KV cache; got {k_cache.dtype}, {v_cache.dtype}")
     T = h.shape[0]
     follow_torch_threads()
     normed = np.empty_like(h)
-    _norm_rows(h, w.ln1, w.eps, normed)
-    qkv = _project(w.qkv, normed, batch.prompt)
+    _norm_rows(h, w.ln1, w.eps, normed, mode)
+    qkv = _project(w.qkv, normed, batch)
     attn = np.empty((T, heads * head_dim), np.float32)
     _attend(qkv, batch.cos, batch.sin, heads, kv_heads, head_dim, k_cache, v_cache, batch.write_slots, batch.tables,
-            batch.lengths, batch.block_size, np.float32(head_dim ** -0.5), attn)
-    _residual_norm(h, _project(w.o, attn, batch.prompt), w.ln2, w.eps, normed)
-    gu = _project(w.gate_up, normed, batch.prompt)
+            batch.lengths, batch.block_size, np.float32(head_dim ** -0.5), attn, mode)
+    _residual_norm(h, _project(w.o, attn, batch), w.ln2, w.eps, normed, mode)
+    gu = _project(w.gate_up, normed, batch)
     inter = w.down.shape[1]
     m = np.empty((T, inter), np.float32)
-    _silu_mul(gu, inter, m)
-    _add_rows(h, _project(w.down, m, batch.prompt))
+    _silu_mul(gu, inter, m, mode)
+    _add_rows(h, _project(w.down, m, batch), mode)
 
 
-def _project(p: Projection, x: np.ndarray, prompt: bool) -> np.ndarray:
-    """x [T, I] float32 -> [T, O] float32 holding bf16 values (rounded as torch rounds a bf16 op)."""
-    out = p.prefill(x) if prompt else p.decode(x)
-    _round_rows(out)
+def _project(p: Projection, x: np.ndarray, batch: RowBatch) -> np.ndarray:
+    """x [T, I] float32 -> [T, O] float32, rounded to bf16 for BF16 (as torch rounds a bf16 op)."""
+    out = p.prefill(x) if batch.prompt else p.decode(x)
+    if batch.mode.dtype == BF16.dtype:
+        _round_rows(out)
     return out
 
 
@@ -414,8 +453,8 @@ def _round_rows(h) -> None:  # h = bf16(h), in place
             h[b, i] = _r(h[b, i])
 
 
-def norm_rows(h: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """RMSNorm of each row of h: [T, D] float32 holding bf16 values (the last stage's final norm)."""
+def norm_rows(h: np.ndarray, w: np.ndarray, eps: float, mode: np.uint16 | np.float32 = BF16) -> np.ndarray:
+    """RMSNorm of each row of h: [T, D] float32 (bf16 values for BF16; the last stage's final norm)."""
     out = np.empty_like(h)
-    _norm_rows(h, w, eps, out)
+    _norm_rows(h, w, eps, out, mode)
     return out

@@ -29,7 +29,7 @@ import numba
 import numpy as np
 import torch
 
-from ..broker.model import default_cache_dir
+from parallax.broker.model import default_cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,9 @@ def test_a_row_does_not_depend_on_the_other_rows():
 
 
 def prompt_rows(x: np.ndarray, m: kernels.Projection) -> np.ndarray:
-    return kernels._project(m, x, prompt=True)  # the fused path's prompt projection: prefill, rounded to bf16
+    out = m.prefill(x)  # the fused path's prompt projection: prefill, rounded to bf16
+    kernels._round_rows(out)
+    return out
 
 
 @pytest.mark.parametrize("shape", [(960, 576), (576, 576), (3072, 576), (576, 1536), (96, 202)])
@@ -135,7 +137,8 @@ def test_stack_joins_projections_into_one():
     for parts, kind in ((dense, kernels.Matrix), (quants, quant.QuantMatrix), (mixed, kernels.Stacked)):
         s = kernels.stack(parts)
         assert isinstance(s, kind) and s.shape == (sum(p.shape[0] for p in parts), 64)
-        assert s.nbytes == sum(p.nbytes for p in parts) + (2 * 12 if kind is kernels.Matrix else 4 * 6 * (kind is quant.QuantMatrix))
+        zero_bias = {kernels.Matrix: 2 * 12, quant.QuantMatrix: 4 * 6, kernels.Stacked: 0}[kind]  # parts without one
+        assert s.nbytes == sum(p.nbytes for p in parts) + zero_bias
         for method in ("decode", "prefill"):
             assert np.array_equal(getattr(s, method)(x), np.concatenate([getattr(p, method)(x) for p in parts], 1))
         assert torch.equal(s.matmul(torch.from_numpy(x)), torch.cat([p.matmul(torch.from_numpy(x)) for p in parts], 1))
@@ -271,10 +274,10 @@ def test_warm_up_keeps_torch_thread_count():
     assert done.stdout.strip() == "1"
 
 
-def _reference_layer(h, ln1, qkv, o, ln2, gu, down, positions, inv_freq, heads, kv_heads, hd, eps):
-    """The torch path of a Llama layer in bf16 for one request's rows at ``positions`` (its keys are all in
-    ``h``'s rows: a prompt): weights as float32 [O, I] (dequantized), every op rounded to bf16."""
-    bf = torch.bfloat16
+def _reference_layer(h, ln1, qkv, o, ln2, gu, down, positions, inv_freq, heads, kv_heads, hd, eps, bf=torch.bfloat16):
+    """The torch path of a Llama layer in dtype ``bf`` for one request's rows at ``positions`` (its keys are all
+    in ``h``'s rows: a prompt): weights as float32 [O, I] (dequantized), every op rounded to ``bf``."""
+    h = h.to(bf)
 
     def norm(x, w):
         return torch.from_numpy(w).to(bf) * F.rms_norm(x.float(), (x.shape[1],), eps=eps).to(bf)
@@ -299,11 +302,13 @@ def _reference_layer(h, ln1, qkv, o, ln2, gu, down, positions, inv_freq, heads, 
     return h + proj(F.silu(g) * u, down)
 
 
+@pytest.mark.parametrize("mode", [kernels.BF16, kernels.F32], ids=["bf16", "float32"])
 @pytest.mark.parametrize("qtype", [quant.Q.Q8_0, quant.Q.Q4_1, quant.Q.Q6_K, "mixed"], ids=str)
-def test_a_fused_layer_of_quantized_projections_computes_the_torch_layer(qtype):
-    """fused_layer with QuantMatrix projections (the stage's bf16 activations, weights as GGUF blocks) equals
-    the torch path on the dequantized weights (bf16 rounding after every op) to a few bf16 ulps, for a
-    prompt and for the decode row after it; decode rows of several requests are each their row alone."""
+def test_a_fused_layer_of_quantized_projections_computes_the_torch_layer(qtype, mode):
+    """fused_layer with QuantMatrix projections (weights as GGUF blocks) equals the torch path on the
+    dequantized weights, for a prompt and for the decode row after it: in bf16 (rounding after every op, a
+    bf16 KV cache) to a few bf16 ulps, in float32 (no rounding, a float32 KV cache) to float32 rounding;
+    decode rows of several requests are each their row alone, bit for bit."""
     from bench.quant_kernels import F16_OFFSETS, random_blocks
 
     rng = np.random.default_rng(0)
@@ -329,31 +334,36 @@ def test_a_fused_layer_of_quantized_projections_computes_the_torch_layer(qtype):
         projs = [q((heads + 2 * kv_heads) * hd, D), q(D, heads * hd), q(2 * inter, D), q(D, inter)]
     ln1, ln2 = (torch.rand(D).add(0.5).to(torch.bfloat16).float().numpy() for _ in range(2))
     w = kernels.LayerWeights(ln1, projs[0], projs[1], ln2, projs[2], projs[3], eps)
-    dense = [torch.cat([part.dequantize_rows(0, part.shape[0]) for part in (p.parts if isinstance(p, kernels.Stacked) else (p,))]) for p in projs]
+    dense = [torch.cat([part.dequantize_rows(0, part.shape[0]) for part in kernels.tiled([p])]) for p in projs]
     inv_freq = (1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)).numpy()
     T = 9
     h = torch.randn(T + 1, D).to(torch.bfloat16)
+    dtype = torch.bfloat16 if mode is kernels.BF16 else torch.float32
     want = _reference_layer(h, ln1, dense[0], dense[1], ln2, dense[2], dense[3], torch.arange(T + 1), inv_freq,
-                            heads, kv_heads, hd, eps).float().numpy()
+                            heads, kv_heads, hd, eps, dtype).float().numpy()
 
     def run(rows, prompt, k, v, table=(0, 1, 2)):
         x = h[rows].float().numpy().copy()
         pos = np.array(rows, np.int64)
         slots = np.array([table[p // block] * block + p % block for p in rows], np.int64)
-        batch = kernels.RowBatch.build(pos, inv_freq, 1.0, slots, np.array([table] * len(rows), np.int64), block, prompt)
+        batch = kernels.RowBatch.build(pos, inv_freq, 1.0, slots, np.array([table] * len(rows), np.int64), block, prompt,
+                                       mode)
         kernels.fused_layer(x, w, batch, heads, kv_heads, hd, k, v)
         return x
 
-    k, v = np.zeros((12, kv_heads, hd), np.uint16), np.zeros((12, kv_heads, hd), np.uint16)
+    k, v = np.zeros((12, kv_heads, hd), mode.dtype), np.zeros((12, kv_heads, hd), mode.dtype)
     got = np.concatenate([run(list(range(T)), True, k, v), run([T], False, k, v)])
     scale = np.abs(want).max()
-    assert np.abs(got - want).max() <= 0.02 * scale, np.abs(got - want).max() / scale  # a few bf16 ulps
+    tolerance = 0.02 if mode is kernels.BF16 else 1e-5  # a few bf16 ulps; float32 sums in another order
+    assert np.abs(got - want).max() <= tolerance * scale, np.abs(got - want).max() / scale
     # three requests decoding together (their caches copies of this one's): each row is the row alone, bit for bit
     alone = run([T], False, k.copy(), v.copy())
     kk, vv = np.concatenate([k, k, k]), np.concatenate([v, v, v])
     x = h[[T, T, T]].float().numpy().copy()
     tables = np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8]], np.int64)
     slots = tables[:, T // block] * block + T % block
-    batch = kernels.RowBatch.build(np.full(3, T, np.int64), inv_freq, 1.0, slots, tables, block, False)
+    batch = kernels.RowBatch.build(np.full(3, T, np.int64), inv_freq, 1.0, slots, tables, block, False, mode)
     kernels.fused_layer(x, w, batch, heads, kv_heads, hd, kk, vv)
     assert all(np.array_equal(x[i], alone[0]) for i in range(3))
+    with pytest.raises(ValueError, match="KV cache"):
+        kernels.fused_layer(x, w, batch, heads, kv_heads, hd, kk.view(np.uint8), vv.view(np.uint8))
