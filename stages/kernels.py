@@ -19,9 +19,10 @@ kernels are this file before issue 9):
 So on this CPU torch's bf16 F.linear wins from 16 rows on where it is batch-invariant, the numba GEMV
 at one row: which is why the choice is measured per machine and shape, not assumed.
 
-``fused_layer`` runs a whole Llama-family layer in a few calls instead of ~25 torch ops, rounding to
-bf16 after every op as the torch path does; its projections go through each Projection's ``decode``
-(generated tokens) or ``prefill`` (prompt rows).
+``fused_layer`` runs a whole Llama-family layer in a few calls instead of ~25 torch ops, for bf16
+activations (``BF16``: rounding to bf16 after every op as the torch path does, a bf16 KV cache) or float32
+ones (``F32``: no rounding, a float32 KV cache; e.g. a ``--dtype float32`` GGUF stage); its projections go
+through each Projection's ``decode`` (generated tokens) or ``prefill`` (prompt rows).
 
 Batch invariance: every row of a step is computed by code that reads only that row (and its own
 request's cached keys) and does the same arithmetic for it whatever else the step holds, so a row's
