@@ -120,6 +120,7 @@ def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: torc
     model.fuse()
     if device.type == "cpu" and dtype == torch.bfloat16:
         kernels.warm_up()
+    model.kernel_picks = kernels.tune(kernels.projections(model), dtype) if device.type == "cpu" else {}
     log.info("loaded layers %d:%d of %s (%d tensors, %.1f M params)", start, end, path, len(state),
              sum(p.numel() for p in model.parameters()) / 1e6)
     return model.eval()
