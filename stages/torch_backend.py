@@ -18,7 +18,7 @@ from parallax.broker.errors import UsageError
 from . import kernels
 from .backend import StageSpec, StepItem, StepOutput
 from .kv import KVPool, Rows
-from .models import UnsupportedModel, architecture
+from .models import QUANTIZE_TYPES, UnsupportedModel, already_quantized, architecture
 from .quant import QuantMatrix
 from .sampling import Sampler
 
@@ -114,7 +114,7 @@ def _to_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().contiguous().cpu().view(torch.uint8).numpy()).cast("B")
 
 
-QUANTIZE = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}  # --quantize
+QUANTIZE = {name: gguf.GGMLQuantizationType[name.upper()] for name in QUANTIZE_TYPES}
 
 
 def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: torch.dtype, device: torch.device,
@@ -126,7 +126,7 @@ def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: torc
     if not 0 <= start < end <= args.num_hidden_layers:
         raise ValueError(f"layers {start}:{end} are outside 0:{args.num_hidden_layers} of this model")
     weights = open_weights(path)
-    fmt = WeightFormat(dtype, device, _quantize_type(quantize, weights, device))
+    fmt = WeightFormat(dtype, device, quantize_type(quantize, weights, device))
     with torch.device("meta"):
         model = arch.StageModel(args, start, end)
     model.load(_read_tensors(weights, model, args.tie_word_embeddings, fmt), dtype)
@@ -140,14 +140,14 @@ def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: torc
     return model.eval()
 
 
-def _quantize_type(quantize: str | None, weights: "TensorSource", device: torch.device):
+def quantize_type(quantize: str | None, weights: "TensorSource", device: torch.device):
+    """--quantize checked against the source and device: the block type, or None."""
     if quantize is None:
         return None
     if quantize not in QUANTIZE:
         raise UsageError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE)}")
     if isinstance(weights, GGUFSource):
-        raise UsageError(f"{weights.file.name} is already quantized; drop --quantize to serve its own blocks, "
-                         "or add --dequantize to quantize a dense copy")
+        raise already_quantized(weights.file.name)
     if device.type != "cpu":
         raise UsageError(f"--quantize needs --device cpu (the quantized kernels are CPU kernels), not {device}")
     return QUANTIZE[quantize]

@@ -116,7 +116,8 @@ def test_quantization_changes_the_model(models):
 
 
 def expected_bytes(path: Path, start: int, end: int, qtype: gguf.GGMLQuantizationType, act_size: int) -> int:
-    """Bytes a stage holds, from the checkpoint's shapes: matrices as blocks, vectors in the activation dtype."""
+    """Bytes a stage holds, from the checkpoint's shapes: matrices as blocks (their biases float32), norms in
+    the activation dtype."""
     from safetensors import safe_open
 
     block, size = gguf.GGML_QUANT_SIZES[qtype]
@@ -134,7 +135,10 @@ def expected_bytes(path: Path, start: int, end: int, qtype: gguf.GGMLQuantizatio
                     continue
             elif (name == "model.embed_tokens.weight" and not first) or (name != "model.embed_tokens.weight" and not last):
                 continue
-            total += shape[0] * shape[1] // block * size if len(shape) == 2 else shape[0] * act_size
+            if len(shape) == 2:
+                total += shape[0] * shape[1] // block * size
+            else:  # a bias of a quantized matrix is float32 inside it; norms in the activation dtype
+                total += shape[0] * (4 if name.endswith(".bias") else act_size)
     return total
 
 
@@ -334,3 +338,41 @@ def test_a_gguf_source_serves_its_own_blocks(models, tmp_path, quantize):
         assert (got_logits - want_logits).abs().max() <= 1e-4 * max(1.0, float(want_logits.abs().max()))
     with pytest.raises(UsageError, match="already quantized"):
         load(folder, 0, 2, "q8_0")
+
+
+# --- the command lines ------------------------------------------------------------------------------
+
+
+def test_stage_cli_takes_quantize_and_dequantize():
+    from parallax.stages.cli import parse_args
+
+    args = parse_args(["--model", "m", "--quantize", "q4_0", "--dequantize"])
+    assert args.quantize == "q4_0" and args.dequantize
+    plain = parse_args(["--model", "m"])
+    assert plain.quantize is None and not plain.dequantize
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--quantize", "q4_k"])
+
+
+def test_up_passes_quantize_and_dequantize_to_every_stage():
+    import parallax.cli as cli
+
+    args = cli.build_parser().parse_args(["up", "--quantize", "q8_0", "--dequantize", "--stage-args", "--threads 1"])
+    assert args.quantize == "q8_0" and args.dequantize
+    plan = cli.UpPlan("m", "m", [(0, 1), (1, 2)], "float32", "127.0.0.1", 8000, ("--threads", "1"), "q8_0", True)
+    command = cli.stage_command(plan, 1, 2, "nats://x")
+    assert command[command.index("--quantize") + 1] == "q8_0" and "--dequantize" in command
+    assert command[-2:] == ["--threads", "1"]
+    assert "--quantize" not in cli.gateway_command(plan, "nats://x")  # the gateway reads config + tokenizer only
+    bare = cli.stage_command(cli.UpPlan("m", "m", [(0, 2)], "float32", "127.0.0.1", 8000), 0, 2, "nats://x")
+    assert "--quantize" not in bare and "--dequantize" not in bare
+
+
+@pytest.mark.skipif(not _gguf_branch(), reason="GGUF sources need the gguf branch: the lead turns this on after merging")
+def test_up_refuses_quantize_for_a_gguf_model(models, tmp_path):
+    import parallax.cli as cli
+
+    folder = write_gguf(models["llama"], tmp_path, QTYPES["q8_0"])
+    args = cli.build_parser().parse_args(["up", "--model", str(folder), "--quantize", "q4_0"])
+    with pytest.raises(UsageError, match="already quantized"):
+        cli.plan_up(args)

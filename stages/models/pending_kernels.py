@@ -29,7 +29,7 @@ def with_bias(q: QuantMatrix, bias: torch.Tensor | None):
         return q
     if MERGED:
         return QuantMatrix(q.qtype, q.shape, q.blocks, bias=bias)
-    return _Biased(q, bias.detach())
+    return _Biased(q, bias.detach().float())  # float32, as the merged QuantMatrix holds it
 
 
 class _Biased:
@@ -41,7 +41,7 @@ class _Biased:
         return self.inner.nbytes + self.bias.nbytes
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [M, I] -> [M, O] in x.dtype
-        return (self.inner.matmul(x.float()) + self.bias.float()).to(x.dtype)
+        return (self.inner.matmul(x.float()) + self.bias).to(x.dtype)
 
 
 class _Concat:
