@@ -3,6 +3,11 @@
 Module names inside a layer match transformers' so checkpoints load by renaming
 ``model.layers.{i}`` to ``layers.{i - start}``. Rows of many requests share one forward: every
 projection runs on all rows at once; attention runs per request over its own cache.
+
+Each weight is held once, as loaded (``torch_backend.WeightFormat``): projections as a
+``kernels.Projection`` (bf16/fp16 ``Matrix`` or ``QuantMatrix`` blocks) or a dense float tensor; the
+q/k/v and gate/up projections stacked into one after loading (the parts dropped); a tied embedding
+and head one object on a stage that holds both.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class ModelArgs:
 
 
 Weight = Union[torch.Tensor, "kernels.Projection"]  # a dense float weight (F.linear) or a Projection
+HALF = (torch.bfloat16, torch.float16)
 
 
 class Linear(nn.Module):
@@ -94,9 +100,6 @@ class Linear(nn.Module):
         if isinstance(self.weight, torch.Tensor):
             return self.weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
         return self.weight.nbytes
-
-
-HALF = (torch.bfloat16, torch.float16)
 
 
 class Embedding(nn.Module):
