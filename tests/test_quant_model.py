@@ -376,3 +376,57 @@ def test_up_refuses_quantize_for_a_gguf_model(models, tmp_path):
     args = cli.build_parser().parse_args(["up", "--model", str(folder), "--quantize", "q4_0"])
     with pytest.raises(UsageError, match="already quantized"):
         cli.plan_up(args)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _gguf_branch(), reason="resolve_model(dequantize=) comes with the gguf branch")
+def test_up_serves_a_quantized_pipeline(tiny_model_dir, tmp_path):
+    """`parallax up --quantize q8_0 --stages 2`: both stages hold q8_0 blocks and the pipeline serves the
+    greedy tokens of transformers float32 on the dequantized weights."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from transformers import AutoTokenizer
+
+    from parallax.broker.server import free_port
+
+    port, log_path = free_port(), tmp_path / "up.log"
+    with open(log_path, "w") as log:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "parallax.cli", "up", "--model", str(tiny_model_dir), "--stages", "2", "--quantize",
+             "q8_0", "--port", str(port), "--nats-port", str(free_port()), "--dtype", "float32"],
+            stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 240
+            while not _healthy(base):
+                assert up.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.5)
+            reply = httpx.post(f"{base}/v1/completions", timeout=120, json={
+                "model": tiny_model_dir.name, "prompt": "Hello there", "max_tokens": 8, "temperature": 0,
+                "ignore_eos": True})
+            assert reply.status_code == 200, reply.text
+            up.send_signal(signal.SIGINT)
+            assert up.wait(30) == 0
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait(10)
+    text = log_path.read_text()
+    assert text.count("q8_0 weights") == 2, text[-3000:]  # each stage's load line
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = tok.encode("Hello there")
+    want, _ = reference_greedy(dequantized_reference(tiny_model_dir, QTYPES["q8_0"]), prompt, 8)
+    assert reply.json()["choices"][0]["text"] == tok.decode(want)
+
+
+def _healthy(base: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{base}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
