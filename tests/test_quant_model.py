@@ -430,3 +430,16 @@ def _healthy(base: str) -> bool:
         return httpx.get(f"{base}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.skipif(not _gguf_branch(), reason="GGUF sources need the gguf branch: the lead turns this on after merging")
+def test_stage_refuses_quantize_for_a_gguf_model_in_one_line(models, tmp_path):
+    import subprocess
+    import sys
+
+    folder = write_gguf(models["llama"], tmp_path, QTYPES["q4_0"])
+    done = subprocess.run([sys.executable, "-m", "parallax.stages.cli", "--model", str(folder), "--layers", "0:2",
+                           "--quantize", "q8_0", "--nats", "nats://127.0.0.1:1"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert "tiny.gguf is already quantized" in done.stderr and "Traceback" not in done.stderr
