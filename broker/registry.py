@@ -66,6 +66,7 @@ class NodeInfo(BaseModel):
     layer_ms: float | None = None  # decode time of one layer for one step, measured or estimated
     load: Load = Load()
     profile: ModelProfile | None = None
+    kernels: dict[str, str] = {}  # projection (shape, format, row kind) -> the kernel measured fastest at load
     updated: float = 0.0  # sender's wall clock (for display only)
 
     @model_validator(mode="after")

@@ -200,11 +200,19 @@ def render_table(status: Mapping[str, Any]) -> str:
     if status["models"]:
         lines.append("")
         lines += [coverage_line(name, m) for name, m in status["models"].items()]
+    lines += kernel_lines(status["nodes"])
     lines.append("")
     lines.append(f"leader scheduler: {status['leader']}" if status["leader"] else NO_SCHEDULER)
     if status.get("invalid"):
         lines.append("ignored unreadable entries: " + ", ".join(status["invalid"]))
     return "\n".join(lines)
+
+
+def kernel_lines(nodes: Iterable[Mapping[str, Any]]) -> list[str]:
+    """One line per stage that reports its kernels: what each projection runs on (measured at load)."""
+    lines = [f"kernels {d['node_id']}: " + ", ".join(f"{op} {name}" for op, name in sorted(d["kernels"].items()))
+             for d in nodes if d.get("kernels")]
+    return [""] + lines if lines else []
 
 
 def render_json(status: Mapping[str, Any]) -> str:

@@ -69,6 +69,7 @@ class StepOutput:
 
 class Backend(Protocol):
     spec: StageSpec
+    kernels: dict[str, str]  # which kernel each projection runs (chosen by measurement at load), for the registry
 
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes of keys + values that one block of ``block_size`` positions takes on this stage."""

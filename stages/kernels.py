@@ -1,101 +1,206 @@
-"""numba kernels for bf16 Llama-family layers on CPUs: generated tokens and prompt rows.
+"""Projections as stored and the fused Llama-family layer for CPUs: generated tokens and prompt rows.
 
-Decode at small batch is bound by reading the weights and by per-op overhead. On CPUs without
-native bf16 math (AVX2), torch reads bf16 weights at ~12 GB/s at one row and converts to a float32
-GEMM from 4 rows on, which reads twice the bytes. ``_gemv_rows`` widens each bf16 weight to
-float32 in registers (a 16-bit shift) and reads the weights once for all rows: for the 15 layers of
-a SmolLM2 stage, 1 row 4.3 vs 6.7 ms, 4 rows 7.6 vs 31.6 ms, 16 rows 26.5 vs 39.5 ms. Prompt rows
-go through ``_gemm_rows`` instead, four rows per pass over a transposed copy of the bf16 weight
-(no float32 copy). ``fused_layer`` runs a whole Llama-family layer in a few calls instead of ~25
-torch ops (a 15-layer step at one row: 12.6 -> 7.6 ms).
+A projection (``Projection``: ``Matrix`` for dense bf16/fp16/float32 weights, ``quant.QuantMatrix`` for
+GGUF blocks, ``Stacked`` for q/k/v or gate/up of mixed formats) keeps its weight once, as stored: the
+kernels read W [O, I] in place (no transposed, float32 or dequantized copy). Each has candidate kernels
+(``quant.Tiled``): the numba tile kernel (four weight rows decoded into a small scratch, dotted with
+four input rows at a time), the numba GEMV (one weight row, every input row; a bf16 weight widened in the
+dot itself), a tile-dequant + torch float32 GEMM, and torch's own F.linear for activations of the
+weight's dtype. ``tune`` (``stages.tuning``) times them at stage load and picks one per (shape + format,
+row kind); the picks are cached per machine.
+
+Measured on a 2-core AMD EPYC (avx2 avx512f avx512bw avx512vl avx512_bf16 avx512_vnni ...), torch 2.13,
+one thread, the machine shared with other jobs (ms per call, the fastest of many, bf16 weight; the old
+kernels are this file before issue 9):
+  1536x576 prompt rows M=256: tile 5.35 (old ``_gemm_rows`` over a transposed copy: 6.92), torch bf16
+  F.linear 2.21 (native bf16 dot products); M=64: tile 1.41, old 1.24, torch 0.68.
+  1536x576 M=1: GEMV 0.09 (old 0.08), tile 0.16, torch 0.22; M=16: tile 0.54, GEMV/old 0.62, torch 0.34.
+  49152x576 (lm_head) M=1: GEMV 2.8 (old 2.5), torch 6.5; M=16: tile 22.6, old 31.4, torch 11.2.
+So on this CPU torch's bf16 F.linear wins from 16 rows on where it is batch-invariant, the numba GEMV
+at one row: which is why the choice is measured per machine and shape, not assumed.
+
+``fused_layer`` runs a whole Llama-family layer in a few calls instead of ~25 torch ops, for bf16
+activations (``BF16``: rounding to bf16 after every op as the torch path does, a bf16 KV cache) or float32
+ones (``F32``: no rounding, a float32 KV cache; e.g. a ``--dtype float32`` GGUF stage); its projections go
+through each Projection's ``decode`` (generated tokens) or ``prefill`` (prompt rows).
 
 Batch invariance: every row of a step is computed by code that reads only that row (and its own
 request's cached keys) and does the same arithmetic for it whatever else the step holds, so a row's
 result does not depend on the other rows, their number or order, how its prompt was cut into
 chunks, or the thread count. Which projection kernel a row takes depends on whether it is a prompt
-row, never on how many rows a step has.
+row, never on how many rows a step has; a kernel is only picked if it passed that check on this machine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from typing import Iterable, Protocol
 
-import numba
 import numpy as np
 import torch
-from numba import njit, prange
+import torch.nn.functional as F
+from numba import njit, prange, types
+from numba.extending import overload
 
-MAX_ROWS = 16  # rows per _gemv_rows call (torch path: above it, the float32 GEMM is faster)
+from . import tuning
+from .quant import DENSE, QuantMatrix, Tiled, float32_bias, read_only
+from .tuning import DEFAULT_PICKS, follow_torch_threads
+
+MAX_ROWS = tuning.MAX_ROWS  # generated-token rows per fused call
+# The fused path's activation precision, named by the KV cache's element type: bf16 (the cache holds bf16
+# bits, every op rounds to bf16 as torch's bf16 ops do) or float32 (a float32 cache, no rounding).
+BF16, F32 = np.uint16(0), np.float32(0)
 
 
-def bits(weight: torch.Tensor) -> np.ndarray:
-    """The bf16 weight's bits as a uint16 array sharing its memory: [O, I]."""
-    return weight.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
+class Projection(Protocol):
+    """y = x W^T (+ b), W [O, I] as stored (dense bf16/fp16/float32, or GGUF blocks)."""
+
+    shape: tuple[int, int]  # (O, I)
+
+    @property
+    def nbytes(self) -> int: ...  # bytes as stored (weight + bias)
+
+    def decode(self, x: np.ndarray) -> np.ndarray: ...  # generated-token rows [M, I] f32 -> [M, O] f32, batch-invariant
+
+    def prefill(self, x: np.ndarray) -> np.ndarray: ...  # prompt rows, same shapes
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor: ...  # torch path: [M, I] -> [M, O] in x.dtype
 
 
-class Matrix:
-    """A projection y = x W^T + b of a reduced-precision weight as the CPU kernels read it, each form
-    made on first use: the bf16 bits of W (a view of its memory) for ``_gemv_rows``, a transposed
-    copy of them for ``_gemm_rows``, and a float32 copy of W and b for torch's float32 GEMM (the torch
-    path: converting on every call costs more than the GEMM)."""
+class Matrix(Tiled):
+    """A dense weight (bf16, fp16 or float32) [O, I] and optional bias [O], used as stored: the kernels
+    read a read-only view of the weight's bytes; no transposed or float32 copy is kept. Kernels: ``numba``
+    (the tile kernel, widening a bf16 weight to float32 in registers), ``torch-tile`` (a tile of weight
+    rows at a time widened into a scratch buffer, torch's float32 GEMM), and for activations of the
+    weight's own dtype ``torch`` (torch's F.linear: native bf16 dot products on CPUs that have them)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.weight, self._bias = weight.detach(), None if bias is None else bias.detach()
+        if weight.dim() != 2 or weight.dtype not in DENSE or min(weight.shape) < 1:
+            raise ValueError(f"a dense weight is a non-empty 2-D bfloat16, float16 or float32 tensor; "
+                             f"got {weight.dtype} {list(weight.shape)}")
+        self.weight = weight.detach().contiguous()  # [O, I] (the stored tensor itself when contiguous)
+        self._bias = None if bias is None else bias.detach().to(weight.dtype).contiguous()
+        self.fmt, self._kind = DENSE[weight.dtype]
+        self.shape = (int(weight.shape[0]), int(weight.shape[1]))
+        self._block = 1
+        self._bias32 = float32_bias(None if bias is None else bias.cpu(), self.shape[0])
+        if self.weight.device.type == "cpu":
+            self.picks = dict(DEFAULT_PICKS)
+            self._kernel_blocks = read_only(self.weight.view(torch.uint8).numpy())  # [O, I * element size]
+        else:  # a GPU weight: torch's F.linear only
+            self.picks = dict.fromkeys(DEFAULT_PICKS, "torch")
 
-    @cached_property
-    def bits(self) -> np.ndarray:  # [O, I] uint16
-        return bits(self.weight)
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + (0 if self._bias is None else self._bias.nbytes)
 
-    @cached_property
-    def bits_t(self) -> np.ndarray:  # [I, O] uint16: W^T, for ``_gemm_rows``
-        return np.ascontiguousarray(self.bits.T)
+    @property
+    def bias(self) -> torch.Tensor | None:  # [O] in the weight's dtype
+        return self._bias
 
-    @cached_property
-    def bias(self) -> np.ndarray:  # [O] float32, zeros without a bias
-        b = self._bias.float() if self._bias is not None else torch.zeros(self.weight.shape[0])
-        return b.numpy()
-
-    @cached_property
-    def fp32(self) -> tuple[torch.Tensor, torch.Tensor | None]:  # [O, I], [O] or None
+    @property
+    def fp32(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A float32 copy of W and b made on every call (never kept): only for ``llama.Linear`` until it
+        calls ``matmul``."""
         return self.weight.float(), None if self._bias is None else self._bias.float()
 
+    def candidates(self, kind: str, dtype: torch.dtype) -> tuple[str, ...]:
+        if self.weight.device.type != "cpu":
+            return ("torch",)
+        native = ("torch",) if dtype == self.weight.dtype else ()
+        return ("numba", "numba-gemv") + native if kind == "decode" else ("numba", "torch-tile") + native
 
-def linear_bf16(x: torch.Tensor, m: Matrix) -> torch.Tensor:
-    """x: [M, I] -> [M, O] in x's dtype; float32 accumulation like torch, each row on its own."""
-    return torch.from_numpy(_gemv(np.ascontiguousarray(x.float().numpy()), m)).to(x.dtype)
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self._bias).to(x.dtype)
 
-
-def _gemv(x: np.ndarray, m: Matrix) -> np.ndarray:
-    """x: [M, I] float32 -> [M, O] float32 holding bf16 values. Every row is its own dot products:
-    the same whatever M."""
-    out = np.empty((x.shape[0], m.bits.shape[0]), np.float32)
-    follow_torch_threads()
-    _gemv_rows(m.bits, m.bias, x, out)
-    return out
+    def _torch_numpy(self, x: np.ndarray) -> np.ndarray:
+        return self._torch(torch.from_numpy(x).to(self.weight)).float().cpu().numpy()
 
 
-def _gemm(x: np.ndarray, m: Matrix) -> np.ndarray:
-    """Prompt rows: x [T, I] float32 -> [T, O] float32 holding bf16 values, by ``_gemm_rows`` (a
-    GEMM over the transposed weight, four rows at a time: ~1.4x MKL's float32 time at 512 rows, as
-    fast at 32). Each row takes the same arithmetic whatever the number of rows, their order or the
-    thread count. BLAS does not promise that and does not do it: MKL's sgemm gave a row other bits
-    at 17, 64 or 100 rows than among 1024, and at 16 threads even in a call of a fixed shape, at
-    another place in it (measured on two Xeons, torch 2.11 and 2.13)."""
-    T = x.shape[0]
-    padded = np.zeros((-(-T // 4) * 4, x.shape[1]), np.float32)  # [T', I], T' a multiple of 4
-    padded[:T] = x
-    out = np.empty((padded.shape[0], m.bits_t.shape[1]), np.float32)
-    follow_torch_threads()
-    _gemm_rows(m.bits_t, m.bias, padded, out)
-    return out[:T]
+class Stacked:
+    """Projections of one input run as one (q/k/v or gate/up of mixed formats): outputs concatenated."""
+
+    def __init__(self, parts: list[Projection]):
+        self.parts = tuple(parts)
+        self.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def decode(self, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([p.decode(x) for p in self.parts], axis=1)
+
+    def prefill(self, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([p.prefill(x) for p in self.parts], axis=1)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.matmul(x) for p in self.parts], 1)
 
 
-def follow_torch_threads() -> None:
-    """numba's thread count is set per calling thread (the engine steps in a worker thread)."""
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != threads:
-        numba.set_num_threads(threads)
+def stack(parts: list[Projection]) -> Projection:
+    """One projection computing ``parts`` on the same input, their outputs side by side: dense parts of one
+    dtype -> one Matrix over the concatenated weight (and biases, zeros where a part has none); QuantMatrix
+    parts of one type -> one QuantMatrix over the concatenated blocks; anything else -> ``Stacked``. The
+    result does not refer to the parts: drop them and the weights are held once."""
+    if not parts:
+        raise ValueError("stack needs at least one projection")
+    if len({p.shape[1] for p in parts}) != 1:
+        raise ValueError(f"stacked projections must share in_features; got shapes {[p.shape for p in parts]}")
+    if len(parts) == 1:
+        return parts[0]
+    biased = any(p._bias32 is not None for p in parts if isinstance(p, Tiled))
+    if all(isinstance(p, Matrix) for p in parts) and len({p.weight.dtype for p in parts}) == 1:
+        bias = torch.cat([p.bias if p.bias is not None else torch.zeros(p.shape[0], dtype=p.weight.dtype)
+                          for p in parts]) if biased else None
+        return Matrix(torch.cat([p.weight for p in parts]), bias)
+    if all(isinstance(p, QuantMatrix) for p in parts) and len({p.qtype for p in parts}) == 1:
+        bias = np.concatenate([p._bias32 if p._bias32 is not None else np.zeros(p.shape[0], np.float32)
+                               for p in parts]) if biased else None
+        blocks = np.concatenate([p.blocks for p in parts])
+        return QuantMatrix(parts[0].qtype, (blocks.shape[0], parts[0].shape[1]), blocks, bias)
+    return Stacked(parts)
+
+
+def tiled(projections: Iterable[Projection]) -> list[Tiled]:
+    """The kernel-bearing projections (the parts of a ``Stacked`` one), each once."""
+    seen: dict[int, Tiled] = {}
+    for p in projections:
+        for leaf in p.parts if isinstance(p, Stacked) else (p,):
+            if isinstance(leaf, Tiled):
+                seen.setdefault(id(leaf), leaf)
+    return list(seen.values())
+
+
+def tune(projections: Iterable[Projection], dtype: torch.dtype) -> dict[str, str]:
+    """Choose each projection's kernels by measurement (cached per machine): see ``stages.tuning``."""
+    return tuning.tune(tiled(projections), dtype)
+
+
+def projections(model: torch.nn.Module) -> list[Projection]:
+    """Every projection a model holds: attributes of its modules (also modules kept as plain attributes)
+    and of their ``LayerWeights``."""
+    found: dict[int, Projection] = {}
+    todo, seen = list(model.modules()), set()
+    while todo:
+        module = todo.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for value in vars(module).values():
+            if isinstance(value, (Tiled, Stacked)):
+                found.setdefault(id(value), value)
+            elif isinstance(value, LayerWeights):
+                for p in (value.qkv, value.o, value.gate_up, value.down):
+                    found.setdefault(id(p), p)
+            elif isinstance(value, torch.nn.Module):
+                todo.extend(value.modules())
+    return list(found.values())
+
+
+def linear_bf16(x: torch.Tensor, m: Projection) -> torch.Tensor:
+    """x: [M, I] -> [M, O] in x's dtype, by ``m``'s decode kernel: every row on its own."""
+    return torch.from_numpy(m.decode(np.ascontiguousarray(x.float().numpy()))).to(x.dtype)
 
 
 def warm_up() -> None:
@@ -117,12 +222,15 @@ def _compile_all() -> None:
 
     weights = LayerWeights(np.ones(D, np.float32), zeros((heads + 2 * kv_heads) * hd, D), zeros(D, heads * hd),
                            np.ones(D, np.float32), zeros(2 * inter, D), zeros(D, inter), 1e-6)
-    cache = np.zeros((2, 4, kv_heads, hd), np.uint16)
-    for prompt in (False, True):
-        batch = RowBatch.build(np.zeros(1, np.int64), np.ones(hd // 2, np.float32), 1.0, np.zeros(1, np.int64),
-                               np.zeros((1, 1), np.int64), 4, prompt)
-        fused_layer(np.zeros((1, D), np.float32), weights, batch, heads, kv_heads, hd, cache[0], cache[1])
-    norm_rows(np.zeros((1, D), np.float32), np.ones(D, np.float32), 1e-6)
+    for mode in (BF16, F32):
+        cache = np.zeros((2, 4, kv_heads, hd), mode.dtype)
+        for prompt in (False, True):
+            batch = RowBatch.build(np.zeros(1, np.int64), np.ones(hd // 2, np.float32), 1.0, np.zeros(1, np.int64),
+                                   np.zeros((1, 1), np.int64), 4, prompt, mode)
+            fused_layer(np.zeros((1, D), np.float32), weights, batch, heads, kv_heads, hd, cache[0], cache[1])
+        norm_rows(np.zeros((1, D), np.float32), np.ones(D, np.float32), 1e-6, mode)
+    for name in ("torch-tile", "numba-gemv"):  # the row decoder (embedding rows too), the bf16 GEMV
+        zeros(2, D).run(name, np.zeros((1, D), np.float32))
 
 
 # --- one whole decoder layer, row by row (bf16 values held in float32) -----------------------------
@@ -148,67 +256,46 @@ def _r(x) -> np.float32:  # round a float32 to bf16 precision
     return _bf(_bits(x))
 
 
+def _keep(x, mode):  # x at the activation precision of ``mode`` (BF16: rounded to bf16; F32: as is)
+    raise NotImplementedError  # numba only: see the overload
+
+
+def _store(x, mode):  # x as the KV cache of ``mode`` holds it (bf16 bits or float32)
+    raise NotImplementedError
+
+
+def _load(v):  # a KV cache element as float32
+    raise NotImplementedError
+
+
+@overload(_keep, inline="always")
+def _keep_numba(x, mode):
+    return (lambda x, mode: _r(x)) if isinstance(mode, types.Integer) else (lambda x, mode: np.float32(x))
+
+
+@overload(_store, inline="always")
+def _store_numba(x, mode):
+    return (lambda x, mode: _bits(x)) if isinstance(mode, types.Integer) else (lambda x, mode: np.float32(x))
+
+
+@overload(_load, inline="always")
+def _load_numba(v):
+    return (lambda v: _bf(v)) if isinstance(v, types.Integer) else (lambda v: np.float32(v))
+
+
 @njit(inline="always")
-def _norm(h, w, eps, out) -> None:  # RMSNorm: normalize in float32, round, scale in bf16
+def _norm(h, w, eps, out, mode) -> None:  # RMSNorm: normalize in float32, round, scale (in bf16 for BF16)
     ss = np.float32(0.0)
     for i in range(h.shape[0]):
         ss += h[i] * h[i]
     inv = np.float32(1.0) / np.sqrt(ss / np.float32(h.shape[0]) + np.float32(eps))
     for i in range(h.shape[0]):
-        out[i] = _r(w[i] * _r(h[i] * inv))
+        out[i] = _keep(w[i] * _keep(h[i] * inv, mode), mode)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_rows(w, bias, x, out) -> None:  # out[b, o] = bf16(w[o] . x[b] + bias[o])
-    O, I = w.shape
-    for o in prange(O):
-        row = w[o]
-        for b in range(x.shape[0]):
-            xb = x[b]
-            acc = np.float32(0.0)
-            for i in range(I):
-                acc += _bf(row[i]) * xb[i]
-            out[b, o] = _r(acc + bias[o])
-
-
-@njit(parallel=True, fastmath={"contract"}, cache=True)
-def _gemm_rows(w_t, bias, x, out) -> None:  # out[t, o] = bf16(x[t] . w[o] + bias[o]); T % 4 == 0
-    """w_t: [I, O] bf16 bits; x: [T, I] float32 holding bf16 values. Four rows share each pass over
-    four rows of w_t, each output summed in order of i: the same sums for every row, and exact
-    products (bf16 x bf16 fits float32), so a row's bits do not depend on the other rows."""
-    T, I = x.shape
-    O = w_t.shape[1]
-    whole = I - I % 4
-    for block in prange(T // 4):
-        r = 4 * block
-        o0, o1, o2, o3 = out[r], out[r + 1], out[r + 2], out[r + 3]
-        for c in range(O):
-            o0[c], o1[c], o2[c], o3[c] = 0.0, 0.0, 0.0, 0.0
-        for i in range(0, whole, 4):
-            w0, w1, w2, w3 = w_t[i], w_t[i + 1], w_t[i + 2], w_t[i + 3]
-            a0, a1, a2, a3 = x[r, i], x[r, i + 1], x[r, i + 2], x[r, i + 3]
-            b0, b1, b2, b3 = x[r + 1, i], x[r + 1, i + 1], x[r + 1, i + 2], x[r + 1, i + 3]
-            c0, c1, c2, c3 = x[r + 2, i], x[r + 2, i + 1], x[r + 2, i + 2], x[r + 2, i + 3]
-            d0, d1, d2, d3 = x[r + 3, i], x[r + 3, i + 1], x[r + 3, i + 2], x[r + 3, i + 3]
-            for c in range(O):
-                p, q, u, v = _bf(w0[c]), _bf(w1[c]), _bf(w2[c]), _bf(w3[c])
-                o0[c] = o0[c] + a0 * p + a1 * q + a2 * u + a3 * v
-                o1[c] = o1[c] + b0 * p + b1 * q + b2 * u + b3 * v
-                o2[c] = o2[c] + c0 * p + c1 * q + c2 * u + c3 * v
-                o3[c] = o3[c] + d0 * p + d1 * q + d2 * u + d3 * v
-        for i in range(whole, I):
-            w0 = w_t[i]
-            a0, b0, c0, d0 = x[r, i], x[r + 1, i], x[r + 2, i], x[r + 3, i]
-            for c in range(O):
-                p = _bf(w0[c])
-                o0[c], o1[c], o2[c], o3[c] = o0[c] + a0 * p, o1[c] + b0 * p, o2[c] + c0 * p, o3[c] + d0 * p
-        for c in range(O):
-            o0[c], o1[c], o2[c] = _r(o0[c] + bias[c]), _r(o1[c] + bias[c]), _r(o2[c] + bias[c])
-            o3[c] = _r(o3[c] + bias[c])
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def _attend(qkv, cos, sin, heads, kv_heads, hd, k_cache, v_cache, write_slots, tables, lengths, block_size, scale, out):
+def _attend(qkv, cos, sin, heads, kv_heads, hd, k_cache, v_cache, write_slots, tables, lengths, block_size, scale, out,
+            mode):
     """RoPE on q and k, write k/v to the cache, attend over each row's blocks. qkv: [B, (H+2KV)*hd]."""
     B = qkv.shape[0]
     half = hd // 2
@@ -218,12 +305,12 @@ def _attend(qkv, cos, sin, heads, kv_heads, hd, k_cache, v_cache, write_slots, t
             base = j * hd
             for i in range(hd):
                 other = qkv[b, base + i + half] if i < half else qkv[b, base + i - half]
-                rq[b, j, i] = _r(_r(qkv[b, base + i] * cos[b, i]) + _r(other * sin[b, i]))
+                rq[b, j, i] = _keep(_keep(qkv[b, base + i] * cos[b, i], mode) + _keep(other * sin[b, i], mode), mode)
         slot = write_slots[b]
         for g in range(kv_heads):
             for i in range(hd):
-                k_cache[slot, g, i] = _bits(rq[b, heads + g, i])
-                v_cache[slot, g, i] = _bits(qkv[b, (heads + kv_heads + g) * hd + i])
+                k_cache[slot, g, i] = _store(rq[b, heads + g, i], mode)
+                v_cache[slot, g, i] = _store(qkv[b, (heads + kv_heads + g) * hd + i], mode)
     group = heads // kv_heads
     for bh in prange(B * heads):
         b, h = bh // heads, bh % heads
@@ -234,7 +321,7 @@ def _attend(qkv, cos, sin, heads, kv_heads, hd, k_cache, v_cache, write_slots, t
             slot = tables[b, p // block_size] * block_size + p % block_size
             s = np.float32(0.0)
             for i in range(hd):
-                s += rq[b, h, i] * _bf(k_cache[slot, g, i])
+                s += rq[b, h, i] * _load(k_cache[slot, g, i])
             scores[p] = s * scale
             top = max(top, scores[p])
         total = np.float32(0.0)
@@ -245,50 +332,50 @@ def _attend(qkv, cos, sin, heads, kv_heads, hd, k_cache, v_cache, write_slots, t
         for p in range(n):
             slot = tables[b, p // block_size] * block_size + p % block_size
             for i in range(hd):
-                acc[i] += scores[p] * _bf(v_cache[slot, g, i])
+                acc[i] += scores[p] * _load(v_cache[slot, g, i])
         for i in range(hd):
-            out[b, h * hd + i] = _r(acc[i] / total)
+            out[b, h * hd + i] = _keep(acc[i] / total, mode)
 
 
 @njit(fastmath=True, cache=True)
-def _residual_norm(h, add, w, eps, normed) -> None:  # h = bf16(h + add); normed = RMSNorm(h)
+def _residual_norm(h, add, w, eps, normed, mode) -> None:  # h = bf16(h + add); normed = RMSNorm(h)
     for b in range(h.shape[0]):
         for i in range(h.shape[1]):
-            h[b, i] = _r(h[b, i] + add[b, i])
-        _norm(h[b], w, eps, normed[b])
+            h[b, i] = _keep(h[b, i] + add[b, i], mode)
+        _norm(h[b], w, eps, normed[b], mode)
 
 
 @njit(fastmath=True, cache=True)
-def _silu_mul(gu, inter, out) -> None:  # out = bf16(bf16(silu(gate)) * up)
+def _silu_mul(gu, inter, out, mode) -> None:  # out = bf16(bf16(silu(gate)) * up)
     for b in range(gu.shape[0]):
         for i in range(inter):
             g = gu[b, i]
-            out[b, i] = _r(_r(g / (np.float32(1.0) + np.exp(-g))) * gu[b, inter + i])
+            out[b, i] = _keep(_keep(g / (np.float32(1.0) + np.exp(-g)), mode) * gu[b, inter + i], mode)
 
 
 @njit(cache=True)
-def _rope_rows(positions, inv_freq, scaling, cos, sin) -> None:
+def _rope_rows(positions, inv_freq, scaling, cos, sin, mode) -> None:
     """cos, sin: [T, hd] from each row's own position (float32, rounded to bf16; sin's first half
     negated, see ``_attend``). Exact float32 math (no fastmath): cos/sin of large angles."""
     half = inv_freq.shape[0]
     for t in range(positions.shape[0]):
         for i in range(half):
             f = np.float32(positions[t]) * inv_freq[i]
-            c, s = _r(np.float32(np.cos(f)) * scaling), _r(np.float32(np.sin(f)) * scaling)
+            c, s = _keep(np.float32(np.cos(f)) * scaling, mode), _keep(np.float32(np.sin(f)) * scaling, mode)
             cos[t, i], cos[t, half + i], sin[t, i], sin[t, half + i] = c, c, -s, s
 
 
 @njit(fastmath=True, cache=True)
-def _norm_rows(h, w, eps, out) -> None:
+def _norm_rows(h, w, eps, out, mode) -> None:
     for b in range(h.shape[0]):
-        _norm(h[b], w, eps, out[b])
+        _norm(h[b], w, eps, out[b], mode)
 
 
 @njit(fastmath=True, cache=True)
-def _add_rows(h, add) -> None:  # h = bf16(h + add)
+def _add_rows(h, add, mode) -> None:  # h = bf16(h + add)
     for b in range(h.shape[0]):
         for i in range(h.shape[1]):
-            h[b, i] = _r(h[b, i] + add[b, i])
+            h[b, i] = _keep(h[b, i] + add[b, i], mode)
 
 
 @dataclass(frozen=True)
@@ -297,11 +384,11 @@ class LayerWeights:
     norm weights as float32 (bf16 values)."""
 
     ln1: np.ndarray  # [D]
-    qkv: Matrix  # [(H + 2KV) * hd, D]
-    o: Matrix  # [D, H * hd]
+    qkv: Projection  # [(H + 2KV) * hd, D]
+    o: Projection  # [D, H * hd]
     ln2: np.ndarray  # [D]
-    gate_up: Matrix  # [2I, D]
-    down: Matrix  # [D, I]
+    gate_up: Projection  # [2I, D]
+    down: Projection  # [D, I]
     eps: float
 
 
@@ -310,46 +397,65 @@ class RowBatch:
     """What every layer of one fused step shares: T rows, each one position of a request that
     attends over its own request's keys (the new ones of this step included)."""
 
-    cos: np.ndarray  # [T, hd] float32 (bf16 values; sin with its first half negated)
+    cos: np.ndarray  # [T, hd] float32 (bf16 values for BF16; sin with its first half negated)
     sin: np.ndarray
     write_slots: np.ndarray  # [T] int64: where each row's key/value goes
     tables: np.ndarray  # [T, nb] int64: each row's block table
     lengths: np.ndarray  # [T] int64: keys each row attends to (its position + 1)
     block_size: int
-    prompt: bool  # prompt rows (projections by ``_gemm``) or generated tokens (``_gemv``)
+    prompt: bool  # prompt rows (projections' ``prefill``) or generated tokens (their ``decode``)
+    mode: np.uint16 | np.float32 = BF16  # activation precision: BF16 or F32
 
     @classmethod
     def build(cls, positions: np.ndarray, inv_freq: np.ndarray, scaling: float, write_slots: np.ndarray,
-              tables: np.ndarray, block_size: int, prompt: bool) -> "RowBatch":
+              tables: np.ndarray, block_size: int, prompt: bool, mode: np.uint16 | np.float32 = BF16) -> "RowBatch":
         """positions: [T] int64; inv_freq: [hd/2] float32 (RoPE)."""
         cos = np.empty((len(positions), 2 * len(inv_freq)), np.float32)
         sin = np.empty_like(cos)
-        _rope_rows(positions, inv_freq, np.float32(scaling), cos, sin)
-        return cls(cos, sin, write_slots, tables, positions + 1, block_size, prompt)
+        _rope_rows(positions, inv_freq, np.float32(scaling), cos, sin, mode)
+        return cls(cos, sin, write_slots, tables, positions + 1, block_size, prompt, mode)
 
 
 def fused_layer(h: np.ndarray, w: LayerWeights, batch: RowBatch, heads: int, kv_heads: int, head_dim: int,
                 k_cache: np.ndarray, v_cache: np.ndarray) -> None:
-    """h: [T, D] float32 holding bf16 values, updated in place; k_cache, v_cache: [slots, KV, hd] bf16 bits."""
-    project = _gemm if batch.prompt else _gemv
+    """h: [T, D] float32 (bf16 values for BF16), updated in place; k_cache, v_cache: [slots, KV, hd] of the
+    batch's mode: bf16 bits (uint16) or float32."""
+    mode = batch.mode
+    if k_cache.dtype != mode.dtype or v_cache.dtype != mode.dtype:
+        raise ValueError(f"a {mode.dtype} fused step needs a {mode.dtype} KV cache; got {k_cache.dtype}, {v_cache.dtype}")
     T = h.shape[0]
     follow_torch_threads()
     normed = np.empty_like(h)
-    _norm_rows(h, w.ln1, w.eps, normed)
-    qkv = project(normed, w.qkv)
+    _norm_rows(h, w.ln1, w.eps, normed, mode)
+    qkv = _project(w.qkv, normed, batch)
     attn = np.empty((T, heads * head_dim), np.float32)
     _attend(qkv, batch.cos, batch.sin, heads, kv_heads, head_dim, k_cache, v_cache, batch.write_slots, batch.tables,
-            batch.lengths, batch.block_size, np.float32(head_dim ** -0.5), attn)
-    _residual_norm(h, project(attn, w.o), w.ln2, w.eps, normed)
-    gu = project(normed, w.gate_up)
-    inter = w.down.weight.shape[1]
+            batch.lengths, batch.block_size, np.float32(head_dim ** -0.5), attn, mode)
+    _residual_norm(h, _project(w.o, attn, batch), w.ln2, w.eps, normed, mode)
+    gu = _project(w.gate_up, normed, batch)
+    inter = w.down.shape[1]
     m = np.empty((T, inter), np.float32)
-    _silu_mul(gu, inter, m)
-    _add_rows(h, project(m, w.down))
+    _silu_mul(gu, inter, m, mode)
+    _add_rows(h, _project(w.down, m, batch), mode)
 
 
-def norm_rows(h: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """RMSNorm of each row of h: [T, D] float32 holding bf16 values (the last stage's final norm)."""
+def _project(p: Projection, x: np.ndarray, batch: RowBatch) -> np.ndarray:
+    """x [T, I] float32 -> [T, O] float32, rounded to bf16 for BF16 (as torch rounds a bf16 op)."""
+    out = p.prefill(x) if batch.prompt else p.decode(x)
+    if batch.mode.dtype == BF16.dtype:
+        _round_rows(out)
+    return out
+
+
+@njit(fastmath=True, cache=True)
+def _round_rows(h) -> None:  # h = bf16(h), in place
+    for b in range(h.shape[0]):
+        for i in range(h.shape[1]):
+            h[b, i] = _r(h[b, i])
+
+
+def norm_rows(h: np.ndarray, w: np.ndarray, eps: float, mode: np.uint16 | np.float32 = BF16) -> np.ndarray:
+    """RMSNorm of each row of h: [T, D] float32 (bf16 values for BF16; the last stage's final norm)."""
     out = np.empty_like(h)
-    _norm_rows(h, w, eps, out)
+    _norm_rows(h, w, eps, out, mode)
     return out

@@ -8,39 +8,76 @@ import statistics
 import time
 from pathlib import Path
 
+import gguf
 import torch
 from safetensors import safe_open
 
+from parallax.broker.model import gguf_file, read_config
 from parallax.broker.registry import ModelProfile
 
+from .gguf_weights import FLOAT_TYPES, GGUFWeights
 from .models import architecture
-from parallax.broker.model import read_config
 from .torch_backend import DTYPES, checkpoint_index
 
+QUANTIZE_TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+_STORED_SIZES = {"F32": 4, "F16": 2, "BF16": 2}  # safetensors dtypes a stage keeps as stored
 
-def model_profile(path: Path, dtype: str) -> ModelProfile:
-    """Bytes of one decoder layer, of the embeddings and of norm + lm_head, in the serving dtype."""
+
+def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelProfile:
+    """Bytes of one decoder layer, of the embeddings and of norm + lm_head, as a stage holds them:
+    matrices as stored (GGUF blocks, bf16/fp16 tensors; float32 ones in a bf16/fp16 serving dtype, else
+    float32), or in the ``quantize`` format
+    ("q8_0", "q4_0") when float matrices are quantized at load; vectors (norms, biases) and the KV
+    cache in the serving dtype."""
+    if quantize is not None and quantize not in QUANTIZE_TYPES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_TYPES)}; got {quantize!r}")
     config = read_config(path)
     args = architecture(config).ModelArgs.from_dict(config)
-    numel = _numels(path)
     size = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    layer = sum(n for name, n in numel.items() if name.startswith("model.layers.0."))
-    embed = numel.get("model.embed_tokens.weight", 0)
-    head = numel.get("lm_head.weight", embed) + numel.get("model.norm.weight", 0)
-    return ModelProfile(num_layers=args.num_hidden_layers, layer_bytes=layer * size, first_bytes=embed * size,
-                        last_bytes=head * size, kv_bytes_per_token=2 * args.kv_heads * args.dim_head * size)
+    held = _held_bytes(path, size, quantize)
+    layer = sum(n for name, n in held.items() if name.startswith("model.layers.0."))
+    embed = held.get("model.embed_tokens.weight", 0)
+    head = held.get("lm_head.weight", embed) + held.get("model.norm.weight", 0)
+    return ModelProfile(num_layers=args.num_hidden_layers, layer_bytes=layer, first_bytes=embed,
+                        last_bytes=head, kv_bytes_per_token=2 * args.kv_heads * args.dim_head * size)
 
 
-def _numels(path: Path) -> dict[str, int]:
+def _held_bytes(path: Path, size: int, quantize: str | None) -> dict[str, int]:
+    """HF tensor name -> bytes a stage holds for it."""
+    held = {}
+    for name, (shape, stored, is_float) in _tensors(Path(path)).items():
+        numel = math.prod(shape)
+        if len(shape) != 2:
+            held[name] = numel * size  # converted to the serving dtype
+        elif quantize is not None and is_float:
+            block, block_bytes = gguf.GGML_QUANT_SIZES[QUANTIZE_TYPES[quantize]]
+            held[name] = shape[0] * math.ceil(shape[1] / block) * block_bytes
+        elif stored is None:
+            held[name] = numel * size
+        else:  # as stored; a float32 matrix served in bf16/fp16 is cast once (torch_backend.WeightFormat)
+            held[name] = min(stored, numel * size) if is_float else stored
+    return held
+
+
+def _tensors(path: Path) -> dict[str, tuple[tuple[int, ...], int | None, bool]]:
+    """name -> (shape, bytes as stored or None when a stage converts it to the serving dtype, float or not)."""
+    gguf_path = gguf_file(path)
+    if gguf_path is not None:
+        weights = GGUFWeights.open(gguf_path)
+        return {name: (weights.shape(name), weights.stored_bytes(name), weights.qtype(name) in FLOAT_TYPES)
+                for name in weights.names()}
     by_file: dict[str, list[str]] = {}
     for name, file in checkpoint_index(path).items():
         by_file.setdefault(file, []).append(name)
-    numel: dict[str, int] = {}
+    found = {}
     for file, names in by_file.items():
-        with safe_open(Path(path) / file, framework="pt") as f:
+        with safe_open(path / file, framework="pt") as f:
             for name in names:
-                numel[name] = math.prod(f.get_slice(name).get_shape())
-    return numel
+                info = f.get_slice(name)
+                shape, kind = tuple(info.get_shape()), info.get_dtype()
+                stored = math.prod(shape) * _STORED_SIZES[kind] if kind in _STORED_SIZES else None
+                found[name] = (shape, stored, kind.startswith(("F", "BF")))
+    return found
 
 
 def estimate_layer_ms(profile: ModelProfile, hidden_size: int, dtype: str, device: str, budget_s: float = 0.05) -> float:

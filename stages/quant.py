@@ -1,20 +1,25 @@
-"""GGUF-quantized weight matrices computed with in place: the blocks as stored, never a float copy.
+"""GGUF-quantized weight matrices computed with in place: the blocks as stored, never a float copy; and
+the kernels every projection format shares (dense bf16/fp16/float32 weights are read as bytes too).
 
 A :class:`QuantMatrix` holds a projection's weight [O, I] as its GGUF blocks (uint8 [O, bytes per row],
-blocks running along I), typically a view of a memory-mapped GGUF file. The kernels decode rows of
-blocks into small float32 buffers and use them at once:
+blocks running along I) and an optional float32 bias. The kernels (``Tiled``) decode rows of blocks into
+small float32 buffers and use them at once:
 
-* decode (M <= ``kernels.MAX_ROWS`` rows): a numba GEMV, parallel over output rows. Each weight byte is
-  read from memory once for all M rows: four rows are decoded, then dotted with the input rows two at a
-  time (register reuse both ways). Every output value is a float32 dot product of a decoded row with an
-  input row, accumulated the same way whatever M, the thread split or its place in the tile, so a
-  row's result does not depend on the batch (bit for bit).
-* prefill (more rows): ``TILE_BYTES`` of decoded rows at a time in one float32 scratch buffer, reused for
-  every tile, multiplied with torch's float32 GEMM. Measured on one thread, this costs what one float32
-  GEMM of the whole dequantized matrix costs (M=64, 2048x2048: 11.4 vs 12.2 ms), so the tiling is free.
-  The tiles are decoded on the calling thread: a numba-parallel decode between torch GEMMs alternates
-  two OpenMP pools (numba's and torch's), whose idle workers spin while the other works. int8 (or bf16)
-  activations would be faster but change the numbers; this stays float32-exact like the decode path.
+* ``numba`` (``_tiles``): each thread takes a range of output rows, decodes four weight rows at a time into
+  a [4, I] scratch and dots them with four input rows at a time (16 float32 sums in one vectorized loop),
+  over blocks of input rows that stay in cache (a weight byte is read from memory once for decode's rows).
+* ``numba-gemv`` (``_rows``): one weight row decoded, dotted with every input row: less arithmetic at one
+  or two rows.
+* ``torch-tile``: ``TILE_BYTES`` of decoded rows at a time in one float32 scratch buffer, reused for every
+  tile, multiplied with torch's float32 GEMM. The tiles are decoded on the calling thread: a
+  numba-parallel decode between torch GEMMs alternates two OpenMP pools, whose idle workers spin.
+
+In the numba kernels every output value is a float32 dot product of a decoded row with an input row,
+accumulated the same way whatever M, the thread split or its place in the tile: a row's result does not
+depend on the batch (bit for bit). int8 (or bf16) activations would be faster but change the numbers; this
+stays float32-exact. Measured (2-core AMD EPYC, AVX-512, one thread, a shared machine), Q4_0 1536x576:
+M=1 0.17 ms (GEMV), M=16 0.43 ms (tile), M=256 5.4 ms (tile) / 5.6 ms (torch-tile); the decode is bound by
+decoding, not by memory (~3 GB/s of blocks at one row).
 
 Decoding is exact: every type's row decoder computes the same float32 operations in the same order as
 ``gguf.quants.dequantize`` (no fused multiply-add), so ``dequantize_rows`` equals gguf bit for bit. The
@@ -31,11 +36,12 @@ import numpy as np
 import torch
 from numba import get_num_threads, njit, prange
 
-from .kernels import MAX_ROWS, follow_torch_threads
+from .tuning import DEFAULT_PICKS, MAX_ROWS, follow_torch_threads
 
 Q = gguf.GGMLQuantizationType
 TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)  # kernel code = index
 QUANTIZABLE = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)  # what gguf.quants.quantize can write
+DENSE = {torch.bfloat16: ("bf16", 8), torch.float16: ("f16", 9), torch.float32: ("f32", 10)}  # format, kernel code
 TILE_BYTES = 4 << 20  # float32 scratch of decoded rows per prefill tile
 
 
@@ -177,7 +183,27 @@ def _row_q6_k(src, out, block) -> None:  # ql 128, qh 64, 16 int8 scales (one pe
 
 
 @njit(cache=True)
-def _decode_row(kind, block, src, out) -> None:  # src: one row of blocks (uint8); out: float32 [I]
+def _row_bf16(src, out, block) -> None:  # dense bf16: two bytes per weight, widened by a shift
+    bits = src.view(np.uint16)
+    for i in range(out.size):
+        out[i] = np.uint32(np.uint32(bits[i]) << np.uint32(16)).view(np.float32)
+
+
+@njit(cache=True)
+def _row_f16(src, out, block) -> None:  # dense IEEE half
+    for i in range(out.size):
+        out[i] = _f16(src[2 * i], src[2 * i + 1])
+
+
+@njit(cache=True)
+def _row_f32(src, out, block) -> None:  # dense float32
+    vals = src.view(np.float32)
+    for i in range(out.size):
+        out[i] = vals[i]
+
+
+@njit(cache=True)
+def _decode_row(kind, block, src, out) -> None:  # src: one row as stored (uint8); out: float32 [I]
     # ``block`` (weights per block, 32 or 256) reaches the decoders as a runtime value on purpose: their
     # inner loops then keep a trip count unknown to LLVM, which vectorizes them with a runtime alias check
     # instead of unrolling a constant 16 or 32 into scalar code (3x slower, measured).
@@ -195,50 +221,106 @@ def _decode_row(kind, block, src, out) -> None:  # src: one row of blocks (uint8
         _row_q4_k(src, out, block)
     elif kind == 6:
         _row_q5_k(src, out, block)
-    else:
+    elif kind == 7:
         _row_q6_k(src, out, block)
+    elif kind == 8:
+        _row_bf16(src, out, block)
+    elif kind == 9:
+        _row_f16(src, out, block)
+    else:
+        _row_f32(src, out, block)
 
 
 # --- the kernels ----------------------------------------------------------------------------------
 
 
 @njit(fastmath=True, cache=True)
-def _dots(w, x, m0, m1, out, o, n) -> None:  # out[m, o + k] = w[k] . x[m] for m in (m0, m1), k < n
-    # Four decoded weight rows against two input rows: 8 FMAs per 6 loads instead of 1 per 2, and each
-    # input row is read once per four weight rows. The eight float32 sums live in one vectorized loop,
-    # so they are all accumulated the same way: a result does not depend on its place in the tile.
+def _dots(w, x, m, last, out, o, n) -> None:  # out[r, o + k] = w[k] . x[r], r = m..m+3 (up to last), k < n
+    # Four decoded weight rows against four input rows: 16 FMAs per 8 loads. The sixteen float32 sums live
+    # in one vectorized loop, so they are all accumulated the same way: a result does not depend on its
+    # place in the tile (rows past ``last`` repeat it: computed, the same, and stored again).
+    r1, r2, r3 = min(m + 1, last), min(m + 2, last), min(m + 3, last)
     a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+    c0 = c1 = c2 = c3 = d0 = d1 = d2 = d3 = np.float32(0.0)
     for i in range(x.shape[1]):
-        x0, x1 = x[m0, i], x[m1, i]
-        a0 += w[0, i] * x0
-        a1 += w[1, i] * x0
-        a2 += w[2, i] * x0
-        a3 += w[3, i] * x0
-        b0 += w[0, i] * x1
-        b1 += w[1, i] * x1
-        b2 += w[2, i] * x1
-        b3 += w[3, i] * x1
-    out[m0, o], out[m1, o] = a0, b0
+        w0, w1, w2, w3 = w[0, i], w[1, i], w[2, i], w[3, i]
+        x0, x1, x2, x3 = x[m, i], x[r1, i], x[r2, i], x[r3, i]
+        a0 += w0 * x0
+        a1 += w1 * x0
+        a2 += w2 * x0
+        a3 += w3 * x0
+        b0 += w0 * x1
+        b1 += w1 * x1
+        b2 += w2 * x1
+        b3 += w3 * x1
+        c0 += w0 * x2
+        c1 += w1 * x2
+        c2 += w2 * x2
+        c3 += w3 * x2
+        d0 += w0 * x3
+        d1 += w1 * x3
+        d2 += w2 * x3
+        d3 += w3 * x3
+    out[m, o], out[r1, o], out[r2, o], out[r3, o] = a0, b0, c0, d0
     if n > 1:
-        out[m0, o + 1], out[m1, o + 1] = a1, b1
+        out[m, o + 1], out[r1, o + 1], out[r2, o + 1], out[r3, o + 1] = a1, b1, c1, d1
     if n > 2:
-        out[m0, o + 2], out[m1, o + 2] = a2, b2
+        out[m, o + 2], out[r1, o + 2], out[r2, o + 2], out[r3, o + 2] = a2, b2, c2, d2
     if n > 3:
-        out[m0, o + 3], out[m1, o + 3] = a3, b3
+        out[m, o + 3], out[r1, o + 3], out[r2, o + 3], out[r3, o + 3] = a3, b3, c3, d3
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _gemv(kind, block, blocks, x, out, tasks) -> None:  # blocks [O, row bytes]; x [M, I] float32; out [M, O]
+def _tiles(kind, block, blocks, x, out, tasks, rows_per_pass) -> None:  # blocks [O, row bytes]; x [M, I]; out [M, O]
+    """out = x W^T, float32, unrounded. Each task (one per thread) takes a contiguous range of output rows;
+    it decodes four weight rows at a time into a [4, I] scratch and dots them with ``rows_per_pass`` input
+    rows (a block of x that stays in cache), four at a time. A weight byte is read from memory once per
+    pass (once in all for decode's <= 16 rows)."""
     O, M = blocks.shape[0], x.shape[0]
-    for t in prange(tasks):  # one contiguous range of output rows per task (a task per thread)
+    for t in prange(tasks):
         w = np.zeros((4, x.shape[1]), np.float32)  # up to four weight rows, decoded
         lo, hi = t * O // tasks, (t + 1) * O // tasks
-        for o in range(lo, hi, 4):
-            n = min(4, hi - o)
-            for k in range(n):
-                _decode_row(kind, block, blocks[o + k], w[k])
-            for m in range(0, M, 2):  # an odd last row is paired with itself
-                _dots(w, x, m, min(m + 1, M - 1), out, o, n)
+        for m0 in range(0, M, rows_per_pass):
+            m1 = min(M, m0 + rows_per_pass)
+            for o in range(lo, hi, 4):
+                n = min(4, hi - o)
+                for k in range(n):
+                    _decode_row(kind, block, blocks[o + k], w[k])
+                for m in range(m0, m1, 4):
+                    _dots(w, x, m, m1 - 1, out, o, n)
+
+
+@njit(fastmath=True, cache=True)
+def _dot(w, x) -> np.float32:  # one float32 sum, vectorized the same way for every row
+    acc = np.float32(0.0)
+    for i in range(x.shape[0]):
+        acc += w[i] * x[i]
+    return acc
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _rows(kind, block, blocks, x, out, tasks) -> None:  # out[m, o] = w[o] . x[m]: one weight row at a time
+    """The GEMV: each weight row decoded once into an [I] scratch (in L1) and dotted with every input row.
+    Less arithmetic per output than ``_tiles`` (no tile to fill): faster at one or two rows."""
+    O, M = blocks.shape[0], x.shape[0]
+    for t in prange(tasks):
+        w = np.empty(x.shape[1], np.float32)
+        for o in range(t * O // tasks, (t + 1) * O // tasks):
+            _decode_row(kind, block, blocks[o], w)
+            for m in range(M):
+                out[m, o] = _dot(w, x[m])
+
+
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def _rows_bf16(bits, x, out) -> None:  # out[m, o] = w[o] . x[m], w bf16 bits [O, I] widened in the dot itself
+    for o in prange(bits.shape[0]):
+        row = bits[o]
+        for m in range(x.shape[0]):
+            xm = x[m]
+            acc = np.float32(0.0)
+            for i in range(xm.shape[0]):
+                acc += np.uint32(np.uint32(row[i]) << np.uint32(16)).view(np.float32) * xm[i]
+            out[m, o] = acc
 
 
 @njit(nogil=True, cache=True)
@@ -247,17 +329,162 @@ def _dequantize(kind, block, blocks, rows, out) -> None:  # out[r] = row rows[r]
         _decode_row(kind, block, blocks[rows[r]], out[r])
 
 
+# --- what dense and quantized weights share --------------------------------------------------------
+
+
+class Tiled:
+    """A weight [O, I] that the tile kernel reads as stored (``_kernel_blocks``: uint8 [O, bytes per row],
+    a read-only view, never a copy) and the candidate kernels that compute y = x W^T + b with it:
+
+    * ``numba``: ``_tiles``, float32 sums in an order fixed by I alone: a row's bits never depend on the
+      other rows, their number, or the thread count (decode and prompt rows alike).
+    * ``torch-tile``: ``TILE_BYTES`` of weight rows decoded at a time into one scratch buffer, multiplied
+      with torch's float32 GEMM (whether that is batch-invariant is the tuning's to check).
+    * ``torch`` (dense weights, activations of the weight's dtype): torch's own F.linear.
+
+    ``picks`` says which one runs for generated-token rows (``decode``) and prompt rows (``prefill``);
+    ``stages.tuning.tune`` sets it by measurement. Until then both are ``numba``."""
+
+    fmt: str  # "bf16", "f16", "f32" or the GGUF type's name
+    shape: tuple[int, int]
+    picks: dict[str, str]
+    _kernel_blocks: np.ndarray
+    _kind: int
+    _block: int
+    _bias32: np.ndarray | None  # [O] float32
+
+    def candidates(self, kind: str, dtype: torch.dtype) -> tuple[str, ...]:
+        """Kernels that may run rows of ``kind`` ("decode" or "prefill") for activations of ``dtype``."""
+        return ("numba", "numba-gemv") if kind == "decode" else ("numba", "torch-tile")
+
+    def decode(self, x: np.ndarray) -> np.ndarray:
+        """Generated-token rows: x [M, I] float32 -> [M, O] float32 (unrounded), batch-invariant."""
+        return self.run(self.picks["decode"], x)
+
+    def prefill(self, x: np.ndarray) -> np.ndarray:
+        """Prompt rows: x [T, I] float32 -> [T, O] float32 (unrounded)."""
+        return self.run(self.picks["prefill"], x)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The torch path: x [M, I] float32/bfloat16/float16 -> [M, O] in x's dtype. Up to MAX_ROWS rows
+        by the decode pick, more by the prefill pick (a kernel not valid for x's dtype: the default one)."""
+        O, I = self.shape
+        if x.dim() != 2 or x.shape[1] != I:
+            raise ValueError(f"input must be [rows, {I}]; got {list(x.shape)}")
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"input dtype must be float32, bfloat16 or float16; got {x.dtype}")
+        kind = "decode" if x.shape[0] <= MAX_ROWS else "prefill"
+        name, valid = self.picks[kind], self.candidates(kind, x.dtype)
+        if name not in valid:
+            name = DEFAULT_PICKS[kind] if DEFAULT_PICKS[kind] in valid else valid[0]
+        if name == "torch":
+            return self._torch(x.detach())
+        return torch.from_numpy(self.run(name, x.detach().float().numpy())).to(x.dtype)
+
+    def run(self, name: str, x: np.ndarray) -> np.ndarray:
+        """x [M, I] float32 -> [M, O] float32 by the kernel ``name``."""
+        x = np.ascontiguousarray(x, np.float32)
+        if name == "numba":
+            out = self._numba(x)
+        elif name == "numba-gemv":
+            out = self._numba(x, gemv=True)
+        elif name == "torch-tile":
+            out = self._torch_tile(x)
+        elif name == "torch":
+            return self._torch_numpy(x)
+        else:
+            raise ValueError(f"no kernel {name!r} for a {self.fmt} weight")
+        if self._bias32 is not None:
+            out += self._bias32
+        return out
+
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:  # torch's own F.linear: dense weights only
+        raise ValueError(f"no kernel 'torch' for a {self.fmt} weight")
+
+    def _torch_numpy(self, x: np.ndarray) -> np.ndarray:
+        raise ValueError(f"no kernel 'torch' for a {self.fmt} weight")
+
+    def _numba(self, x: np.ndarray, gemv: bool = False) -> np.ndarray:  # [M, I] -> [M, O] float32, no bias
+        O, I = self.shape
+        out = np.empty((x.shape[0], O), np.float32)
+        if x.shape[0] == 0:
+            return out
+        follow_torch_threads()
+        if gemv and self._kind == DENSE[torch.bfloat16][1]:  # one pass over the bf16 bits, no scratch
+            _rows_bf16(self._kernel_blocks.view(np.uint16), x, out)
+        elif gemv:
+            _rows(self._kind, self._block, self._kernel_blocks, x, out, get_num_threads())
+        else:
+            _tiles(self._kind, self._block, self._kernel_blocks, x, out, get_num_threads(), _rows_per_pass(I))
+        return out
+
+    def _torch_tile(self, x: np.ndarray) -> np.ndarray:  # [M, I] -> [M, O] float32, no bias
+        O, I = self.shape
+        tile = max(1, min(O, TILE_BYTES // (4 * I)))
+        scratch = torch.empty(tile, I)  # [tile, I] decoded rows, reused for every tile
+        xt = torch.from_numpy(x)
+        out_t = torch.empty(O, x.shape[0])  # [O, M]: each tile's result is a contiguous slice
+        for start in range(0, O, tile):
+            n = min(tile, O - start)
+            _dequantize(self._kind, self._block, self._kernel_blocks, np.arange(start, start + n), scratch[:n].numpy())
+            torch.mm(scratch[:n], xt.T, out=out_t[start:start + n])
+        return out_t.T.contiguous().numpy()
+
+    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1 of the weight as float32 [stop - start, I], exactly as gguf dequantizes them."""
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise ValueError(f"rows {start}:{stop} are outside 0:{self.shape[0]}")
+        return self.take_rows(torch.arange(start, stop))
+
+    def take_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows at ``ids`` (1-D, e.g. token ids for an embedding) as float32 [len(ids), I]."""
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"row ids must be a 1-D integer tensor; got {ids.dtype} {list(ids.shape)}")
+        rows = ids.to(torch.int64).numpy()
+        if rows.size and not (0 <= rows.min() and rows.max() < self.shape[0]):
+            raise ValueError(f"row ids must be in 0:{self.shape[0]}; got {int(rows.min())}..{int(rows.max())}")
+        out = np.empty((rows.size, self.shape[1]), np.float32)
+        _dequantize(self._kind, self._block, self._kernel_blocks, rows, out)
+        return torch.from_numpy(out)
+
+
+def _rows_per_pass(in_features: int) -> int:
+    """Input rows per pass over the weight: ~128 KiB of them (they stay in cache), at least MAX_ROWS (so
+    decode reads every weight byte once), a multiple of four (the tile)."""
+    return max(MAX_ROWS, (32768 // in_features) // 4 * 4)
+
+
+def read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only plain-ndarray view (one compiled kernel for every weight, memory-mapped or not)."""
+    view = np.asarray(a).view()
+    view.flags.writeable = False
+    return view
+
+
+def float32_bias(bias: torch.Tensor | np.ndarray | None, out_features: int) -> np.ndarray | None:
+    if bias is None:
+        return None
+    b = bias.detach().float().numpy() if isinstance(bias, torch.Tensor) else np.asarray(bias, np.float32)
+    if b.shape != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},); got {b.shape}")
+    return np.ascontiguousarray(b, np.float32)
+
+
 # --- the matrix -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, eq=False)
-class QuantMatrix:
-    """A weight [O, I] as GGUF blocks: ``blocks`` uint8 [O, bytes per row], used as given (never copied)."""
+class QuantMatrix(Tiled):
+    """A weight [O, I] as GGUF blocks: ``blocks`` uint8 [O, bytes per row], used as given (never copied),
+    and an optional float32 bias [O]."""
 
     qtype: gguf.GGMLQuantizationType
     shape: tuple[int, int]  # (out_features O, in_features I)
     blocks: np.ndarray
-    _kernel_blocks: np.ndarray = field(init=False, repr=False)  # a read-only plain-ndarray view (one compiled kernel)
+    bias: np.ndarray | torch.Tensor | None = None
+    picks: dict[str, str] = field(init=False, repr=False, default_factory=lambda: dict(DEFAULT_PICKS))
+    _kernel_blocks: np.ndarray = field(init=False, repr=False)
+    _bias32: np.ndarray | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.qtype not in TYPES:
@@ -279,12 +506,12 @@ class QuantMatrix:
                              f"({size} bytes per {block} weights); got {described}")
         if not b.flags.c_contiguous:
             raise ValueError("blocks must be C-contiguous (the tensor's bytes as stored), not a strided view")
-        view = np.asarray(b).view()
-        view.flags.writeable = False
-        object.__setattr__(self, "_kernel_blocks", view)
+        object.__setattr__(self, "_kernel_blocks", read_only(b))
+        object.__setattr__(self, "_bias32", float32_bias(self.bias, O))
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor | np.ndarray, qtype: gguf.GGMLQuantizationType) -> QuantMatrix:
+    def quantize(cls, weight: torch.Tensor | np.ndarray, qtype: gguf.GGMLQuantizationType,
+                 bias: torch.Tensor | np.ndarray | None = None) -> QuantMatrix:
         """Quantize a float weight [O, I] with ``gguf.quants.quantize`` (for checkpoints quantized at load)."""
         if qtype not in QUANTIZABLE:
             raise ValueError(f"cannot quantize to {getattr(qtype, 'name', qtype)}: gguf can write "
@@ -295,7 +522,7 @@ class QuantMatrix:
         block = gguf.GGML_QUANT_SIZES[qtype][0]
         if w.shape[1] % block:
             raise ValueError(f"in_features {w.shape[1]} is not a multiple of the {qtype.name} block size {block}")
-        return cls(qtype, w.shape, gguf.quants.quantize(w, qtype))
+        return cls(qtype, w.shape, gguf.quants.quantize(w, qtype), bias)
 
     @classmethod
     def from_reader_tensor(cls, tensor: gguf.ReaderTensor) -> QuantMatrix:
@@ -306,9 +533,13 @@ class QuantMatrix:
         return cls(tensor.tensor_type, (out_features, in_features), tensor.data)
 
     @property
+    def fmt(self) -> str:
+        return self.qtype.name
+
+    @property
     def nbytes(self) -> int:
-        """Bytes as stored."""
-        return self.blocks.nbytes
+        """Bytes as stored (blocks and bias)."""
+        return self.blocks.nbytes + (0 if self._bias32 is None else self._bias32.nbytes)
 
     @property
     def _kind(self) -> int:
@@ -317,46 +548,3 @@ class QuantMatrix:
     @property
     def _block(self) -> int:
         return gguf.GGML_QUANT_SIZES[self.qtype][0]
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [M, I] float32 or bfloat16 -> x @ W.T: [M, O] in x's dtype, accumulated in float32."""
-        O, I = self.shape
-        if x.dim() != 2 or x.shape[1] != I:
-            raise ValueError(f"input must be [rows, {I}]; got {list(x.shape)}")
-        if x.dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"input dtype must be float32 or bfloat16; got {x.dtype}")
-        x32 = x.detach().to(torch.float32).contiguous()
-        if x.shape[0] <= MAX_ROWS:
-            out = np.empty((x.shape[0], O), np.float32)
-            follow_torch_threads()
-            _gemv(self._kind, self._block, self._kernel_blocks, x32.numpy(), out, get_num_threads())
-            return torch.from_numpy(out).to(x.dtype)
-        return self._prefill(x32).to(x.dtype)
-
-    def _prefill(self, x32: torch.Tensor) -> torch.Tensor:  # [M, I] -> [M, O] float32, a tile of rows at a time
-        O, I = self.shape
-        tile = max(1, min(O, TILE_BYTES // (4 * I)))
-        scratch = torch.empty(tile, I)  # [tile, I] decoded rows, reused for every tile
-        out_t = torch.empty(O, x32.shape[0])  # [O, M]: each tile's result is a contiguous slice
-        for start in range(0, O, tile):
-            n = min(tile, O - start)
-            _dequantize(self._kind, self._block, self._kernel_blocks, np.arange(start, start + n), scratch[:n].numpy())
-            torch.mm(scratch[:n], x32.T, out=out_t[start:start + n])
-        return out_t.T
-
-    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows start..stop-1 of the weight as float32 [stop - start, I], exactly as gguf dequantizes them."""
-        if not 0 <= start <= stop <= self.shape[0]:
-            raise ValueError(f"rows {start}:{stop} are outside 0:{self.shape[0]}")
-        return self.take_rows(torch.arange(start, stop))
-
-    def take_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """The rows at ``ids`` (1-D, e.g. token ids for an embedding) as float32 [len(ids), I]."""
-        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise ValueError(f"row ids must be a 1-D integer tensor; got {ids.dtype} {list(ids.shape)}")
-        rows = ids.to(torch.int64).numpy()
-        if rows.size and not (0 <= rows.min() and rows.max() < self.shape[0]):
-            raise ValueError(f"row ids must be in 0:{self.shape[0]}; got {int(rows.min())}..{int(rows.max())}")
-        out = np.empty((rows.size, self.shape[1]), np.float32)
-        _dequantize(self._kind, self._block, self._kernel_blocks, rows, out)
-        return torch.from_numpy(out)

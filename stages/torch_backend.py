@@ -7,18 +7,20 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import gguf
 import torch
 from safetensors import safe_open
 
 from parallax.broker.errors import UsageError
+from parallax.broker.model import gguf_file
 
 from . import kernels
 from .backend import StageSpec, StepItem, StepOutput
 from .kv import KVPool, Rows
 from .models import QUANTIZE_TYPES, UnsupportedModel, already_quantized, architecture
+from .gguf_weights import GGUFWeights
 from .quant import QuantMatrix
 from .sampling import Sampler
 
@@ -38,6 +40,7 @@ class TorchBackend:
         self._kv_shape = (len(model.layers), args.kv_heads, args.dim_head)
         self.kv: KVPool | None = None
         self.sampler = Sampler()
+        self.kernels: dict[str, str] = model.kernel_picks  # chosen by the kernel tuning at load
 
     @classmethod
     def load(cls, path: Path, model_name: str, start: int, end: int, dtype: str, device: str | None = None,
@@ -132,9 +135,9 @@ def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: torc
     model.load(_read_tensors(weights, model, args.tie_word_embeddings, fmt), dtype)
     model.inv_freq, model.attention_scaling = _rope(path, args.dim_head, device)
     model.fuse()
-    # (kernel choice by measurement for this stage's projections goes here)
     if device.type == "cpu" and dtype == torch.bfloat16:
         kernels.warm_up()
+    model.kernel_picks = kernels.tune(kernels.projections(model), dtype) if device.type == "cpu" else {}
     log.info("loaded layers %d:%d of %s (%s weights, %.1f MB as held)", start, end, path,
              quantize or "stored", model.weight_bytes / 1e6)
     return model.eval()
@@ -213,7 +216,7 @@ class GGUFSource:
     """A GGUF file's tensors (``stages.gguf_weights``), quantized ones as QuantMatrix blocks."""
 
     file: Path
-    weights: Any
+    weights: GGUFWeights
 
     def names(self) -> set[str]:
         return self.weights.names()
@@ -224,15 +227,9 @@ class GGUFSource:
 
 def open_weights(path: Path) -> TensorSource:
     """The folder's GGUF (``broker.model.gguf_file``) when it serves from one, else its safetensors."""
-    try:
-        from parallax.broker.model import gguf_file
-    except ImportError:  # TEMPORARY: before the gguf branch is merged every source is a safetensors folder
-        return SafetensorsWeights(path)
     file = gguf_file(path)
     if file is None:
         return SafetensorsWeights(path)
-    from .gguf_weights import GGUFWeights
-
     return GGUFSource(Path(file), GGUFWeights.open(file))
 
 

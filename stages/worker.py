@@ -68,13 +68,14 @@ class NodeFacts:
 
 
 def node_info(node_id: str, model: str, num_layers: int, device: str, dtype: str, facts: NodeFacts, state: State,
-              layers: tuple[int, int] | None = None, load: Load = Load(), layer_ms: float | None = None) -> NodeInfo:
+              layers: tuple[int, int] | None = None, load: Load = Load(), layer_ms: float | None = None,
+              kernels: dict[str, str] | None = None) -> NodeInfo:
     start, end = layers or (None, None)
     return NodeInfo(
         node_id=node_id, kind="stage", model=model, start=start, end=end, num_layers=num_layers,
         host=socket.gethostname(), device=device, dtype=dtype, version=__version__, state=state, manual=facts.manual,
         memory_total=facts.memory_total, memory_offered=facts.memory_offered, layer_ms=layer_ms or facts.layer_ms,
-        load=load, profile=facts.profile, updated=time.time(),
+        load=load, profile=facts.profile, kernels=kernels or {}, updated=time.time(),
     )
 
 
@@ -98,7 +99,7 @@ class StageWorker:
         load = Load(running=len(e.seqs), waiting=e.queued, kv_blocks_used=e.blocks.used, kv_blocks_total=e.blocks.num_blocks)
         layer_ms = None if self._step_ms is None else self._step_ms / (s.end - s.start)
         return node_info(self.config.node_id, s.model, s.num_layers, s.device, s.dtype, self.facts, state,
-                         (s.start, s.end), load, layer_ms)
+                         (s.start, s.end), load, layer_ms, self.backend.kernels)
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set, registered in the KV registry; a clean exit deletes the key."""

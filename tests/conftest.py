@@ -67,10 +67,11 @@ def smollm2_tokenizer(smollm2_path: Path):
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    """The SmolLM2-135M-Instruct HF folder (float32), converted from its GGUF once and cached."""
+    """The SmolLM2-135M-Instruct HF folder (float32), dequantized from its GGUF once and cached: what
+    transformers loads as the reference."""
     from parallax.broker.model import resolve_model
 
-    return resolve_model("smollm2-135m").path
+    return resolve_model("smollm2-135m", dequantize=True).path
 
 
 def save_tiny_llama(path: Path, layers: int = 6, tied: bool = False, vocab: int = SMOLLM2_VOCAB,

@@ -329,3 +329,131 @@ def test_benchmark_ctrl_c_stops_the_cluster(tmp_path: Path):
     assert results["error"] == "interrupted"
     assert_all_gone(results["cluster"]["pids"])
 
+
+
+# ------------------------------------------------------------------- synthetic model, side by side
+def llama_cpp_rows(heads: int, head_dim: int) -> list[int]:
+    """HF row stored at each llama.cpp row: within a head, rotary pair j (HF rows j and j + head_dim/2)
+    becomes rows 2j and 2j + 1 (convert_hf_to_gguf's permute, written out row by row)."""
+    half = head_dim // 2
+    return [h * head_dim + r * half + j for h in range(heads) for j in range(half) for r in range(2)]
+
+
+def test_synth_permutes_q_and_k_rows_like_llama_cpp():
+    import numpy as np
+
+    from bench.synth import permute_llama
+
+    w = np.arange(3 * 8 * 5, dtype=np.float32).reshape(24, 5)  # 3 heads of head_dim 8, 5 inputs
+    assert np.array_equal(permute_llama(w, 3), w[llama_cpp_rows(3, 8)])
+
+
+def test_synth_config_sizes_and_validation():
+    from bench.synth import TINY, SynthConfig, _shard_plan
+
+    cfg = SynthConfig()
+    assert 1.0e9 < cfg.parameters() < 1.2e9 and cfg.head_dim == 64
+    names = [name for name, _ in cfg.tensors()]
+    assert len(names) == 2 + 9 * 22 and "lm_head.weight" not in names
+    shards = list(_shard_plan(cfg.tensors(), 512 * 1024 * 1024))
+    assert [n for shard in shards for n in shard] == names and len(shards) == 5
+    assert TINY.parameters() < 5e6
+    with pytest.raises(ValueError, match="do not divide"):
+        SynthConfig(heads=3)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        SynthConfig(hidden=48, heads=1, kv_heads=1)
+
+
+@pytest.mark.slow
+def test_synth_tiny_writes_one_model_three_ways(tmp_path: Path, smollm2_path: Path):
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import load_file
+
+    from bench.synth import TINY
+    from parallax.broker.model import smollm2_gguf
+
+    proc = subprocess.run([sys.executable, "-m", "bench.synth", "--tiny", "--out", str(tmp_path)], cwd=REPO,
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf = tmp_path / "hf"
+    config = json.loads((hf / "config.json").read_text())
+    assert config["hidden_size"] == 64 and config["num_key_value_heads"] == 2 and config["tie_word_embeddings"]
+    tensors = {}
+    for shard in hf.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    assert len(tensors) == len(TINY.tensors()) and all(t.dtype == torch.bfloat16 for t in tensors.values())
+    q_proj = tensors["model.layers.1.self_attn.q_proj.weight"].float().numpy()
+    assert 0.015 < q_proj.std() < 0.025
+    smol_tokens = GGUFReader(smollm2_gguf()).fields["tokenizer.ggml.tokens"].contents()
+    # a value's error: half a step (Q8_0 step = absmax/127, its fp16 scale adds a little), Q4_0 up to one step
+    # (scale = signed absmax / -8, levels -8..7: a value of the other sign near absmax clamps to 7)
+    for qtype, bound in (("Q8_0", 0.6 / 127), ("Q4_0", 1.05 / 8)):
+        reader = GGUFReader(tmp_path / f"synth-{qtype.lower()}.gguf")
+        by_name = {t.name: t for t in reader.tensors}
+        assert "output.weight" not in by_name and len(by_name) == len(TINY.tensors())
+        assert by_name["token_embd.weight"].tensor_type == GGMLQuantizationType.Q8_0
+        assert by_name["blk.0.ffn_down.weight"].tensor_type == GGMLQuantizationType[qtype]
+        assert by_name["blk.0.attn_norm.weight"].tensor_type == GGMLQuantizationType.F32
+        assert reader.fields["llama.attention.head_count_kv"].contents() == 2
+        assert reader.fields["tokenizer.ggml.tokens"].contents() == smol_tokens
+        for name, hf_name, heads in (("blk.1.attn_q.weight", "model.layers.1.self_attn.q_proj.weight", 4),
+                                     ("blk.1.attn_k.weight", "model.layers.1.self_attn.k_proj.weight", 2),
+                                     ("blk.1.ffn_up.weight", "model.layers.1.mlp.up_proj.weight", None)):
+            t = by_name[name]
+            stored = dequantize(np.asarray(t.data), t.tensor_type).reshape(tensors[hf_name].shape)
+            expected = tensors[hf_name].float().numpy()
+            if heads is not None:
+                expected = expected[llama_cpp_rows(heads, 16)]
+            block_max = np.abs(expected).reshape(-1, 32).max(axis=1, keepdims=True)
+            err = np.abs(stored - expected).reshape(-1, 32)
+            assert (err <= block_max * bound + 1e-6).all(), name  # a wrong row order: errors ~ absmax
+    summary = json.loads((tmp_path / "synth.json").read_text())
+    assert summary["parameters"] == TINY.parameters() and summary["q4_0"]["bytes"] > 0
+
+
+def test_side_by_side_targets_and_table():
+    from bench import side_by_side as sbs
+
+    def stage(layers: str, rss: float, weights: float, kv: float) -> dict:
+        return {"stage": layers, "pid": 1, "peak_rss_bytes": int(rss * 1e9), "weight_bytes": int(weights * 1e9),
+                "kv_budget_bytes": int(kv * 1e9)}
+
+    def cluster(single: float, batch: float, stages: list[dict]) -> dict:
+        return {"single": {"decode_tok_s_per_stream": single, "completion_tokens": 128},
+                "batch": {"output_tok_s": batch, "completion_tokens": 2048}, "per_stage": stages}
+
+    q4 = {"model": "synth-q4_0", "gguf_bytes": int(0.6e9),
+          "llamacpp": {"decode_tok_s": 20.0, "tokens": 128, "peak_rss_bytes": int(0.8e9)},
+          "parallax1": cluster(21.0, 60.0, [stage("0:22", 1.6, 0.6, 0.25)]),
+          "parallax2": cluster(16.0, 60.0, [stage("0:11", 1.0, 0.35, 0.25), stage("11:22", 1.6, 0.35, 0.25)])}
+    bf16 = {"model": "smollm2-bf16", "gguf_bytes": None,
+            "transformers": {"b1": {"decode_tok_s": 30.0, "new_tokens": 128},
+                             "batched": {"decode_tok_s": 200.0, "batch": 16, "new_tokens": 128}},
+            "parallax1": cluster(40.0, 320.0, []), "parallax2": {"error": "ClusterError: boom"}}
+    verdicts = {t["target"]: t["verdict"] for t in sbs.targets([q4, bf16])}
+    assert verdicts["synth-q4_0: --stages 1 single stream / llama.cpp"] == "PASS"  # 21 / 20
+    assert verdicts["synth-q4_0: --stages 2 single stream / llama.cpp"] == "FAIL"  # 16 / 20 < 0.85
+    assert verdicts["smollm2-bf16: --stages 1 aggregate / transformers loop batch"] == "PASS"  # 320 / 200
+    assert verdicts["smollm2-bf16: --stages 2 aggregate / transformers loop batch"] == "n/a"
+    assert verdicts["synth-q4_0 parallax2 stage 0:11: RSS / (1.15 w + kv + 0.7 GB)"] == "PASS"  # 1.0 <= 1.35
+    assert verdicts["synth-q4_0 parallax2 stage 11:22: RSS / (1.15 w + kv + 0.7 GB)"] == "FAIL"  # 1.6 > 1.35
+    assert verdicts["synth-q4_0 parallax2 stage 11:22: RSS / 1.5 GB"] == "FAIL"
+    assert verdicts["synth-q4_0 parallax2 stage 0:11: RSS / 1.5 GB"] == "PASS"
+    doc = {"machine": report.machine_info(), "cpu_flags": "avx2", "results": [q4, bf16],
+           "settings": {"threads": 2, "new_tokens": 128, "input_len": 64, "streams": 16},
+           "targets": sbs.targets([q4, bf16])}
+    text = sbs.markdown(doc)
+    assert "| synth-q4_0 | llamacpp | 128 | 20.0 | n/a |" in text
+    assert "| smollm2-bf16 | parallax2 | ClusterError: boom | n/a | n/a |" in text
+    assert "- smollm2-bf16 parallax2: ClusterError: boom" in text
+
+
+def test_side_by_side_rejects_bad_options(capsys):
+    from bench.side_by_side import main
+
+    assert main(["--models", "nope"]) == 2
+    assert "unknown model nope" in capsys.readouterr().err
+    assert main(["--new-tokens", "1"]) == 2

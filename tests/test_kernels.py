@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallax.stages import kernels
-from parallax.stages.models.llama import Linear
+from parallax.stages import kernels, quant
 
 
 @pytest.mark.parametrize("rows", [1, 3, kernels.MAX_ROWS])
@@ -35,43 +34,119 @@ def test_a_row_does_not_depend_on_the_other_rows():
     assert torch.equal(together, alone)
 
 
+def prompt_rows(x: np.ndarray, m: kernels.Projection) -> np.ndarray:
+    out = m.prefill(x)  # the fused path's prompt projection: prefill, rounded to bf16
+    kernels._round_rows(out)
+    return out
+
+
 @pytest.mark.parametrize("shape", [(960, 576), (576, 576), (3072, 576), (576, 1536), (96, 202)])
 def test_a_prompt_row_does_not_depend_on_the_other_rows(shape):
-    """The GEMM of prompt rows (SmolLM2's shapes; one with I % 4 != 0): each of 37 rows computed among
-    all of them equals it computed alone, at every place of a block of four, among other counts of
-    rows, in another order, and on one thread (MKL's sgemm does not keep any of these)."""
+    """The tile kernel on prompt rows (SmolLM2's shapes; one with I % 4 != 0): each of 37 rows computed among
+    all of them equals it computed alone, at every place of a tile of four, among other counts of rows,
+    in another order, and on one thread (MKL's sgemm does not keep any of these)."""
     torch.manual_seed(1)
     out_features, in_features = shape
-    m = kernels.Matrix(torch.randn(out_features, in_features).to(torch.bfloat16), torch.randn(out_features).to(torch.bfloat16))
+    w, b = torch.randn(out_features, in_features).to(torch.bfloat16), torch.randn(out_features).to(torch.bfloat16)
+    m = kernels.Matrix(w, b)
+    assert m.picks["prefill"] == "numba"
     x = torch.randn(37, in_features).to(torch.bfloat16).float().numpy()
-    together = kernels._gemm(x, m)
-    want = F.linear(torch.from_numpy(x), *m.fp32).numpy()
+    together = prompt_rows(x, m)
+    want = F.linear(torch.from_numpy(x), w.float(), b.float()).numpy()
     assert together.shape == want.shape and np.abs(together - want).max() <= 0.01 * np.abs(want).max()
     assert np.array_equal(together, torch.from_numpy(together).to(torch.bfloat16).float().numpy())  # bf16 values
     for i in range(len(x)):
         for place in range(4):
             rows = np.zeros((place + 1, in_features), np.float32)
             rows[place] = x[i]
-            assert np.array_equal(kernels._gemm(rows, m)[place], together[i]), (i, place)
+            assert np.array_equal(prompt_rows(rows, m)[place], together[i]), (i, place)
     for count in (2, 7, 17):
-        assert np.array_equal(kernels._gemm(x[:count], m), together[:count])
-    assert np.array_equal(kernels._gemm(x[::-1].copy(), m), together[::-1])
+        assert np.array_equal(prompt_rows(x[:count], m), together[:count])
+    assert np.array_equal(prompt_rows(x[::-1].copy(), m), together[::-1])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert np.array_equal(kernels._gemm(x, m), together)
+        assert np.array_equal(prompt_rows(x, m), together)
     finally:
         torch.set_num_threads(threads)
 
 
-def test_linear_routes_decode_rows_to_the_kernel_and_prefill_to_float32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", ["numba", "numba-gemv", "torch-tile", "torch"])
+def test_every_kernel_computes_the_projection(name, dtype):
+    torch.manual_seed(2)
+    w, b = torch.randn(70, 96).to(dtype), torch.randn(70).to(dtype)
+    m = kernels.Matrix(w, b)
+    x = torch.randn(20, 96).to(dtype).float().numpy()
+    got = m.run(name, x)
+    want = F.linear(torch.from_numpy(x).double(), w.double(), b.double()).numpy()
+    assert got.dtype == np.float32 and got.shape == (20, 70)
+    rounding = 2**-8 if name == "torch" and dtype != torch.float32 else 1e-5  # torch's F.linear rounds to dtype
+    assert np.abs(got - want).max() <= rounding * 4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("name", ["numba", "numba-gemv"])
+def test_numba_decode_rows_do_not_depend_on_the_batch(name):
+    torch.manual_seed(4)
+    for dtype in (torch.bfloat16, torch.float16):
+        m = kernels.Matrix(torch.randn(45, 200).to(dtype), None)
+        x = torch.randn(kernels.MAX_ROWS, 200).to(torch.bfloat16).float().numpy()
+        together = m.run(name, x)
+        alone = np.concatenate([m.run(name, x[i : i + 1]) for i in range(len(x))])
+        assert np.array_equal(together, alone)
+        assert np.array_equal(m.run(name, x[3:9]), together[3:9])
+
+
+def test_a_matrix_keeps_no_copy_of_its_weight():
+    """The weight is held once, as stored: no transposed, float32 or other copy, before or after use."""
+    w = torch.randn(64, 96).to(torch.bfloat16)
+    m = kernels.Matrix(w, torch.randn(64).to(torch.bfloat16))
+    for rows in (1, kernels.MAX_ROWS + 1):
+        for name in ("numba", "numba-gemv", "torch-tile", "torch"):
+            m.run(name, torch.randn(rows, 96).float().numpy())
+        m.matmul(torch.randn(rows, 96).to(torch.bfloat16))
+    assert m.weight.data_ptr() == w.data_ptr() and np.shares_memory(m._kernel_blocks, w.view(torch.int16).numpy())
+    big = [k for k, v in vars(m).items() if getattr(v, "nbytes", 0) >= w.nbytes and k not in ("weight", "_kernel_blocks")]
+    assert big == []
+    assert m.nbytes == 64 * 96 * 2 + 64 * 2 and m.shape == (64, 96)
+
+
+def test_matmul_routes_rows_by_the_picks():
+    """The torch path: up to MAX_ROWS rows by the decode pick, more by the prefill pick; a pick that cannot
+    take x's dtype (torch's bf16 F.linear for float32 activations) falls back to numba."""
     torch.manual_seed(1)
-    layer = Linear(32, 16, bias=False).to(torch.bfloat16)
+    w = torch.randn(16, 32).to(torch.bfloat16)
+    m = kernels.Matrix(w, None)
     small, large = torch.randn(2, 32).to(torch.bfloat16), torch.randn(kernels.MAX_ROWS + 1, 32).to(torch.bfloat16)
-    assert torch.equal(layer(small), kernels.linear_bf16(small, kernels.Matrix(layer.weight, None)))
-    assert torch.equal(layer(large), F.linear(large.float(), layer.weight.float()).to(torch.bfloat16))
-    assert {"bits", "fp32"} <= set(layer.matrix().__dict__)  # both made once, then kept
-    assert [n for n, _ in layer.named_parameters()] == ["weight"]  # caches stay out of the state dict
+    m.picks.update(decode="numba-gemv", prefill="torch")
+    assert torch.equal(m.matmul(small), torch.from_numpy(m.run("numba-gemv", small.float().numpy())).to(torch.bfloat16))
+    assert torch.equal(m.matmul(large), F.linear(large, w))
+    x32 = large.float()
+    assert torch.equal(m.matmul(x32), torch.from_numpy(m.run("numba", x32.numpy())))
+    assert kernels.linear_bf16(small, m).dtype == torch.bfloat16
+
+
+def test_stack_joins_projections_into_one():
+    torch.manual_seed(5)
+    q8, q4 = quant.Q.Q8_0, quant.Q.Q4_0
+    dense = [kernels.Matrix(torch.randn(o, 64).to(torch.bfloat16), torch.randn(o).to(torch.bfloat16) if o == 8 else None)
+             for o in (8, 12)]
+    quants = [quant.QuantMatrix.quantize(torch.randn(o, 64), q8, np.ones(o, np.float32) if o == 4 else None) for o in (4, 6)]
+    mixed = [quant.QuantMatrix.quantize(torch.randn(4, 64), q4), quants[1], dense[0]]
+    x = torch.randn(3, 64).to(torch.bfloat16).float().numpy()
+    for parts, kind in ((dense, kernels.Matrix), (quants, quant.QuantMatrix), (mixed, kernels.Stacked)):
+        s = kernels.stack(parts)
+        assert isinstance(s, kind) and s.shape == (sum(p.shape[0] for p in parts), 64)
+        zero_bias = {kernels.Matrix: 2 * 12, quant.QuantMatrix: 4 * 6, kernels.Stacked: 0}[kind]  # parts without one
+        assert s.nbytes == sum(p.nbytes for p in parts) + zero_bias
+        for method in ("decode", "prefill"):
+            assert np.array_equal(getattr(s, method)(x), np.concatenate([getattr(p, method)(x) for p in parts], 1))
+        assert torch.equal(s.matmul(torch.from_numpy(x)), torch.cat([p.matmul(torch.from_numpy(x)) for p in parts], 1))
+    assert kernels.stack(dense[:1]) is dense[0]
+    with pytest.raises(ValueError, match="share in_features"):
+        kernels.stack([dense[0], kernels.Matrix(torch.zeros(2, 32, dtype=torch.bfloat16), None)])
+    with pytest.raises(ValueError, match="at least one"):
+        kernels.stack([])
 
 
 def test_kernel_uses_torchs_thread_count_in_any_thread():
@@ -197,3 +272,98 @@ def test_warm_up_keeps_torch_thread_count():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "1"
+
+
+def _reference_layer(h, ln1, qkv, o, ln2, gu, down, positions, inv_freq, heads, kv_heads, hd, eps, bf=torch.bfloat16):
+    """The torch path of a Llama layer in dtype ``bf`` for one request's rows at ``positions`` (its keys are all
+    in ``h``'s rows: a prompt): weights as float32 [O, I] (dequantized), every op rounded to ``bf``."""
+    h = h.to(bf)
+
+    def norm(x, w):
+        return torch.from_numpy(w).to(bf) * F.rms_norm(x.float(), (x.shape[1],), eps=eps).to(bf)
+
+    def proj(x, w):
+        return (x.float() @ w.T).to(bf)
+
+    T = h.shape[0]
+    freqs = positions[:, None].float() * torch.from_numpy(inv_freq)[None, :]
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos().to(bf)[:, None], emb.sin()
+    sin[:, : hd // 2].neg_()
+    sin = sin.to(bf)[:, None]
+    x = proj(norm(h, ln1), qkv).view(T, heads + 2 * kv_heads, hd)
+    qk = x[:, : heads + kv_heads]
+    qk = qk * cos + qk.roll(hd // 2, -1) * sin
+    q, k, v = qk[:, :heads], qk[:, heads:], x[:, heads + kv_heads:]
+    attn = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
+                                          enable_gqa=True).transpose(0, 1).reshape(T, heads * hd)
+    h = h + proj(attn, o)
+    g, u = proj(norm(h, ln2), gu).chunk(2, -1)
+    return h + proj(F.silu(g) * u, down)
+
+
+@pytest.mark.parametrize("mode", [kernels.BF16, kernels.F32], ids=["bf16", "float32"])
+@pytest.mark.parametrize("qtype", [quant.Q.Q8_0, quant.Q.Q4_1, quant.Q.Q6_K, "mixed"], ids=str)
+def test_a_fused_layer_of_quantized_projections_computes_the_torch_layer(qtype, mode):
+    """fused_layer with QuantMatrix projections (weights as GGUF blocks) equals the torch path on the
+    dequantized weights, for a prompt and for the decode row after it: in bf16 (rounding after every op, a
+    bf16 KV cache) to a few bf16 ulps, in float32 (no rounding, a float32 KV cache) to float32 rounding;
+    decode rows of several requests are each their row alone, bit for bit."""
+    from bench.quant_kernels import F16_OFFSETS, random_blocks
+
+    rng = np.random.default_rng(0)
+    D, heads, kv_heads, hd, inter, eps = 256, 4, 2, 64, 512, 1e-5
+    block = 4
+
+    def q(o, i, t=quant.Q.Q6_K if qtype == "mixed" else qtype):
+        if t in quant.QUANTIZABLE:
+            return quant.QuantMatrix.quantize(rng.standard_normal((o, i)).astype(np.float32) * 0.1, t)
+        blocks = random_blocks(t, o, i, rng)  # random quants and sub-block scales; f16 scales made small
+        size, n = blocks.shape[1] // (i // 256), i // 256
+        view = blocks.reshape(o, n, size)
+        for off in F16_OFFSETS[t]:
+            view[:, :, off:off + 2] = rng.uniform(1e-5, 1e-4, (o, n)).astype(np.float16).view(np.uint8).reshape(o, n, 2)
+        return quant.QuantMatrix(t, (o, i), blocks)
+
+    if qtype == "mixed":  # q/k Q4_K and v Q8_0 stacked (as some GGUFs store them), the rest Q6_K and bf16
+        qkv = kernels.stack([q((heads + kv_heads) * hd, D, quant.Q.Q4_K), q(kv_heads * hd, D, quant.Q.Q8_0)])
+        assert isinstance(qkv, kernels.Stacked)
+        dense = kernels.Matrix(torch.randn(D, heads * hd).mul(0.05).to(torch.bfloat16), None)
+        projs = [qkv, dense, q(2 * inter, D), q(D, inter)]
+    else:
+        projs = [q((heads + 2 * kv_heads) * hd, D), q(D, heads * hd), q(2 * inter, D), q(D, inter)]
+    ln1, ln2 = (torch.rand(D).add(0.5).to(torch.bfloat16).float().numpy() for _ in range(2))
+    w = kernels.LayerWeights(ln1, projs[0], projs[1], ln2, projs[2], projs[3], eps)
+    dense = [torch.cat([part.dequantize_rows(0, part.shape[0]) for part in kernels.tiled([p])]) for p in projs]
+    inv_freq = (1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)).numpy()
+    T = 9
+    h = torch.randn(T + 1, D).to(torch.bfloat16)
+    dtype = torch.bfloat16 if mode is kernels.BF16 else torch.float32
+    want = _reference_layer(h, ln1, dense[0], dense[1], ln2, dense[2], dense[3], torch.arange(T + 1), inv_freq,
+                            heads, kv_heads, hd, eps, dtype).float().numpy()
+
+    def run(rows, prompt, k, v, table=(0, 1, 2)):
+        x = h[rows].float().numpy().copy()
+        pos = np.array(rows, np.int64)
+        slots = np.array([table[p // block] * block + p % block for p in rows], np.int64)
+        batch = kernels.RowBatch.build(pos, inv_freq, 1.0, slots, np.array([table] * len(rows), np.int64), block, prompt,
+                                       mode)
+        kernels.fused_layer(x, w, batch, heads, kv_heads, hd, k, v)
+        return x
+
+    k, v = np.zeros((12, kv_heads, hd), mode.dtype), np.zeros((12, kv_heads, hd), mode.dtype)
+    got = np.concatenate([run(list(range(T)), True, k, v), run([T], False, k, v)])
+    scale = np.abs(want).max()
+    tolerance = 0.02 if mode is kernels.BF16 else 1e-5  # a few bf16 ulps; float32 sums in another order
+    assert np.abs(got - want).max() <= tolerance * scale, np.abs(got - want).max() / scale
+    # three requests decoding together (their caches copies of this one's): each row is the row alone, bit for bit
+    alone = run([T], False, k.copy(), v.copy())
+    kk, vv = np.concatenate([k, k, k]), np.concatenate([v, v, v])
+    x = h[[T, T, T]].float().numpy().copy()
+    tables = np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8]], np.int64)
+    slots = tables[:, T // block] * block + T % block
+    batch = kernels.RowBatch.build(np.full(3, T, np.int64), inv_freq, 1.0, slots, tables, block, False, mode)
+    kernels.fused_layer(x, w, batch, heads, kv_heads, hd, kk, vv)
+    assert all(np.array_equal(x[i], alone[0]) for i in range(3))
+    with pytest.raises(ValueError, match="KV cache"):
+        kernels.fused_layer(x, w, batch, heads, kv_heads, hd, kk.view(np.uint8), vv.view(np.uint8))

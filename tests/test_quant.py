@@ -196,8 +196,8 @@ def test_bad_calls_raise_a_clear_error():
     m = matrix(Q.Q8_0)
     I = in_features(Q.Q8_0)
     for x, message in [(torch.zeros(2, I + 1), rf"input must be \[rows, {I}\]"), (torch.zeros(I), "input must be"),
-                       (torch.zeros(2, I, dtype=torch.float64), "float32 or bfloat16"),
-                       (torch.zeros(2, I, dtype=torch.int64), "float32 or bfloat16")]:
+                       (torch.zeros(2, I, dtype=torch.float64), "float32, bfloat16 or float16"),
+                       (torch.zeros(2, I, dtype=torch.int64), "float32, bfloat16 or float16")]:
         with pytest.raises(ValueError, match=message):
             m.matmul(x)
     for start, stop in [(-1, 2), (3, 2), (0, O + 1)]:
@@ -213,3 +213,18 @@ def test_bad_calls_raise_a_clear_error():
         QuantMatrix.quantize(torch.zeros(2, 2, 32), Q.Q8_0)
     with pytest.raises(ValueError, match="block size 32"):
         QuantMatrix.quantize(torch.zeros(2, 48), Q.Q8_0)
+
+
+@pytest.mark.parametrize("name", ["numba", "numba-gemv", "torch-tile"])
+def test_every_kernel_adds_the_bias_and_follows_the_dequantized_weight(name):
+    bias = np.linspace(-3, 3, O).astype(np.float32)
+    m = QuantMatrix.quantize(inputs(O, in_features(Q.Q8_0)), Q.Q8_0, bias)
+    assert m.nbytes == m.blocks.nbytes + 4 * O
+    x = inputs(5, in_features(Q.Q8_0), torch.bfloat16, seed=3).float()
+    got = torch.from_numpy(m.run(name, x.numpy()))
+    assert_within_float32_rounding(got - torch.from_numpy(bias), x, gguf.quants.dequantize(m.blocks, Q.Q8_0))
+    assert torch.equal(m.matmul(x), torch.from_numpy(m.decode(x.numpy())))  # 5 rows: the decode pick
+    with pytest.raises(ValueError, match=r"bias must have shape \(37,\)"):
+        QuantMatrix.quantize(inputs(O, 32), Q.Q8_0, np.zeros(O + 1, np.float32))
+    with pytest.raises(ValueError, match="no kernel 'torch' for a Q8_0 weight"):
+        m.run("torch", x.numpy())

@@ -4,7 +4,6 @@ transformers computes in float32 on the dequantized weights, split over any numb
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from pathlib import Path
@@ -17,7 +16,6 @@ import torch
 from parallax.broker.errors import UsageError
 from parallax.broker.layers import even_split
 from parallax.stages.kv import KVPool, Rows
-from parallax.stages.models import pending_kernels
 from parallax.stages.quant import QuantMatrix
 from parallax.stages.torch_backend import TorchBackend, load_stage_model
 from tests.cluster import make_tiny_model
@@ -27,9 +25,6 @@ QTYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationT
 LAYERS = 6
 NEW_TOKENS = 32
 PROMPTS = [[1, 17, 250, 3, 99], [5] * 3 + list(range(40, 57)), [311]]
-NEEDS_KERNELS = pytest.mark.skipif(
-    not pending_kernels.MERGED,
-    reason="the fused bf16 path over QuantMatrix needs the kernels branch (Projection.decode/prefill in fused_layer)")
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +148,6 @@ def test_a_stage_holds_its_blocks_once(models, name, quantize, split):
         assert isinstance(stage.lm_head.weight, QuantMatrix)
 
 
-@pytest.mark.skipif("quantize" not in inspect.signature(__import__(
-    "parallax.stages.profile", fromlist=["model_profile"]).model_profile).parameters,
-    reason="profile.model_profile(path, dtype, quantize=) comes with the gguf branch")
 @pytest.mark.parametrize("quantize", [None, *QTYPES])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_stage_holds_what_its_profile_says(models, quantize, dtype):
@@ -182,14 +174,6 @@ def test_quantize_needs_in_features_in_whole_blocks(tmp_path):
         load(tmp_path / "odd", 0, 1, "q5_0")
 
 
-def test_quantize_refuses_a_gguf_source(models, monkeypatch):
-    from parallax.stages import torch_backend
-
-    monkeypatch.setattr(torch_backend, "open_weights", lambda path: torch_backend.GGUFSource(Path("m.Q4_0.gguf"), None))
-    with pytest.raises(UsageError, match="m.Q4_0.gguf is already quantized; .*--dequantize"):
-        load(models["llama"], 0, 2, "q8_0")
-
-
 # --- bf16 activations: the fused path over quantized projections -----------------------------------
 
 
@@ -197,7 +181,6 @@ def ids(tokens) -> memoryview:
     return memoryview(torch.tensor(tokens, dtype=torch.int32).numpy().tobytes())
 
 
-@NEEDS_KERNELS
 @pytest.mark.parametrize("quantize", list(QTYPES))
 def test_bf16_rows_do_not_depend_on_the_batch(models, quantize):
     """Request A's hidden states (bits) alone equal them beside other prompts and 20 generated tokens, in
@@ -233,7 +216,6 @@ def test_bf16_rows_do_not_depend_on_the_batch(models, quantize):
     assert np.array_equal(hidden(decoders[:9] + [item("a", 40, 1, token=11)] + decoders[9:])["a"], token_alone)
 
 
-@NEEDS_KERNELS
 def test_bf16_quantized_split_equals_one_stage(models):
     """bf16 through the fused path: a 2-stage split gives the 1-stage greedy tokens, bit for bit logits."""
     whole = [load(models["llama"], 0, LAYERS, "q4_0", torch.bfloat16)]
@@ -261,14 +243,6 @@ def _bf16_greedy(stages, prompt, new_tokens):
 
 
 # --- a GGUF source (quantized blocks read from the file) ------------------------------------------
-
-
-def _gguf_branch() -> bool:
-    import importlib.util
-
-    from parallax.broker import model
-
-    return "gguf_file" in vars(model) and importlib.util.find_spec("parallax.stages.gguf_weights") is not None
 
 
 def write_gguf(hf: Path, out: Path, qtype: gguf.GGMLQuantizationType) -> Path:
@@ -320,8 +294,6 @@ def write_gguf(hf: Path, out: Path, qtype: gguf.GGMLQuantizationType) -> Path:
     return folder
 
 
-@pytest.mark.skipif(not _gguf_branch(), reason="GGUF sources need the gguf branch (broker.model.gguf_file, "
-                                               "stages.gguf_weights.GGUFWeights): the lead turns this on after merging")
 @pytest.mark.parametrize("quantize", list(QTYPES))
 def test_a_gguf_source_serves_its_own_blocks(models, tmp_path, quantize):
     from parallax.broker.model import gguf_file
@@ -368,7 +340,6 @@ def test_up_passes_quantize_and_dequantize_to_every_stage():
     assert "--quantize" not in bare and "--dequantize" not in bare
 
 
-@pytest.mark.skipif(not _gguf_branch(), reason="GGUF sources need the gguf branch: the lead turns this on after merging")
 def test_up_refuses_quantize_for_a_gguf_model(models, tmp_path):
     import parallax.cli as cli
 
@@ -379,7 +350,6 @@ def test_up_refuses_quantize_for_a_gguf_model(models, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _gguf_branch(), reason="resolve_model(dequantize=) comes with the gguf branch")
 def test_up_serves_a_quantized_pipeline(tiny_model_dir, tmp_path):
     """`parallax up --quantize q8_0 --stages 2`: both stages hold q8_0 blocks and the pipeline serves the
     greedy tokens of transformers float32 on the dequantized weights."""
@@ -432,7 +402,6 @@ def _healthy(base: str) -> bool:
         return False
 
 
-@pytest.mark.skipif(not _gguf_branch(), reason="GGUF sources need the gguf branch: the lead turns this on after merging")
 def test_stage_refuses_quantize_for_a_gguf_model_in_one_line(models, tmp_path):
     import subprocess
     import sys

@@ -1,4 +1,4 @@
-"""Model sources: HF folders, GGUF conversion (once, atomically, under a lock), offline HF ids."""
+"""Model sources: HF folders, GGUF folders and conversions (once, atomically, under a lock), offline HF ids."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from parallax.broker.model import (
     eos_token_ids,
     gguf_cache_folder,
     gguf_dtype,
+    gguf_file,
     read_config,
     resolve_model,
 )
@@ -61,16 +62,22 @@ def write_gguf(path: Path, types: list[str]) -> Path:
     return path
 
 
-def fake_writer(calls: list, delay: float = 0.3):
-    """Stands in for the transformers conversion: slow, then writes a minimal HF folder."""
+def fake_writer(calls: list, delay: float = 0.3, dequantize: bool = False):
+    """Stands in for the transformers work: slow, then writes a minimal folder of either kind."""
 
     def write(gguf: Path, out: Path) -> None:
         calls.append(gguf)
         time.sleep(delay)
         (out / "config.json").write_text(json.dumps({"num_hidden_layers": 1, "quantization_config": {"q": 1}}))
-        (out / "model.safetensors").write_bytes(b"x")
+        if dequantize:
+            (out / "model.safetensors").write_bytes(b"x")
+        else:
+            (out / "model.gguf").symlink_to(gguf.resolve())
 
     return write
+
+
+WRITERS = {False: "_write_gguf_folder", True: "_write_hf_folder"}  # dequantize -> the function that makes the folder
 
 
 # ----------------------------------------------------------------------------- folders and paths
@@ -207,42 +214,61 @@ def test_gguf_dtype_is_lossless(tmp_path, types, dtype):
     assert gguf_dtype(write_gguf(tmp_path / "m.gguf", types)) == dtype
 
 
-def test_gguf_cache_folder_tracks_path_size_and_mtime(tmp_path):
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_gguf_cache_folder_tracks_path_size_and_mtime(tmp_path, dequantize):
     gguf = write_gguf(tmp_path / "My-Model.Q4.gguf", ["F32"])
-    first = gguf_cache_folder(gguf, tmp_path / "cache")
+    first = gguf_cache_folder(gguf, tmp_path / "cache", dequantize)
     assert first.parent == tmp_path / "cache" / "models"
     assert first.name.startswith("My-Model.Q4-")
-    assert gguf_cache_folder(gguf, tmp_path / "cache") == first
+    assert gguf_cache_folder(gguf, tmp_path / "cache", dequantize) == first
+    assert gguf_cache_folder(gguf, tmp_path / "cache", not dequantize) != first  # both kinds coexist
     write_gguf(gguf, ["F32", "F32"])
-    assert gguf_cache_folder(gguf, tmp_path / "cache") != first
+    assert gguf_cache_folder(gguf, tmp_path / "cache", dequantize) != first
 
 
-def test_gguf_path_converts_once_and_drops_quantization_config(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_gguf_path_makes_its_folder_once_and_drops_quantization_config(tmp_path, monkeypatch, dequantize):
     calls: list = []
-    monkeypatch.setattr(source, "_write_hf_folder", fake_writer(calls, delay=0))
+    monkeypatch.setattr(source, WRITERS[dequantize], fake_writer(calls, delay=0, dequantize=dequantize))
+    monkeypatch.setattr(source, WRITERS[not dequantize], None)  # the other kind is never made
     gguf = write_gguf(tmp_path / "Tiny.Q8_0.gguf", ["Q8_0"])
-    found = resolve_model(str(gguf), cache_dir=tmp_path / "cache")
+    found = resolve_model(str(gguf), cache_dir=tmp_path / "cache", dequantize=dequantize)
     assert found.name == "Tiny.Q8_0"
-    assert found.path == gguf_cache_folder(gguf, tmp_path / "cache")
+    assert found.path == gguf_cache_folder(gguf, tmp_path / "cache", dequantize)
     assert "quantization_config" not in read_config(found.path)
-    assert resolve_model(str(gguf), cache_dir=tmp_path / "cache") == found
+    assert gguf_file(found.path) == (None if dequantize else gguf.resolve())
+    assert resolve_model(str(gguf), cache_dir=tmp_path / "cache", dequantize=dequantize) == found
     assert len(calls) == 1
+
+
+def test_gguf_file_of_folders(tmp_path, bare_llama):
+    assert gguf_file(bare_llama) is None
+    gguf = write_gguf(tmp_path / "m.gguf", ["F32"])
+    folder = tmp_path / "served"
+    folder.mkdir()
+    (folder / "model.gguf").symlink_to(gguf)
+    assert gguf_file(folder) == gguf.resolve()
+    gguf.unlink()
+    with pytest.raises(ModelNotFound, match="does not exist any more") as info:
+        gguf_file(folder)
+    one_line(info.value)
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     calls: list = []
-    monkeypatch.setattr(source, "_write_hf_folder", fake_writer(calls, delay=0))
+    monkeypatch.setattr(source, "_write_gguf_folder", fake_writer(calls, delay=0))
     monkeypatch.setenv("PARALLAX_CACHE", str(tmp_path / "env-cache"))
     gguf = write_gguf(tmp_path / "m.gguf", ["F32"])
     assert resolve_model(str(gguf)).path.parent == tmp_path / "env-cache" / "models"
 
 
-def test_concurrent_conversions_run_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_concurrent_conversions_run_once(tmp_path, monkeypatch, dequantize):
     calls: list = []
-    monkeypatch.setattr(source, "_write_hf_folder", fake_writer(calls))
+    monkeypatch.setattr(source, WRITERS[dequantize], fake_writer(calls, dequantize=dequantize))
     gguf = write_gguf(tmp_path / "m.gguf", ["F32"])
     results: list = []
-    threads = [threading.Thread(target=lambda: results.append(resolve_model(str(gguf), tmp_path / "c")))
+    threads = [threading.Thread(target=lambda: results.append(resolve_model(str(gguf), tmp_path / "c", dequantize)))
                for _ in range(4)]
     for thread in threads:
         thread.start()
@@ -264,8 +290,8 @@ def test_concurrent_conversions_across_processes(tmp_path):
         "    print('CONVERTING', flush=True)\n"
         "    time.sleep(1.0)\n"
         "    (out / 'config.json').write_text('{}')\n"
-        "    (out / 'model.safetensors').write_bytes(b'x')\n"
-        "s._write_hf_folder = write\n"
+        "    (out / 'model.gguf').symlink_to(g)\n"
+        "s._write_gguf_folder = write\n"
         "print(s.resolve_model(sys.argv[1], Path(sys.argv[2])).path, flush=True)\n"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code, str(gguf), str(tmp_path / "c")],
@@ -282,14 +308,14 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
         (out / "config.json").write_text("{}")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(source, "_write_hf_folder", broken)
+    monkeypatch.setattr(source, "_write_gguf_folder", broken)
     gguf = write_gguf(tmp_path / "m.gguf", ["F32"])
     with pytest.raises(RuntimeError, match="boom"):
         resolve_model(str(gguf), tmp_path / "c")
     models = tmp_path / "c" / "models"
     assert [p.name for p in models.iterdir() if not p.name.endswith(".lock")] == []
     calls: list = []
-    monkeypatch.setattr(source, "_write_hf_folder", fake_writer(calls, delay=0))
+    monkeypatch.setattr(source, "_write_gguf_folder", fake_writer(calls, delay=0))
     assert (resolve_model(str(gguf), tmp_path / "c").path / "config.json").is_file()
 
 
@@ -306,18 +332,15 @@ def test_smollm2_alias_without_its_package(monkeypatch):
 
 
 @pytest.mark.slow
-def test_smollm2_alias_converts_losslessly_once(smollm2_path):
-    from safetensors import safe_open
-
+def test_smollm2_alias_serves_from_its_gguf_once(smollm2_path):
     config = read_config(smollm2_path)
     assert "quantization_config" not in config
-    assert config.get("dtype", config.get("torch_dtype")) == "float32"
     assert config["num_hidden_layers"] == 30 and config["model_type"] == "llama"
+    assert config["architectures"] == ["LlamaForCausalLM"]
     assert (smollm2_path / "tokenizer.json").is_file() and (smollm2_path / "tokenizer_config.json").is_file()
     assert 2 in eos_token_ids(smollm2_path)
-    with safe_open(str(next(smollm2_path.glob("*.safetensors"))), "pt") as weights:
-        name = next(k for k in weights.keys() if "layers.0." in k and k.endswith("q_proj.weight"))
-        assert str(weights.get_slice(name).get_dtype()) == "F32"
+    assert gguf_file(smollm2_path) == source.smollm2_gguf().resolve()
+    assert not list(smollm2_path.glob("*.safetensors"))  # nothing dequantized
 
     mtime = smollm2_path.stat().st_mtime_ns
     started = time.monotonic()
@@ -325,6 +348,22 @@ def test_smollm2_alias_converts_losslessly_once(smollm2_path):
     assert time.monotonic() - started < 2.0
     assert again == ModelSource("smollm2-135m", smollm2_path)
     assert smollm2_path.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_smollm2_dequantized_converts_losslessly(smollm2_path):
+    from safetensors import safe_open
+
+    dense = resolve_model("smollm2-135m", dequantize=True).path
+    assert dense != smollm2_path and gguf_file(dense) is None
+    config = read_config(dense)
+    assert "quantization_config" not in config
+    assert config.get("dtype", config.get("torch_dtype")) == "float32"
+    assert {k: v for k, v in config.items() if k != "transformers_version"} == \
+        {k: v for k, v in read_config(smollm2_path).items() if k != "transformers_version"}
+    with safe_open(str(next(dense.glob("*.safetensors"))), "pt") as weights:
+        name = next(k for k in weights.keys() if "layers.0." in k and k.endswith("q_proj.weight"))
+        assert str(weights.get_slice(name).get_dtype()) == "F32"
 
 
 @pytest.mark.slow

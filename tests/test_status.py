@@ -247,3 +247,11 @@ def test_server_without_jetstream_is_one_line_and_exit_2():
     assert done.returncode == 2 and done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("parallax: error:") and "JetStream" in lines[0]
+
+
+def test_kernel_choices_show_one_line_per_stage_that_reports_them():
+    picks = {"1536x576 q4_1 decode": "numba", "1536x576 q4_1 prompt": "tile"}
+    status = build_status(snap(stage("a", (0, 15), kernels=picks), stage("b", (15, 30))), now=NOW)
+    assert by_id(status)["a"]["kernels"] == picks and by_id(status)["b"]["kernels"] == {}
+    lines = [line for line in render_table(status).splitlines() if line.startswith("kernels")]
+    assert lines == ["kernels a: 1536x576 q4_1 decode numba, 1536x576 q4_1 prompt tile"]

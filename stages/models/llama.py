@@ -26,7 +26,6 @@ from parallax.broker.errors import UnsupportedModel
 from .. import kernels
 from ..kv import Decode, KVPool, Rows
 from ..quant import QuantMatrix
-from .pending_kernels import with_bias  # TEMPORARY until the kernels branch is merged (see that module)
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ class Linear(nn.Module):
             raise UnsupportedModel(f"weight of shape {tuple(weight.shape)} where the config needs "
                                    f"{(self.out_features, self.in_features)}")
         if isinstance(weight, QuantMatrix):
-            self.weight = with_bias(weight, bias)
+            self.weight = weight if bias is None else QuantMatrix(weight.qtype, weight.shape, weight.blocks, bias)
         elif weight.device.type == "cpu" and weight.dtype in HALF:
             self.weight = kernels.Matrix(weight, bias)
         else:
@@ -276,6 +275,7 @@ class StageModel(nn.Module):
         self.register_buffer("inv_freq", torch.empty(args.dim_head // 2), persistent=False)
         self.attention_scaling = 1.0
         self.dtype = torch.float32  # activations (and KV); set by ``load``
+        self.kernel_picks: dict[str, str] = {}  # which kernel each projection runs (``kernels.tune`` at load)
 
     def tensor_names(self) -> dict[str, str]:
         """Every tensor this stage loads: our name -> the checkpoint's. A tied head is listed under

@@ -1,0 +1,602 @@
+"""llama.cpp, transformers and ``parallax up`` side by side: decode tok/s and per-stage memory (issue 9).
+
+    python -m bench.side_by_side                                     # every model and system (see README)
+    python -m bench.side_by_side --models smollm2-q4_1 --new-tokens 32 --streams 4   # a few minutes
+
+One run, same CPU, same thread count (``--threads``, default 2) for every system, greedy, exactly
+``--new-tokens`` per request (llama.cpp does not stop at EOS in ``Llama.generate``; the gateway gets
+``ignore_eos``); rates are computed from the tokens each system really generated:
+
+- **llama.cpp** (llama-cpp-python, built by ``bench/llamacpp.sh`` into its own venv) on a model's GGUF:
+  single-stream decode tok/s, in a child process (peak RSS from ``ru_maxrss``).
+- **transformers** decode loop (``bench.baselines.decode_loop_rate``) on the bf16 folder, batch 1 and
+  batch ``--streams``, in a child process.
+- **parallax** ``up --stages 1`` and ``--stages 2`` (``--threads`` per stage): one stream's decode tok/s and
+  ``--streams`` concurrent streams' aggregate tok/s through the OpenAI API; per stage the peak RSS of its
+  process (psutil, sampled every 0.2 s from start to stop) next to its weight bytes (its registry profile,
+  from ``parallax status --json``) and its KV budget (``parallax.stats``).
+
+Systems run one after another (nothing else of the benchmark runs meanwhile); results go to
+``bench/results/side_by_side.{json,md}``, and the markdown table (with the targets) is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.cluster import ClusterError
+from bench.serve import DEFAULT_OUT, run_interruptible
+
+GiB = 1024**3
+BENCH_CACHE = Path(os.environ.get("PARALLAX_CACHE", Path.home() / ".cache" / "parallax")) / "bench"
+LLAMACPP_PYTHON = BENCH_CACHE / "llamacpp-venv" / "bin" / "python"
+SYNTH_DIR = BENCH_CACHE / "synth-1b"
+SYSTEMS = ("llamacpp", "transformers", "parallax1", "parallax2")
+MODELS = ("smollm2-q4_1", "smollm2-bf16", "synth-q4_0", "synth-q8_0", "synth-bf16")
+DEFAULT_MODELS = ("smollm2-q4_1", "smollm2-bf16", "synth-q4_0")
+RSS_SAMPLE_S = 0.2
+WORKER_TIMEOUT_S = 3600.0
+# targets (issue 9)
+SINGLE_VS_LLAMACPP = {1: 1.0, 2: 0.85}
+BATCH_VS_TRANSFORMERS = 1.5
+RSS_SLACK, RSS_EXTRA = 1.15, int(0.7 * 1e9)
+SYNTH_Q4_STAGE_RSS = int(1.5 * 1e9)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model as each system takes it: a GGUF (llama.cpp), a bf16 folder (transformers), what
+    ``parallax up --model`` gets, and the folder whose tokenizer builds the prompts."""
+
+    key: str
+    tokenizer: Path
+    parallax_model: str
+    gguf: Path | None = None
+    hf_bf16: Path | None = None
+    stage_args: tuple[str, ...] = ()
+
+    def systems(self) -> tuple[str, ...]:
+        return (("llamacpp",) if self.gguf else ()) + (("transformers",) if self.hf_bf16 else ()) + ("parallax1", "parallax2")
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: tuple[str, ...]
+    systems: tuple[str, ...]
+    threads: int
+    new_tokens: int
+    input_len: int
+    streams: int
+    seed: int
+    synth_dir: Path
+    llamacpp_python: Path
+    out: Path
+    kv_cache_gib: float | None
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "new_tokens", "input_len", "streams"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.new_tokens < 2:
+            raise ValueError("--new-tokens must be at least 2 (decode rates need two tokens)")
+        for name, allowed, label in ((self.models, MODELS, "model"), (self.systems, SYSTEMS, "system")):
+            unknown = sorted(set(name) - set(allowed))
+            if unknown:
+                raise ValueError(f"unknown {label} {', '.join(unknown)}; choose from {', '.join(allowed)}")
+
+
+def say(line: str) -> None:
+    print(f"side-by-side {time.strftime('%H:%M:%S')}: {line}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ models
+def smollm2_dense() -> Path:
+    from parallax.broker.model import resolve_model
+
+    try:
+        return Path(resolve_model("smollm2-135m", dequantize=True).path)
+    except TypeError:  # before --dequantize existed, the alias always resolved to the dense folder
+        return Path(resolve_model("smollm2-135m").path)
+
+
+def smollm2_bf16() -> Path:
+    """SmolLM2's dense checkpoint cast to bf16 (once, in the bench cache): 'SmolLM2 bf16'."""
+    out = BENCH_CACHE / "smollm2-bf16"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dense = smollm2_dense()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for file in dense.iterdir():
+        if file.suffix != ".safetensors":
+            shutil.copyfile(file, tmp / file.name)
+    tensors = {}
+    for file in sorted(dense.glob("*.safetensors")):
+        tensors.update({k: v.to(torch.bfloat16) for k, v in load_file(file).items()})
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp / "config.json").read_text())
+    (tmp / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def model_spec(key: str, settings: Settings) -> ModelSpec:
+    from parallax.broker.model import smollm2_gguf
+
+    synth_hf = settings.synth_dir / "hf"
+    kv = ("--kv-cache-memory", str(settings.kv_cache_gib if settings.kv_cache_gib is not None else 0.25))
+    if key == "smollm2-q4_1":
+        return ModelSpec(key, smollm2_dense(), "smollm2-135m", gguf=smollm2_gguf())
+    if key == "smollm2-bf16":
+        folder = smollm2_bf16()
+        return ModelSpec(key, folder, str(folder), hf_bf16=folder)
+    if not (synth_hf / "config.json").is_file():
+        raise FileNotFoundError(f"no synthetic model in {settings.synth_dir}: run python -m bench.synth first")
+    if key == "synth-bf16":
+        return ModelSpec(key, synth_hf, str(synth_hf), hf_bf16=synth_hf, stage_args=kv)
+    gguf = settings.synth_dir / f"synth-{key.split('-')[1]}.gguf"
+    if not gguf.is_file():
+        raise FileNotFoundError(f"{gguf} is missing: run python -m bench.synth --gguf {key.split('-')[1]}")
+    return ModelSpec(key, synth_hf, str(gguf), gguf=gguf, stage_args=kv)
+
+
+def make_prompts(spec: ModelSpec, settings: Settings) -> dict[str, list[list[int]]]:
+    """Seeded prompts of exactly ``--input-len`` tokens: a warm-up, one single-stream, ``--streams`` batched."""
+    from bench.prompts import build_prompts, tokenizer_encoder
+
+    prompts = build_prompts(tokenizer_encoder(str(spec.tokenizer)), settings.seed, settings.input_len,
+                            [1, settings.streams], prefix_len=0, memory_requests=0, warmup_requests=2)
+    return {"warmup": prompts.warmup, "single": prompts.levels[0], "batch": prompts.levels[1]}
+
+
+# ----------------------------------------------------------------------------------------- workers
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def llamacpp_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """Greedy decode of ``new_tokens`` with llama-cpp-python: prefill, then per-token times."""
+    import llama_cpp
+
+    prompt, new_tokens, threads = job["prompt"], job["new_tokens"], job["threads"]
+    llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=len(prompt) + new_tokens + 16, n_batch=512,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def run(ids: list[int], n: int) -> tuple[float, list[float]]:
+        llm.reset()
+        started, times = time.perf_counter(), []
+        for _ in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            times.append(time.perf_counter())  # generate() never stops at EOS: we stop after n
+            if len(times) == n:
+                break
+        return started, times
+
+    run(job["warmup"], 4)
+    started, times = run(prompt, new_tokens)
+    decode_s = times[-1] - times[0]
+    return {"version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode(),
+            "tokens": len(times), "prefill_s": times[0] - started, "decode_s": decode_s,
+            "decode_tok_s": (len(times) - 1) / decode_s if decode_s > 0 else None, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def transformers_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """``bench.baselines.decode_loop_rate`` (bf16) at batch 1 and batch ``len(batch)``."""
+    import torch
+
+    from bench.baselines import decode_loop_rate, load_model
+
+    torch.set_num_threads(job["threads"])
+    model = load_model(job["folder"], "bfloat16")
+    pad = model.config.pad_token_id if isinstance(model.config.pad_token_id, int) else 0
+    one = decode_loop_rate(model, job["single"], job["new_tokens"], pad)
+    many = decode_loop_rate(model, job["batch"], job["new_tokens"], pad)
+    return {"threads": torch.get_num_threads(), "b1": one, "batched": many, "peak_rss_bytes": peak_rss_bytes()}
+
+
+WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "llamacpp": llamacpp_worker, "transformers": transformers_worker}
+
+
+def run_worker(python: Path | str, kind: str, job: dict[str, Any], log: Path) -> dict[str, Any]:
+    """``python -m bench.side_by_side --worker KIND`` with the job on stdin; its last stdout line is JSON."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"])}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    with open(log, "ab") as err:
+        done = subprocess.run([str(python), "-m", "bench.side_by_side", "--worker", kind], input=json.dumps(job),
+                              stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+                              timeout=WORKER_TIMEOUT_S, check=False)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{kind} worker exited with code {done.returncode}; see {log}")
+    return json.loads(lines[-1])
+
+
+def llamacpp_python(settings: Settings) -> Path | str | None:
+    """A python that imports llama_cpp: this one, else the benchmark venv's (bench/llamacpp.sh)."""
+    candidates: list[Path | str] = [sys.executable, settings.llamacpp_python]
+    for python in candidates:
+        if Path(python).is_file() and subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True,
+                                                      check=False).returncode == 0:
+            return python
+    return None
+
+
+# ---------------------------------------------------------------------------------------- parallax
+class RssSampler:
+    """Peak RSS per PID, sampled on a thread every ``every_s`` until stopped."""
+
+    def __init__(self, pids: Sequence[int], every_s: float = RSS_SAMPLE_S) -> None:
+        import psutil
+
+        self._procs = {pid: psutil.Process(pid) for pid in pids}
+        self.peak: dict[int, int] = dict.fromkeys(pids, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(every_s,), daemon=True)
+
+    def _loop(self, every_s: float) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            for pid, proc in self._procs.items():
+                try:
+                    self.peak[pid] = max(self.peak[pid], proc.memory_info().rss)
+                except psutil.Error:
+                    pass
+            self._stop.wait(every_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def stage_pids(pids: Sequence[int]) -> dict[str, int]:
+    """``"start:end" -> PID`` of every ``parallax.stages.cli`` process among ``pids``."""
+    import psutil
+
+    found: dict[str, int] = {}
+    for pid in pids:
+        try:
+            cmd = psutil.Process(pid).cmdline()
+        except psutil.Error:
+            continue
+        if "parallax.stages.cli" in cmd and "--layers" in cmd:
+            found[cmd[cmd.index("--layers") + 1]] = pid
+    return found
+
+
+def registry_stages(nats_url: str) -> dict[str, dict[str, Any]]:
+    """``"start:end" -> node`` from ``parallax status --json`` (stage nodes with their profile)."""
+    done = subprocess.run([sys.executable, "-m", "parallax.cli", "status", "--nats", nats_url, "--json"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    try:
+        nodes = json.loads(done.stdout)["nodes"]
+    except (ValueError, KeyError):
+        say(f"parallax status gave no JSON: {done.stderr.strip()[-300:]}")
+        return {}
+    return {f"{n['start']}:{n['end']}": n for n in nodes if n.get("kind") == "stage" and n.get("start") is not None}
+
+
+def weight_bytes(node: dict[str, Any], tied: bool) -> int | None:
+    """What the stage's profile says it holds: its layers, the embedding at layer 0, norm + head at the end
+    (a tied head held with the embedding counts once)."""
+    profile, start, end = node.get("profile"), node.get("start"), node.get("end")
+    if not profile:
+        return None
+    total = (end - start) * profile["layer_bytes"]
+    first, last = start == 0, end == profile["num_layers"]
+    total += profile["first_bytes"] * first + profile["last_bytes"] * last
+    return total - profile["first_bytes"] if tied and first and last else total
+
+
+async def parallax_phases(endpoint: Any, prompts: dict[str, list[list[int]]], settings: Settings) -> dict[str, Any]:
+    from bench.client import make_http_client, run_requests, served_model
+    from bench.natsstats import stage_label, stats_client
+    from bench.stats import summarize_level
+
+    async with make_http_client(endpoint.url, settings.streams) as http, \
+            stats_client(endpoint.nats_url, endpoint.stages) as stats:
+        model = await served_model(http)
+        await run_requests(http, model, prompts["warmup"], 4, len(prompts["warmup"]))
+        one, wall1 = await run_requests(http, model, prompts["single"], settings.new_tokens, 1)
+        many, wall_n = await run_requests(http, model, prompts["batch"], settings.new_tokens, settings.streams)
+        replies = await stats.collect()
+    kv = {stage_label(r): (r.get("kv") or {}).get("budget_bytes") for r in replies}
+    return {"single": summarize_level(one, 1, wall1), "batch": summarize_level(many, settings.streams, wall_n),
+            "kv_budget_bytes": kv}
+
+
+def run_parallax(spec: ModelSpec, stages: int, prompts: dict[str, list[list[int]]], settings: Settings) -> dict[str, Any]:
+    import shlex
+
+    from bench.cluster import ClusterSpec, running_cluster
+    from parallax.broker.model import read_config
+
+    stage_args = ("--threads", str(settings.threads), *spec.stage_args)
+    cluster = ClusterSpec(spec.parallax_model, stages, "bfloat16", ("--stage-args", shlex.join(stage_args)))
+    log = settings.out / f"side_by_side-{spec.key}-s{stages}.log"
+    started = time.perf_counter()
+    with running_cluster(cluster, log) as endpoint:
+        ready_s = time.perf_counter() - started
+        pids = stage_pids(endpoint.pids)
+        with RssSampler(list(pids.values())) as rss:
+            phases = run_interruptible_result(parallax_phases(endpoint, prompts, settings))
+        nodes = registry_stages(endpoint.nats_url)
+    tied = bool(read_config(spec.tokenizer).get("tie_word_embeddings", False))
+    per_stage = [{"stage": layers, "pid": pid, "peak_rss_bytes": rss.peak.get(pid) or None,
+                  "weight_bytes": weight_bytes(nodes[layers], tied) if layers in nodes else None,
+                  "kv_budget_bytes": phases["kv_budget_bytes"].get(layers)}
+                 for layers, pid in sorted(pids.items(), key=lambda kv: int(kv[0].split(":")[0]))]
+    return {"stages": stages, "ready_s": ready_s, "single": phases["single"], "batch": phases["batch"],
+            "per_stage": per_stage, "log": str(log)}
+
+
+def run_interruptible_result(phases: Any) -> dict[str, Any]:
+    box: dict[str, Any] = {}
+
+    async def keep() -> None:
+        box.update(await phases)
+
+    run_interruptible(keep())
+    return box
+
+
+# -------------------------------------------------------------------------------------------- run
+def run_model(key: str, settings: Settings, say_: Callable[[str], None] = say) -> dict[str, Any]:
+    spec = model_spec(key, settings)
+    prompts = make_prompts(spec, settings)
+    result: dict[str, Any] = {"model": key, "gguf": str(spec.gguf) if spec.gguf else None,
+                              "gguf_bytes": spec.gguf.stat().st_size if spec.gguf else None,
+                              "parallax_model": spec.parallax_model}
+    log = settings.out / f"side_by_side-{key}-workers.log"
+    for system in (s for s in settings.systems if s in spec.systems()):
+        say_(f"{key}: {system}")
+        try:
+            result[system] = run_system(system, spec, prompts, settings, log)
+        except ClusterError as exc:  # the cluster did not come up: the other systems still run
+            result[system] = {"error": f"ClusterError: {str(exc)[-1500:]}"}
+            say_(f"{key}: {system} failed: {result[system]['error'][:300]}")
+        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+            result[system] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            say_(f"{key}: {system} failed: {result[system]['error']}")
+    return result
+
+
+def run_system(system: str, spec: ModelSpec, prompts: dict[str, list[list[int]]], settings: Settings,
+               log: Path) -> dict[str, Any]:
+    job = {"threads": settings.threads, "new_tokens": settings.new_tokens}
+    if system == "llamacpp":
+        python = llamacpp_python(settings)
+        if python is None:
+            msg = f"llama-cpp-python not importable here nor in {settings.llamacpp_python}: run bench/llamacpp.sh"
+            say(f"skipping llama.cpp: {msg}")
+            return {"skipped": msg}
+        return run_worker(python, "llamacpp", {**job, "gguf": str(spec.gguf), "prompt": prompts["single"][0],
+                                               "warmup": prompts["warmup"][0][:8]}, log)
+    if system == "transformers":
+        return run_worker(sys.executable, "transformers", {**job, "folder": str(spec.hf_bf16),
+                                                           "single": prompts["single"], "batch": prompts["batch"]}, log)
+    return run_parallax(spec, int(system[-1]), prompts, settings)
+
+
+# ----------------------------------------------------------------------------------------- report
+def gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / GiB:.2f}"
+
+
+def num(x: float | None, fmt: str = "{:.1f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "n/a"
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return " ".join(sorted({f for f in flags if f == "avx2" or f.startswith("avx512") or f.startswith("amx")}))
+
+
+def rates(result: dict[str, Any], system: str) -> tuple[float | None, float | None, str]:
+    """(single-stream decode tok/s, batched aggregate tok/s, tokens generated) of one system."""
+    r = result.get(system) or {}
+    if "error" in r or "skipped" in r or not r:
+        return None, None, r.get("error", r.get("skipped", "not run"))[:60] if r else "not run"
+    if system == "llamacpp":
+        return r["decode_tok_s"], None, f"{r['tokens']}"
+    if system == "transformers":
+        b = r["batched"]
+        return r["b1"]["decode_tok_s"], b["decode_tok_s"], f"{r['b1']['new_tokens']} / {b['batch']}x{b['new_tokens']}"
+    s, b = r["single"], r["batch"]
+    return s["decode_tok_s_per_stream"], b["output_tok_s"], f"{s['completion_tokens']} / {b['completion_tokens']}"
+
+
+def system_rows(result: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for system in SYSTEMS:
+        if system not in result:
+            continue
+        single, batch, tokens = rates(result, system)
+        rows.append([result["model"], system, tokens, num(single), num(batch)])
+    return rows
+
+
+def rss_bound(stage: dict[str, Any]) -> float | None:
+    """Issue 9's per-stage memory target: 1.15 x weights as stored + KV budget + 0.7 GB."""
+    weights = stage["weight_bytes"]
+    return None if weights is None else RSS_SLACK * weights + (stage["kv_budget_bytes"] or 0) + RSS_EXTRA
+
+
+def memory_rows(result: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for system in ("parallax1", "parallax2"):
+        for stage in (result.get(system) or {}).get("per_stage", []):
+            rss = stage["peak_rss_bytes"]
+            rows.append([result["model"], system, stage["stage"], gib(rss), gib(stage["weight_bytes"]),
+                         gib(stage["kv_budget_bytes"]), num(ratio(rss, rss_bound(stage)), "{:.2f}")])
+    llama = result.get("llamacpp") or {}
+    if llama.get("peak_rss_bytes"):
+        rows.append([result["model"], "llamacpp", "all", gib(llama["peak_rss_bytes"]), gib(result["gguf_bytes"]),
+                     "n/a", "n/a"])
+    return rows
+
+
+def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 9's targets over whatever was measured (``value`` is the ratio, ``n/a`` when a side is missing)."""
+    out = []
+    by_model = {r["model"]: r for r in results}
+    for key in ("smollm2-q4_1", "synth-q4_0", "synth-q8_0"):
+        r = by_model.get(key)
+        if r is None:
+            continue
+        llama = rates(r, "llamacpp")[0]
+        for stages, need in SINGLE_VS_LLAMACPP.items():
+            single = rates(r, f"parallax{stages}")[0]
+            out.append(_target(f"{key}: --stages {stages} single stream / llama.cpp", ratio(single, llama), need))
+    for key in ("smollm2-bf16", "synth-bf16"):
+        r = by_model.get(key)
+        if r is None:
+            continue
+        loop = rates(r, "transformers")[1]
+        for stages in (1, 2):
+            batch = rates(r, f"parallax{stages}")[1]
+            out.append(_target(f"{key}: --stages {stages} aggregate / transformers loop batch", ratio(batch, loop),
+                               BATCH_VS_TRANSFORMERS))
+    for r in results:
+        for system in ("parallax1", "parallax2"):
+            for stage in (r.get(system) or {}).get("per_stage", []):
+                out.append(_target(f"{r['model']} {system} stage {stage['stage']}: RSS / (1.15 w + kv + 0.7 GB)",
+                                   ratio(stage["peak_rss_bytes"], rss_bound(stage)), 1.0, at_most=True))
+    q4 = (by_model.get("synth-q4_0") or {}).get("parallax2") or {}
+    for stage in q4.get("per_stage", []):
+        out.append(_target(f"synth-q4_0 parallax2 stage {stage['stage']}: RSS / 1.5 GB",
+                           ratio(stage["peak_rss_bytes"], SYNTH_Q4_STAGE_RSS), 1.0, at_most=True))
+    return out
+
+
+def _target(name: str, value: float | None, need: float, at_most: bool = False) -> dict[str, Any]:
+    passed = None if value is None else (value <= need if at_most else value >= need)
+    return {"target": name, "value": value, "need": f"{'<=' if at_most else '>='} {need}",
+            "verdict": "n/a" if passed is None else "PASS" if passed else "FAIL"}
+
+
+def _busy(machine: dict[str, Any]) -> list[str]:
+    warning = report.busy_warning(machine)
+    return ["", f"**Warning**: {warning}."] if warning else []
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    m, s = doc["machine"], doc["settings"]
+    lines = [f"# Side by side ({m['date']}, commit {m['git_commit']})", "",
+             f"CPU: {m['cpu']} ({m['cores']} cores), flags: {doc['cpu_flags'] or 'none of avx2/avx512/amx'}; "
+             f"load average {m['load_avg_at_start']} at start, {m.get('load_avg_at_end')} at end; "
+             f"{s['threads']} threads per system/stage, greedy, {s['new_tokens']} new tokens, prompts of "
+             f"{s['input_len']} tokens, {s['streams']} streams.", *_busy(m), "",
+             "| model | system | tokens (1 / all streams) | decode tok/s, 1 stream | aggregate tok/s, "
+             f"{s['streams']} streams |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for r in doc["results"] for row in system_rows(r)]
+    lines += ["", "transformers: the decode loop's decode tok/s (prefill excluded) at batch 1 and batch "
+              f"{s['streams']}; parallax: 1 stream's decode tok/s (first to last streamed token), {s['streams']} "
+              "streams' completion tokens / wall time (prefill included).", "",
+              "| model | system | stage | peak RSS GiB | weights GiB | KV budget GiB | RSS / bound |",
+              "|---|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for r in doc["results"] for row in memory_rows(r)]
+    lines += ["", "bound = 1.15 x weights + KV budget + 0.7 GB (issue 9).", "", "| target | ratio | need | verdict |",
+              "|---|---|---|---|"]
+    lines += [f"| {t['target']} | {num(t['value'], '{:.2f}')} | {t['need']} | {t['verdict']} |" for t in doc["targets"]]
+    errors = [f"- {r['model']} {k}: {v.get('error') or v.get('skipped')}" for r in doc["results"]
+              for k, v in r.items() if isinstance(v, dict) and ("error" in v or "skipped" in v)]
+    return "\n".join(lines + ([""] + errors if errors else [])) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.side_by_side", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
+    p.add_argument("--threads", type=int, default=2, help="threads of llama.cpp, transformers and every stage")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per request (EOS ignored)")
+    p.add_argument("--input-len", type=int, default=64, help="prompt tokens per request")
+    p.add_argument("--streams", type=int, default=16, help="concurrent streams / transformers batch")
+    p.add_argument("--seed", type=int, default=0, help="prompt seed")
+    p.add_argument("--synth-dir", type=Path, default=SYNTH_DIR, help="output of python -m bench.synth")
+    p.add_argument("--llamacpp-python", type=Path, default=LLAMACPP_PYTHON, help="python of bench/llamacpp.sh's venv")
+    p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
+                   help="KV budget of the synthetic model's stages (default 0.25)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for side_by_side.{json,md} and logs")
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    return p
+
+
+def split(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](json.loads(sys.stdin.read()))), flush=True)
+        return 0
+    try:
+        settings = Settings(split(args.models), split(args.systems), args.threads, args.new_tokens, args.input_len,
+                            args.streams, args.seed, args.synth_dir, args.llamacpp_python, args.out, args.kv_cache_memory)
+    except ValueError as exc:
+        print(f"side-by-side: {exc}", file=sys.stderr)
+        return 2
+    settings.out.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, Any] = {"machine": report.machine_info(), "cpu_flags": cpu_flags(),
+                           "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.__dict__.items()},
+                           "results": [], "targets": []}
+    warning = report.busy_warning(doc["machine"])
+    if warning:
+        say(f"warning: {warning}")
+    code = 0
+    try:
+        for key in settings.models:
+            try:
+                doc["results"].append(run_model(key, settings))
+            except FileNotFoundError as exc:
+                say(f"{key}: {exc}")
+                doc["results"].append({"model": key, "missing": {"error": str(exc)}})
+                code = 2
+    except KeyboardInterrupt:
+        say("interrupted")
+        code = 130
+    finally:
+        doc["machine"]["load_avg_at_end"] = report.load_average()
+        doc["targets"] = targets(doc["results"])
+        (settings.out / "side_by_side.json").write_text(json.dumps(doc, indent=2))
+        text = markdown(doc)
+        (settings.out / "side_by_side.md").write_text(text)
+        print(text, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
