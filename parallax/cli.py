@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from parallax.broker.cli import fail
 from parallax.broker.errors import ParallaxError, UsageError
+from parallax.stages.models import QUANTIZE_TYPES, already_quantized
 
 DTYPES = ("float32", "bfloat16", "float16")
 READY_TIMEOUT_S = 300.0
@@ -42,6 +43,8 @@ class UpPlan:
     host: str
     port: int
     stage_args: tuple[str, ...] = ()  # extra flags for every stage
+    quantize: str | None = None  # --quantize for every stage
+    dequantize: bool = False  # --dequantize for every stage
 
     def __post_init__(self) -> None:
         if not self.ranges:
@@ -63,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--stages", type=int, default=2, help="number of stage processes (even layer split)")
     up.add_argument("--host", default="127.0.0.1", help="gateway HTTP host")
     up.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
-    up.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="stage compute dtype")
+    up.add_argument("--dtype", choices=DTYPES, default="bfloat16",
+                    help="stage activation and KV dtype (weights stay as stored)")
+    up.add_argument("--quantize", choices=QUANTIZE_TYPES, default=None,
+                    help="stages hold a Hugging Face checkpoint's weight matrices as GGUF blocks of this type")
+    up.add_argument("--dequantize", action="store_true",
+                    help="serve a GGUF model from a dense safetensors copy instead of its quantized blocks")
     up.add_argument("--nats-port", type=int, default=4222, help="port of the embedded nats-server")
     up.add_argument("--nats-host", default="127.0.0.1", help="host the embedded nats-server binds")
     up.add_argument("--nats", metavar="URL", help="use this NATS server instead of starting one")
@@ -86,7 +94,7 @@ def _check_port(flag: str, port: int) -> None:
 def plan_up(args: argparse.Namespace) -> UpPlan:
     """Validate the input and resolve the model once (a GGUF is converted here, with progress)."""
     from parallax.broker.layers import even_split
-    from parallax.broker.model import ModelFacts, resolve_model  # no torch import until a conversion
+    from parallax.broker.model import ModelFacts, gguf_file, resolve_model  # no torch import until a conversion
 
     _check_port("--port", args.port)
     _check_port("--nats-port", args.nats_port)
@@ -94,17 +102,21 @@ def plan_up(args: argparse.Namespace) -> UpPlan:
         raise UsageError(f"--stages must be at least 1, got {args.stages}")
     if args.ready_timeout <= 0:
         raise UsageError("--ready-timeout must be positive")
-    source = resolve_model(args.model)  # ModelNotFound is a UsageError: exit 2
+    source = resolve_model(args.model, dequantize=args.dequantize)  # ModelNotFound is a UsageError: exit 2
+    if args.quantize and (file := gguf_file(source.path)) is not None:
+        raise already_quantized(file.name)
     try:
         ranges = even_split(ModelFacts.read(source.path).num_layers, args.stages)
     except ValueError as exc:
         raise UsageError(f"--stages {args.stages}: {exc}") from None
-    return UpPlan(args.model, source.name, ranges, args.dtype, args.host, args.port, tuple(shlex.split(args.stage_args)))
+    return UpPlan(args.model, source.name, ranges, args.dtype, args.host, args.port, tuple(shlex.split(args.stage_args)),
+                  args.quantize, args.dequantize)
 
 
 def stage_command(plan: UpPlan, start: int, end: int, nats_url: str) -> list[str]:
+    weights = (["--quantize", plan.quantize] if plan.quantize else []) + (["--dequantize"] if plan.dequantize else [])
     return [sys.executable, "-m", "parallax.stages.cli", "--model", plan.model, "--layers", f"{start}:{end}",
-            "--nats", nats_url, "--dtype", plan.dtype, *plan.stage_args]
+            "--nats", nats_url, "--dtype", plan.dtype, *weights, *plan.stage_args]
 
 
 def gateway_command(plan: UpPlan, nats_url: str) -> list[str]:

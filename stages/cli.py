@@ -9,6 +9,7 @@ import signal
 from parallax.broker.cli import run_command
 
 from .engine import EngineConfig
+from .models import QUANTIZE_TYPES
 from .worker import NodeFacts, StageWorker, WorkerConfig
 
 
@@ -20,7 +21,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory", default=None, metavar="SIZE",
                    help="memory this node offers for weights + KV cache, e.g. 8GiB (default: 80%% of free memory)")
     p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS server URL")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="activation and KV cache dtype (weights stay as stored: bf16/fp16 as is, GGUF as its blocks)")
+    p.add_argument("--quantize", choices=QUANTIZE_TYPES, default=None,
+                   help="hold a Hugging Face checkpoint's weight matrices as GGUF blocks of this type (quantized at load)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="serve a GGUF model from a dense safetensors copy instead of its quantized blocks")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--node-id", default=None, help="unique name of this stage (default: host + random)")
     e = p.add_argument_group("engine")
@@ -82,9 +88,11 @@ async def serve(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
-    source = resolve_model(args.model)
+    source = resolve_model(args.model, dequantize=args.dequantize)
     device = args.device or default_device()
-    facts = await asyncio.to_thread(node_facts, source.path, args.dtype, device, offered, layers is not None)
+    check_quantize(source.path, args.quantize, device)
+    facts = await asyncio.to_thread(node_facts, source.path, args.dtype, device, offered, layers is not None,
+                                    args.quantize)
     config = worker_config(args)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -94,12 +102,13 @@ async def serve(args: argparse.Namespace) -> None:
         from .auto import AutoStage
 
         def load(start: int, end: int):
-            return TorchBackend.load(source.path, source.name, start, end, args.dtype, device)
+            return TorchBackend.load(source.path, source.name, start, end, args.dtype, device, args.quantize)
 
         stage = AutoStage(source.name, facts.profile.num_layers, device, args.dtype, load, lambda b: engine_config(args, b), config, facts)
         await stage.run(stop)
         return
-    backend = await asyncio.to_thread(TorchBackend.load, source.path, source.name, *layers, args.dtype, device)
+    backend = await asyncio.to_thread(TorchBackend.load, source.path, source.name, *layers, args.dtype, device,
+                                      args.quantize)
     await StageWorker(backend, config, engine_config(args, backend), facts).run(stop)
 
 
@@ -108,12 +117,22 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(nats_url=args.nats, debug_delay_ms=args.debug_delay_ms, **named)
 
 
-def node_facts(path, dtype: str, device: str, offered: int | None, manual: bool) -> NodeFacts:
-    """Memory, the model's sizes and a speed estimate, for the registry and the scheduler."""
+def check_quantize(path, quantize: str | None, device: str) -> None:
+    """--quantize against the resolved source, before anything is measured or loaded."""
+    import torch
+
+    from .torch_backend import open_weights, quantize_type
+
+    quantize_type(quantize, open_weights(path), torch.device(device))
+
+
+def node_facts(path, dtype: str, device: str, offered: int | None, manual: bool, quantize: str | None = None) -> NodeFacts:
+    """Memory, the model's sizes (weights as this stage holds them) and a speed estimate, for the
+    registry and the scheduler."""
     from .profile import estimate_layer_ms, model_profile
     from parallax.broker.model import ModelFacts
 
-    profile = model_profile(path, dtype)
+    profile = model_profile(path, dtype, quantize=quantize)
     total = total_memory(device)
     layer_ms = estimate_layer_ms(profile, ModelFacts.read(path).hidden_size, dtype, device)
     return NodeFacts(memory_total=total, memory_offered=offered or int(0.8 * free_memory(device)), profile=profile,

@@ -25,7 +25,8 @@ _STORED_SIZES = {"F32": 4, "F16": 2, "BF16": 2}  # safetensors dtypes a stage ke
 
 def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelProfile:
     """Bytes of one decoder layer, of the embeddings and of norm + lm_head, as a stage holds them:
-    matrices as stored (GGUF blocks, or bf16/fp16/float32 tensors), or in the ``quantize`` format
+    matrices as stored (GGUF blocks, bf16/fp16 tensors; float32 ones in a bf16/fp16 serving dtype, else
+    float32), or in the ``quantize`` format
     ("q8_0", "q4_0") when float matrices are quantized at load; vectors (norms, biases) and the KV
     cache in the serving dtype."""
     if quantize is not None and quantize not in QUANTIZE_TYPES:
@@ -51,8 +52,10 @@ def _held_bytes(path: Path, size: int, quantize: str | None) -> dict[str, int]:
         elif quantize is not None and is_float:
             block, block_bytes = gguf.GGML_QUANT_SIZES[QUANTIZE_TYPES[quantize]]
             held[name] = shape[0] * math.ceil(shape[1] / block) * block_bytes
-        else:
-            held[name] = stored if stored is not None else numel * size
+        elif stored is None:
+            held[name] = numel * size
+        else:  # as stored; a float32 matrix served in bf16/fp16 is cast once (torch_backend.WeightFormat)
+            held[name] = min(stored, numel * size) if is_float else stored
     return held
 
 

@@ -1,18 +1,27 @@
-"""PyTorch backend: loads only its layers from safetensors and runs them on CPU or CUDA."""
+"""PyTorch backend: loads only its layers (safetensors or GGUF, each weight held once as stored) and
+runs them on CPU or CUDA."""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+import gguf
 import torch
 from safetensors import safe_open
+
+from parallax.broker.errors import UsageError
+from parallax.broker.model import gguf_file
 
 from . import kernels
 from .backend import StageSpec, StepItem, StepOutput
 from .kv import KVPool, Rows
-from .models import UnsupportedModel, architecture
+from .models import QUANTIZE_TYPES, UnsupportedModel, already_quantized, architecture
+from .gguf_weights import GGUFWeights
+from .quant import QuantMatrix
 from .sampling import Sampler
 
 log = logging.getLogger(__name__)
@@ -31,12 +40,14 @@ class TorchBackend:
         self._kv_shape = (len(model.layers), args.kv_heads, args.dim_head)
         self.kv: KVPool | None = None
         self.sampler = Sampler()
-        self.kernels: dict[str, str] = {}  # set by the kernel tuning at load
+        self.kernels: dict[str, str] = model.kernel_picks  # chosen by the kernel tuning at load
 
     @classmethod
-    def load(cls, path: Path, model_name: str, start: int, end: int, dtype: str, device: str | None = None) -> "TorchBackend":
+    def load(cls, path: Path, model_name: str, start: int, end: int, dtype: str, device: str | None = None,
+             quantize: str | None = None) -> "TorchBackend":
         config = json.loads((Path(path) / "config.json").read_text())
-        model = load_stage_model(Path(path), config, start, end, DTYPES[dtype], torch.device(device or default_device()))
+        model = load_stage_model(Path(path), config, start, end, DTYPES[dtype], torch.device(device or default_device()),
+                                 quantize)
         args = model.args
         spec = StageSpec(
             model_name, start, end, args.num_hidden_layers, args.hidden_size, args.vocab_size,
@@ -106,43 +117,138 @@ def _to_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().contiguous().cpu().view(torch.uint8).numpy()).cast("B")
 
 
-def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: torch.dtype, device: torch.device):
-    """Build layers start:end on the meta device and load only their tensors (mmap'd safetensors)."""
+QUANTIZE = {name: gguf.GGMLQuantizationType[name.upper()] for name in QUANTIZE_TYPES}
+
+
+def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: torch.dtype, device: torch.device,
+                     quantize: str | None = None):
+    """Build layers start:end and load only their tensors, each held once in its stored format (see
+    ``WeightFormat``); ``quantize`` ("q8_0", "q4_0") turns a dense checkpoint's matrices into blocks."""
     arch = architecture(config)
     args = arch.ModelArgs.from_dict(config)
     if not 0 <= start < end <= args.num_hidden_layers:
         raise ValueError(f"layers {start}:{end} are outside 0:{args.num_hidden_layers} of this model")
+    weights = open_weights(path)
+    fmt = WeightFormat(dtype, device, quantize_type(quantize, weights, device))
     with torch.device("meta"):
         model = arch.StageModel(args, start, end)
-    state = _read_tensors(path, model, args.tie_word_embeddings, dtype, device)
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load(_read_tensors(weights, model, args.tie_word_embeddings, fmt), dtype)
     model.inv_freq, model.attention_scaling = _rope(path, args.dim_head, device)
     model.fuse()
     if device.type == "cpu" and dtype == torch.bfloat16:
         kernels.warm_up()
     model.kernel_picks = kernels.tune(kernels.projections(model), dtype) if device.type == "cpu" else {}
-    log.info("loaded layers %d:%d of %s (%d tensors, %.1f M params)", start, end, path, len(state),
-             sum(p.numel() for p in model.parameters()) / 1e6)
+    log.info("loaded layers %d:%d of %s (%s weights, %.1f MB as held)", start, end, path,
+             quantize or "stored", model.weight_bytes / 1e6)
     return model.eval()
 
 
-def _read_tensors(path: Path, model, tied: bool, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    files = checkpoint_index(path)
-    wanted = {name: model.hf_name(name) for name in model.state_dict()}
-    if tied and "lm_head.weight" in wanted and "lm_head.weight" not in files:
+def quantize_type(quantize: str | None, weights: "TensorSource", device: torch.device):
+    """--quantize checked against the source and device: the block type, or None."""
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZE:
+        raise UsageError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE)}")
+    if isinstance(weights, GGUFSource):
+        raise already_quantized(weights.file.name)
+    if device.type != "cpu":
+        raise UsageError(f"--quantize needs --device cpu (the quantized kernels are CPU kernels), not {device}")
+    return QUANTIZE[quantize]
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a loaded tensor is held. Matrices (2-D) on CPU: a quantized one as its blocks; bf16/fp16 as
+    stored; float32 as float32 when activations are float32, else cast once to the activation dtype
+    (replacing the float32 tensor: one copy, half the bytes); with ``quantize``, quantized one tensor
+    at a time. On CUDA (no quantized kernels there) everything is dense in the activation dtype.
+    Vectors (norms, biases): the activation dtype."""
+
+    dtype: torch.dtype  # activations and KV
+    device: torch.device
+    quantize: gguf.GGMLQuantizationType | None = None
+
+    def matrix(self, name: str, w: "torch.Tensor | QuantMatrix") -> "torch.Tensor | QuantMatrix":
+        if isinstance(w, QuantMatrix):
+            if self.device.type == "cpu":
+                return w
+            return w.dequantize_rows(0, w.shape[0]).to(self.device, self.dtype)  # [O, I]
+        if self.quantize is not None:
+            try:
+                return QuantMatrix.quantize(w, self.quantize)
+            except ValueError as exc:
+                raise UsageError(f"--quantize {self.quantize.name.lower()}: {name} {list(w.shape)}: {exc}") from None
+        if self.device.type != "cpu":
+            return w.to(self.device, self.dtype)
+        if w.dtype in (torch.bfloat16, torch.float16):
+            return w
+        return w.to(self.dtype if self.dtype in (torch.bfloat16, torch.float16) else torch.float32)
+
+    def vector(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, self.dtype)
+
+
+class TensorSource(Protocol):
+    """A checkpoint's tensors by HF name (safetensors here, GGUF in ``gguf_weights``)."""
+
+    def names(self) -> set[str]: ...
+
+    def get(self, name: str, dtype: torch.dtype) -> "torch.Tensor | QuantMatrix": ...
+
+
+class SafetensorsWeights:
+    """An HF folder's safetensors (memory-mapped): matrices as stored, vectors in ``dtype``."""
+
+    def __init__(self, path: Path):
+        self.path, self.files = path, checkpoint_index(path)
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        with safe_open(self.path / self.files[name], framework="pt", device="cpu") as f:
+            t = f.get_tensor(name)
+        return t if t.dim() == 2 else t.to(dtype)
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """A GGUF file's tensors (``stages.gguf_weights``), quantized ones as QuantMatrix blocks."""
+
+    file: Path
+    weights: GGUFWeights
+
+    def names(self) -> set[str]:
+        return self.weights.names()
+
+    def get(self, name: str, dtype: torch.dtype) -> "torch.Tensor | QuantMatrix":
+        return self.weights.get(name, dtype)
+
+
+def open_weights(path: Path) -> TensorSource:
+    """The folder's GGUF (``broker.model.gguf_file``) when it serves from one, else its safetensors."""
+    file = gguf_file(path)
+    if file is None:
+        return SafetensorsWeights(path)
+    return GGUFSource(Path(file), GGUFWeights.open(file))
+
+
+def _read_tensors(weights: TensorSource, model, tied: bool, fmt: WeightFormat) -> dict:
+    """Our name -> tensor or QuantMatrix, converted by ``fmt``; a tied head gets the embedding's own
+    object when the stage holds both, else the embedding's tensor read for it (one object either way)."""
+    have = weights.names()
+    wanted = model.tensor_names()
+    if tied and "lm_head.weight" in wanted and "lm_head.weight" not in have:
         wanted["lm_head.weight"] = "model.embed_tokens.weight"
-    missing = sorted(src for src in wanted.values() if src not in files)
+    missing = sorted(src for src in wanted.values() if src not in have)
     if missing:
-        raise UnsupportedModel(f"checkpoint {path} lacks tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    by_file: dict[str, list[str]] = {}
+        raise UnsupportedModel(f"checkpoint lacks tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    by_source: dict[str, object] = {}
     for name, src in wanted.items():
-        by_file.setdefault(files[src], []).append(name)
-    state = {}
-    for file, names in by_file.items():
-        with safe_open(path / file, framework="pt", device="cpu") as f:
-            for name in names:
-                state[name] = f.get_tensor(wanted[name]).to(device=device, dtype=dtype)
-    return state
+        if src not in by_source:
+            t = weights.get(src, fmt.dtype)
+            by_source[src] = fmt.matrix(src, t) if isinstance(t, QuantMatrix) or t.dim() == 2 else fmt.vector(t)
+    return {name: by_source[src] for name, src in wanted.items()}
 
 
 def checkpoint_index(path: Path) -> dict[str, str]:

@@ -10,7 +10,7 @@ import torch
 from parallax.broker.layers import even_split
 from parallax.stages.kv import KVPool, Rows
 from parallax.stages.models import UnsupportedModel, architecture
-from parallax.stages.torch_backend import load_stage_model
+from parallax.stages.torch_backend import SafetensorsWeights, load_stage_model
 from tests.cluster import make_tiny_model
 
 CPU = torch.device("cpu")
@@ -27,17 +27,19 @@ def models(tmp_path_factory):
     }
 
 
-def load(path, start, end):
-    return load_stage_model(path, json.loads((path / "config.json").read_text()), start, end, torch.float32, CPU)
+def load(path, start, end, dtype=torch.float32, quantize=None):
+    return load_stage_model(path, json.loads((path / "config.json").read_text()), start, end, dtype, CPU, quantize)
 
 
-def test_first_stage_holds_only_its_layers_and_embeddings(models):
+def test_first_stage_reads_only_its_layers_and_embeddings(models, monkeypatch):
+    read = []
+    real = SafetensorsWeights.get
+    monkeypatch.setattr(SafetensorsWeights, "get", lambda self, name, dtype: read.append(name) or real(self, name, dtype))
     stage = load(models["llama"], 0, 2)
-    names = set(dict(stage.named_parameters()))
-    assert names == {"embed_tokens.weight"} | {f"layers.{i}.{p}" for i in range(2) for p in LAYER_PARAMS}
+    assert sorted(read) == sorted({"model.embed_tokens.weight"} | {f"model.layers.{i}.{p}" for i in range(2) for p in LAYER_PARAMS})
     full = load(models["llama"], 0, 6)
-    per_layer = sum(p.numel() for p in full.layers[0].parameters())
-    assert sum(p.numel() for p in stage.parameters()) == stage.embed_tokens.weight.numel() + 2 * per_layer
+    per_layer = sum(n for n in full.held().values()) - full.embed_tokens.nbytes - full.lm_head.nbytes - full.norm.weight.nbytes
+    assert stage.weight_bytes == stage.embed_tokens.weight.nbytes + 2 * per_layer // 6
 
 
 def test_middle_and_last_stage_parameters(models):
@@ -45,27 +47,54 @@ def test_middle_and_last_stage_parameters(models):
     assert not hasattr(middle, "embed_tokens") and not hasattr(middle, "lm_head")
     assert len(middle.layers) == 2
     last = load(models["llama"], 4, 6)
-    assert {"norm.weight", "lm_head.weight"} <= set(dict(last.named_parameters()))
+    assert isinstance(last.lm_head.weight, torch.Tensor) and "norm.weight" in dict(last.named_parameters())
     assert not hasattr(last, "embed_tokens")
 
 
-def test_layers_keep_global_weights(models):
+def test_layers_keep_global_weights_stacked_once(models):
     from safetensors import safe_open
 
     stage = load(models["llama"], 3, 5)
     with safe_open(models["llama"] / "model.safetensors", framework="pt") as f:
         for local, global_ in [(0, 3), (1, 4)]:
-            expected = f.get_tensor(f"model.layers.{global_}.self_attn.q_proj.weight")
-            assert torch.equal(stage.layers[local].self_attn.q_proj.weight, expected)
+            attn = stage.layers[local].self_attn
+            qkv = [f.get_tensor(f"model.layers.{global_}.self_attn.{p}_proj.weight") for p in "qkv"]
+            assert torch.equal(attn.qkv_proj.weight, torch.cat(qkv))  # float32 as stored, one stacked tensor
+            assert not hasattr(attn, "q_proj")  # the parts are not kept
 
 
-def test_tied_embeddings_feed_the_last_stage(models):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tied_embeddings_are_one_object(models, dtype):
     from safetensors import safe_open
 
-    last = load(models["tied"], 3, 5)
+    last = load(models["tied"], 3, 5, dtype)
     with safe_open(models["tied"] / "model.safetensors", framework="pt") as f:
         assert "lm_head.weight" not in f.keys()
-        assert torch.equal(last.lm_head.weight, f.get_tensor("model.embed_tokens.weight"))
+        embed = f.get_tensor("model.embed_tokens.weight")
+    head = last.lm_head.weight if dtype == torch.float32 else last.lm_head.weight.weight
+    assert torch.equal(head, embed.to(dtype))
+    whole = load(models["tied"], 0, 5, dtype)
+    assert whole.embed_tokens.weight is whole.lm_head.weight  # one object serves both
+    assert whole.weight_bytes == sum(whole.held().values())
+    assert whole.weight_bytes == last.weight_bytes + load(models["tied"], 0, 3, dtype).weight_bytes - head.nbytes
+
+
+def test_bf16_weights_stay_bf16_whatever_the_activation_dtype(models, tmp_path):
+    """A bf16 checkpoint served with float32 activations keeps its bf16 weights (no float32 copy) and
+    computes what transformers computes on the widened weights."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    stage = load(tmp_path / "bf16", 0, 6)
+    down = stage.layers[0].mlp.down_proj.weight
+    assert down.weight.dtype == torch.bfloat16 and down.nbytes == down.weight.numel() * 2
+    ids = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model.float()(ids[None]).logits[0]
+    pool = KVPool(6, stage.args.kv_heads, stage.args.dim_head, 8, 4, torch.float32, CPU)
+    got = run_stages([stage], [pool], ids, 0)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3, 4, 5, 6])

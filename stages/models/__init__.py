@@ -5,9 +5,16 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from parallax.broker.errors import UnsupportedModel
+from parallax.broker.errors import UnsupportedModel, UsageError
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+QUANTIZE_TYPES = ("q8_0", "q4_0")  # --quantize: what a dense checkpoint's matrices can become at load
+
+
+def already_quantized(gguf_name: str) -> UsageError:
+    """--quantize given for a GGUF source (it serves its own blocks)."""
+    return UsageError(f"{gguf_name} is already quantized; drop --quantize to serve its own blocks, "
+                      "or add --dequantize to quantize a dense copy of it")
 
 
 def architecture(config: dict) -> ModuleType:

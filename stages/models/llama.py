@@ -3,12 +3,17 @@
 Module names inside a layer match transformers' so checkpoints load by renaming
 ``model.layers.{i}`` to ``layers.{i - start}``. Rows of many requests share one forward: every
 projection runs on all rows at once; attention runs per request over its own cache.
+
+Each weight is held once, as loaded (``torch_backend.WeightFormat``): projections as a
+``kernels.Projection`` (bf16/fp16 ``Matrix`` or ``QuantMatrix`` blocks) or a dense float tensor; the
+q/k/v and gate/up projections stacked into one after loading (the parts dropped); a tied embedding
+and head one object on a stage that holds both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -16,8 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from parallax.broker.errors import UnsupportedModel
+
 from .. import kernels
 from ..kv import Decode, KVPool, Rows
+from ..quant import QuantMatrix
 
 
 @dataclass(frozen=True)
@@ -53,34 +61,67 @@ class ModelArgs:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
 
-class Linear(nn.Linear):
-    """On CPUs without native bf16/fp16 matmul, torch's reduced-precision GEMM is slow. bf16 weights
-    at up to ``kernels.MAX_ROWS`` rows go through the numba kernel in ``stages.kernels``, which reads
-    the half-size weight once at memory speed. Larger batches use a float32 copy of the weight, made
-    once on first use (converting on every call costs more than the GEMM; fp16 from ``UPCAST_ROWS``
-    rows on, measured M=16, 1536x576: 1.8 ms vs 0.37 ms). The copy holds the same values: results
-    do not change. (Models with a fused bf16 layer, ``StageModel.fused``, run their layers and head
-    through ``stages.kernels`` directly; this is the torch path.)"""
+Weight = Union[torch.Tensor, "kernels.Projection"]  # a dense float weight (F.linear) or a Projection
+HALF = (torch.bfloat16, torch.float16)
 
-    UPCAST_ROWS = 4
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, rows = self.weight, x.shape[0]
-        if w.device.type != "cpu" or w.dtype == torch.float32:
-            return F.linear(x, w, self.bias)
-        if w.dtype == torch.bfloat16 and rows <= kernels.MAX_ROWS:
-            return kernels.linear_bf16(x, self.matrix())
-        if rows < self.UPCAST_ROWS:
-            return F.linear(x, w, self.bias)
-        w32, b32 = self.matrix().fp32
-        return F.linear(x.float(), w32, b32).to(x.dtype)
+class Linear(nn.Module):
+    """y = x W^T + b with W held once, as loaded (``load``): a ``kernels.Projection`` on CPU (a bf16/fp16
+    ``kernels.Matrix`` or a ``QuantMatrix``, its bias inside it), whose ``matmul`` picks the kernel; or a
+    dense float tensor for ``F.linear`` (float32 weights, CUDA). No float32 or transposed copy is kept."""
 
-    def matrix(self) -> kernels.Matrix:
-        """This projection as the CPU kernels read it (made once; a plain attribute: not a
-        parameter, not in the state dict)."""
-        if "_matrix" not in self.__dict__:
-            self.__dict__["_matrix"] = kernels.Matrix(self.weight, self.bias)
-        return self.__dict__["_matrix"]
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.has_bias = in_features, out_features, bias
+        self.weight: Weight | None = None  # plain attributes, not parameters
+        self.bias: torch.Tensor | None = None
+
+    def load(self, weight: Weight, bias: torch.Tensor | None) -> None:
+        """weight: [O, I] as ``torch_backend`` converted it (dense tensor or QuantMatrix); bias: [O]."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise UnsupportedModel(f"weight of shape {tuple(weight.shape)} where the config needs "
+                                   f"{(self.out_features, self.in_features)}")
+        if isinstance(weight, QuantMatrix):
+            self.weight = weight if bias is None else QuantMatrix(weight.qtype, weight.shape, weight.blocks, bias)
+        elif weight.device.type == "cpu" and weight.dtype in HALF:
+            self.weight = kernels.Matrix(weight, bias)
+        else:
+            self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, I] -> [T, O] in x's dtype
+        if isinstance(self.weight, torch.Tensor):
+            return F.linear(x, self.weight, self.bias)
+        return self.weight.matmul(x)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (weight + bias)."""
+        if isinstance(self.weight, torch.Tensor):
+            return self.weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
+        return self.weight.nbytes
+
+
+class Embedding(nn.Module):
+    """Token ids -> rows of the table, in the activation dtype. The table as loaded: a dense tensor, a
+    ``QuantMatrix`` (``take_rows`` decodes only the rows asked for) or, tied to the head of a stage that
+    is first and last, the head's own ``kernels.Matrix`` (one object serves both)."""
+
+    def __init__(self, num: int, dim: int):
+        super().__init__()
+        self.num, self.dim = num, dim
+        self.weight: Weight | None = None
+        self.dtype = torch.float32
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, D]
+        w = self.weight
+        if isinstance(w, QuantMatrix):
+            return w.take_rows(ids).to(self.dtype)
+        table = w if isinstance(w, torch.Tensor) else w.weight  # a tied kernels.Matrix: its dense weight
+        return F.embedding(ids, table).to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
 
 
 class RMSNorm(nn.Module):
@@ -96,16 +137,15 @@ class RMSNorm(nn.Module):
 
 def fuse(parts: list[Linear]) -> Linear:
     """One Linear over the stacked weights of ``parts`` (one GEMV instead of several: fewer ops and
-    one pass over memory). The parts' weights become views of it: no extra memory, same state dict."""
-    sizes = [p.out_features for p in parts]
-    fused = Linear(parts[0].in_features, sum(sizes), bias=parts[0].bias is not None, device="meta")
-    fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
-    for part, w in zip(parts, fused.weight.split(sizes)):
-        part.weight = nn.Parameter(w, requires_grad=False)
-    if fused.bias is not None:
-        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
-        for part, b in zip(parts, fused.bias.split(sizes)):
-            part.bias = nn.Parameter(b, requires_grad=False)
+    one pass over memory). The parts are not kept: the caller drops them."""
+    fused = Linear(parts[0].in_features, sum(p.out_features for p in parts), parts[0].has_bias)
+    if isinstance(parts[0].weight, torch.Tensor):
+        bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
+        fused.weight, fused.bias = torch.cat([p.weight for p in parts]), bias
+    else:
+        fused.weight = kernels.stack([p.weight for p in parts])
+    for p in parts:
+        p.weight = p.bias = None
     return fused
 
 
@@ -132,8 +172,9 @@ class Attention(nn.Module):
         self.gqa = self.heads != self.kv_heads
 
     def fuse(self) -> None:
-        """After loading: q, k and v projections run as one (a plain attribute, not a submodule)."""
-        self.__dict__["qkv_proj"] = fuse([self.q_proj, self.k_proj, self.v_proj])
+        """After loading: q, k and v projections run as one; the three parts are dropped."""
+        self.qkv_proj = fuse([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rows: Rows, kv: KVPool) -> torch.Tensor:
         T, H, KV = x.shape[0], self.heads, self.kv_heads  # x: [T, D]
@@ -182,7 +223,8 @@ class MLP(nn.Module):
         self.act = ACT2FN[args.hidden_act]
 
     def fuse(self) -> None:
-        self.__dict__["gate_up_proj"] = fuse([self.gate_proj, self.up_proj])
+        self.gate_up_proj = fuse([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, -1)  # [T, 2I] -> 2 x [T, I]
@@ -202,8 +244,8 @@ class DecoderLayer(nn.Module):
         if "_arrays" not in self.__dict__:
             attn, mlp = self.self_attn, self.mlp
             self.__dict__["_arrays"] = kernels.LayerWeights(
-                _f32(self.input_layernorm.weight), attn.qkv_proj.matrix(), attn.o_proj.matrix(),
-                _f32(self.post_attention_layernorm.weight), mlp.gate_up_proj.matrix(), mlp.down_proj.matrix(),
+                _f32(self.input_layernorm.weight), attn.qkv_proj.weight, attn.o_proj.weight,
+                _f32(self.post_attention_layernorm.weight), mlp.gate_up_proj.weight, mlp.down_proj.weight,
                 self.input_layernorm.eps,
             )
         return self.__dict__["_arrays"]
@@ -225,13 +267,57 @@ class StageModel(nn.Module):
         self.args, self.start, self.end = args, start, end
         self.first, self.last = start == 0, end == args.num_hidden_layers
         if self.first:
-            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+            self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(end - start))
         if self.last:
             self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.empty(args.dim_head // 2), persistent=False)
         self.attention_scaling = 1.0
+        self.dtype = torch.float32  # activations (and KV); set by ``load``
+        self.kernel_picks: dict[str, str] = {}  # which kernel each projection runs (``kernels.tune`` at load)
+
+    def tensor_names(self) -> dict[str, str]:
+        """Every tensor this stage loads: our name -> the checkpoint's. A tied head is listed under
+        ``lm_head.weight`` too; the loader reads it from the embedding's tensor."""
+        names = {}
+        for prefix, module in self.named_modules():
+            if isinstance(module, (Linear, Embedding, RMSNorm)):
+                names[f"{prefix}.weight"] = self.hf_name(f"{prefix}.weight")
+            if isinstance(module, Linear) and module.has_bias:
+                names[f"{prefix}.bias"] = self.hf_name(f"{prefix}.bias")
+        return names
+
+    def load(self, tensors: dict[str, Weight], dtype: torch.dtype) -> None:
+        """Take the loaded tensors (``tensor_names``; projections converted by the loader, vectors in
+        ``dtype``), each held once: a tied head given the embedding's own object shares it."""
+        self.dtype = dtype
+        modules = dict(self.named_modules())
+        for name, value in tensors.items():
+            prefix, kind = name.rsplit(".", 1)
+            module = modules[prefix]
+            if isinstance(module, RMSNorm):
+                module.weight = nn.Parameter(value, requires_grad=False)
+            elif isinstance(module, Embedding):
+                module.weight, module.dtype = value, dtype
+            elif kind == "weight":
+                module.load(value, tensors.get(f"{prefix}.bias"))
+        if self.first and self.last and tensors.get("lm_head.weight") is tensors["embed_tokens.weight"]:
+            self.embed_tokens.weight = self.lm_head.weight  # one object for both (a Matrix: same tensor)
+
+    def held(self) -> dict[int, int]:
+        """Bytes of every weight this stage holds, once per object: id -> nbytes (norms included)."""
+        held = {}
+        for module in self.modules():
+            if isinstance(module, (Linear, Embedding)) and module.weight is not None:
+                held[id(module.weight)] = module.nbytes
+            elif isinstance(module, RMSNorm):
+                held[id(module.weight)] = module.weight.nbytes
+        return held
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.held().values())
 
     def forward(self, x: torch.Tensor, rows: Rows, kv: KVPool) -> torch.Tensor:
         """x: token ids [T] (first stage) or hidden [T, D]. Returns hidden [T, D], or logits
@@ -248,10 +334,12 @@ class StageModel(nn.Module):
 
     @property
     def fused(self) -> bool:
-        """bf16 Llama layers on CPU run through ``kernels.fused_layer``: a few numba calls per layer,
-        every row computed on its own (batch-invariant), prompt rows and generated tokens apart."""
+        """bf16 activations on CPU (projections are then ``kernels.Projection``s: bf16/fp16 ``Matrix`` or
+        ``QuantMatrix``) in a Llama-family layer run through ``kernels.fused_layer``: a few numba calls per
+        layer, every row computed on its own (batch-invariant), prompt rows and generated tokens apart."""
         a, w = self.args, self.layers[0].mlp.down_proj.weight
-        return w.device.type == "cpu" and w.dtype == torch.bfloat16 and not a.qk_norm and a.hidden_act == "silu"
+        projection = not isinstance(w, torch.Tensor)  # dense tensors: the F.linear path (float32, CUDA)
+        return projection and self.dtype == torch.bfloat16 and not a.qk_norm and a.hidden_act == "silu"
 
     @property
     def decode_group(self) -> int:
@@ -270,7 +358,7 @@ class StageModel(nn.Module):
         if not self.last:
             return torch.from_numpy(x).to(h.dtype)
         normed = kernels.norm_rows(x[rows.sample_rows.numpy()], _f32(self.norm.weight), self.norm.eps)  # [S, D]
-        return kernels.linear_bf16(torch.from_numpy(normed).to(h.dtype), self.lm_head.matrix())  # [S, V]
+        return torch.from_numpy(self.lm_head.weight.decode(normed)).to(h.dtype)  # [S, V]
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :].float()  # [T, hd/2]
