@@ -37,6 +37,14 @@ def test_greedy_fast_path_is_torch_argmax(dtype):
         assert greedy(logits) == torch.argmax(logits.float(), dim=-1).tolist()
 
 
+def test_sampler_greedy_over_steps_of_other_sizes():
+    sampler, g = Sampler(), torch.Generator().manual_seed(1)
+    spec = SampleSpec(SamplingParams(temperature=0), (), step=0)
+    for rows in (1, 3, 1, 2, 2):  # the reused buffer follows the step's shape
+        logits = torch.randn(rows, 500, generator=g).to(torch.bfloat16)
+        assert sampler.sample(logits, ["r"] * rows, [spec] * rows) == torch.argmax(logits.float(), dim=-1).tolist()
+
+
 def test_greedy_with_bans_or_penalty_still_takes_the_full_path():
     logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]], dtype=torch.bfloat16)
     params = SamplingParams(temperature=0, stop_token_ids=(1,), min_tokens=2)
