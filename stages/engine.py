@@ -335,10 +335,15 @@ class Engine:
         hop = (seq.hop + 1) % len(seq.meta.chain)
         return subjects.node(self.spec.model, *seq.meta.chain[hop], seq.meta.route[hop])
 
+    def _loops_here(self, seq: Sequence) -> bool:
+        """Whether the request's next hop is this very stage (its chain has one hop): the generated
+        token then goes straight into its inbox instead of a round trip through NATS."""
+        return len(seq.meta.chain) == 1 and seq.meta.route[0] == self.node_id
+
     def _sampled(self, batch: list[tuple[Sequence, Work]], result: StepOutput) -> Outgoing:
         tokens = iter(result.tokens)
         replies: dict[str, list[TokenOut]] = {}
-        loops: dict[str, tuple[list[ForwardItem], list[bytes]]] = {}
+        loops: dict[str, tuple[list[ForwardItem], list[memoryview]]] = {}
         finished: list[str] = []
         for seq, w in batch:
             if not w.item.sample:
@@ -349,10 +354,12 @@ class Engine:
             replies.setdefault(seq.reply, []).append(TokenOut(rid=seq.rid, token=token, index=index, finish=finish))
             if finish:
                 finished.append(seq.rid)
+            elif self._loops_here(seq):  # a one-stage chain: the token is this stage's next input
+                seq.inbox.append(Work(ForwardItem(rid=seq.rid, pos=seq.length, n=1), _ids(token), "int32"))
             else:
                 items, ids = loops.setdefault(self._next_subject(seq), ([], []))
                 items.append(ForwardItem(rid=seq.rid, pos=seq.length, n=1))
-                ids.append(token.to_bytes(4, "little", signed=True))
+                ids.append(_ids(token))
         out = [(reply, encode(Tokens(items=tuple(items)))) for reply, items in replies.items()]
         out += [(subject, self._forward_msg(items, ids, (len(items),), "int32")) for subject, (items, ids) in loops.items()]
         self._release(finished, out, broadcast=True)
@@ -422,3 +429,8 @@ class Engine:
     @property
     def _range(self) -> str:
         return f"{self.spec.start}:{self.spec.end}"
+
+
+def _ids(token: int) -> memoryview:
+    """One token id as the int32 row the first stage takes."""
+    return memoryview(token.to_bytes(4, "little", signed=True))

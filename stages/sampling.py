@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 
 from .backend import SampleSpec
@@ -19,6 +20,8 @@ class Sampler:
         self._generators.pop(rid, None)
 
     def sample(self, logits: torch.Tensor, rids: list[str], specs: list[SampleSpec]) -> list[int]:
+        if all(_plain_greedy(spec) for spec in specs) and logits.device.type == "cpu":
+            return greedy(logits)
         logits = logits.float()  # [S, V]
         return [self._one(logits[i], rid, spec) for i, (rid, spec) in enumerate(zip(rids, specs))]
 
@@ -39,6 +42,25 @@ class Sampler:
             g.manual_seed(seed if seed is not None else random.getrandbits(63))
             self._generators[rid] = g
         return self._generators[rid]
+
+
+def _plain_greedy(spec: SampleSpec) -> bool:
+    p = spec.params
+    return p.greedy and not spec.banned and (p.repetition_penalty == 1.0 or not spec.history)
+
+
+def greedy(logits: torch.Tensor) -> list[int]:
+    """The argmax of every row of CPU logits [S, V] (the first one on ties, NaN wins, like
+    ``torch.argmax``), in numpy on the calling thread: torch would widen the logits and split
+    the argmax over its OpenMP threads (one wake-up of its pool per token, whose spinning
+    workers then compete with the next step's kernels for the cores)."""
+    rows = logits.detach()
+    if rows.dtype == torch.bfloat16:  # bf16 -> float32 is a 16-bit shift, exact
+        bits = rows.contiguous().view(torch.int16).numpy().view(np.uint16)
+        values = (bits.astype(np.uint32) << 16).view(np.float32)
+    else:
+        values = rows.numpy()
+    return [int(i) for i in np.argmax(values, axis=-1)]
 
 
 def _penalize(logits: torch.Tensor, history: tuple[int, ...], penalty: float) -> torch.Tensor:
