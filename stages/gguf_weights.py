@@ -1,7 +1,7 @@
 """A GGUF file's tensors under their Hugging Face names, in the format they are stored in.
 
-``GGUFWeights.open`` parses the header only (``gguf.GGUFReader``); ``get`` reads one tensor's bytes
-from the file into heap memory (``readinto``, never a view of the reader's memory map: the model
+``GGUFWeights.open`` scans the header only (scalars and the tensor table, see ``_scan``); ``get`` reads one tensor's bytes
+from the file into heap memory (``readinto``, never a view of a memory map: the model
 concatenates q/k/v and gate/up, and pages touched through a map would count twice in RSS):
 
 * quantized matrices (``quant.TYPES``) -> :class:`QuantMatrix` over their blocks, uint8 [O, bytes per row];
@@ -16,6 +16,8 @@ blocks move exactly like rows of floats (as transformers' ``LlamaTensorProcessor
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,17 +66,17 @@ class GGUFWeights:
     def open(cls, path: Path | str) -> GGUFWeights:
         path = Path(path)
         try:
-            reader = gguf.GGUFReader(str(path))
-        except (OSError, ValueError) as exc:
+            fields, infos = _scan(path)
+        except (OSError, ValueError, struct.error) as exc:
             raise UnsupportedModel(f"cannot read GGUF file {path}: {exc}") from exc
-        arch = _field(reader, "general.architecture")
+        arch = _field(fields, "general.architecture")
         if arch not in ARCHITECTURES:
             raise UnsupportedModel(f"GGUF architecture {arch!r} of {path} is not supported "
                                    f"(have: {', '.join(ARCHITECTURES)})")
-        layers = int(_field(reader, f"{arch}.block_count"))
-        heads = int(_field(reader, f"{arch}.attention.head_count"))
-        kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv", heads))
-        by_gguf_name = {t.name: t for t in reader.tensors}
+        layers = int(_field(fields, f"{arch}.block_count"))
+        heads = int(_field(fields, f"{arch}.attention.head_count"))
+        kv_heads = int(_field(fields, f"{arch}.attention.head_count_kv", heads))
+        by_gguf_name = {info[0]: info for info in infos}
         names = gguf.get_tensor_name_map(_arch_enum(arch), layers)
         modules = list(GLOBAL_MODULES) + [f"model.layers.{i}.{m}" for i in range(layers) for m in LAYER_MODULES]
         permuted = {"self_attn.q_proj": heads, "self_attn.k_proj": kv_heads} if arch in PERMUTED else {}
@@ -152,18 +154,81 @@ def _unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
     return out
 
 
-def _describe(t: gguf.ReaderTensor, heads: int | None) -> _Tensor:
-    shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists the fastest dimension first
-    return _Tensor(t.name, Q(t.tensor_type), shape, int(t.data_offset), int(t.n_bytes), heads)
+def _describe(info: tuple[str, tuple[int, ...], int, int], heads: int | None) -> _Tensor:
+    name, dims, kind, offset = info
+    qtype = Q(kind)
+    shape = tuple(reversed(dims))  # ggml lists the fastest dimension first
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return _Tensor(name, qtype, shape, offset, math.prod(dims) // block * size, heads)
 
 
-def _field(reader: gguf.GGUFReader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
+def _field(fields: dict, key: str, default=None):
+    if key not in fields:
         if default is None:
             raise UnsupportedModel(f"GGUF file lacks the metadata key {key}")
         return default
-    return field.contents()
+    return fields[key]
+
+
+# --- the header -----------------------------------------------------------------------------------
+# ``gguf.GGUFReader`` turns every metadata value into numpy objects, the tokenizer's ~100k strings too:
+# ~170 MB at its peak for a 49k-token vocabulary, of which ~100 MB stayed in a stage's RSS for good
+# (allocator fragmentation; measured). A stage needs a few numbers and the tensor table, so it scans the
+# header itself: scalars kept, arrays skipped by their lengths (GGUF v2/v3 layout, little-endian).
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def _scan(path: Path) -> tuple[dict, list[tuple[str, tuple[int, ...], int, int]]]:
+    """(scalar metadata, [(tensor name, ggml dims, type, absolute data offset)]) of a GGUF file."""
+    with open(path, "rb") as f:
+        magic, version, n_tensors, n_kv = struct.unpack("<4sIQQ", f.read(24))
+        if magic != b"GGUF" or version < 2:
+            raise ValueError(f"not a GGUF v2/v3 file (magic {magic!r}, version {version})")
+        fields = {}
+        for _ in range(n_kv):
+            key, kind = _string(f), _unpack(f, "<I")
+            value = _value(f, kind)
+            if value is not None:
+                fields[key] = value
+        infos = []
+        for _ in range(n_tensors):
+            name, ndims = _string(f), _unpack(f, "<I")
+            dims = struct.unpack(f"<{ndims}Q", f.read(8 * ndims))
+            kind, offset = struct.unpack("<IQ", f.read(12))
+            infos.append((name, dims, kind, offset))
+        align = int(fields.get("general.alignment", 32))
+        start = -(-f.tell() // align) * align
+    return fields, [(name, dims, kind, start + offset) for name, dims, kind, offset in infos]
+
+
+def _unpack(f, fmt: str):
+    return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+
+def _string(f) -> str:
+    return f.read(_unpack(f, "<Q")).decode("utf-8", errors="replace")
+
+
+def _value(f, kind: int):
+    """A scalar or string value; an array is skipped (None)."""
+    if kind == _STRING:
+        return _string(f)
+    if kind in _SCALARS:
+        return _unpack(f, _SCALARS[kind])
+    if kind != _ARRAY:
+        raise ValueError(f"unknown GGUF metadata type {kind}")
+    item, count = struct.unpack("<IQ", f.read(12))
+    if item == _STRING:
+        for _ in range(count):
+            f.seek(_unpack(f, "<Q"), 1)
+    elif item == _ARRAY:
+        for _ in range(count):
+            _value(f, _ARRAY)
+    else:
+        f.seek(count * struct.calcsize(_SCALARS[item]), 1)
+    return None
 
 
 def _arch_enum(arch: str) -> gguf.MODEL_ARCH:

@@ -138,9 +138,25 @@ def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: torc
     if device.type == "cpu" and dtype == torch.bfloat16:
         kernels.warm_up()
     model.kernel_picks = kernels.tune(kernels.projections(model), dtype) if device.type == "cpu" else {}
+    release_free_memory()
     log.info("loaded layers %d:%d of %s (%s weights, %.1f MB as held)", start, end, path,
              quantize or "stored", model.weight_bytes / 1e6)
     return model.eval()
+
+
+def release_free_memory() -> None:
+    """Hand the heap memory that loading freed (quantizing's float32 temporaries, tuning's test inputs)
+    back to the OS: glibc keeps freed blocks below its mmap threshold in the process otherwise, and a
+    stage's RSS would stay tens of MB above what it holds (measured: --quantize q4_0 of a 140 M model,
+    +90 MB)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
 
 
 def quantize_type(quantize: str | None, weights: "TensorSource", device: torch.device):
@@ -208,7 +224,7 @@ class SafetensorsWeights:
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         with safe_open(self.path / self.files[name], framework="pt", device="cpu") as f:
             t = f.get_tensor(name)
-        return t if t.dim() == 2 else t.to(dtype)
+        return t if t.dim() == 2 else t.to(dtype, copy=True)  # a vector never pins the file's mapping
 
 
 @dataclass(frozen=True)

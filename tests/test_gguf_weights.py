@@ -310,3 +310,18 @@ def test_profile_counts_safetensors_as_stored_or_quantized(tmp_path, dtype, size
     assert model_profile(folder, "bfloat16", quantize="q4_0").first_bytes == VOCAB * HIDDEN // 32 * 18
     with pytest.raises(ValueError, match="quantize must be one of"):
         model_profile(folder, "bfloat16", quantize="q2_k")
+
+
+@pytest.mark.slow
+def test_header_scan_agrees_with_gguf_reader_on_the_bundled_model():
+    from parallax.broker.model import smollm2_gguf
+    from parallax.stages.gguf_weights import _scan
+
+    path = smollm2_gguf()
+    reader = gguf.GGUFReader(str(path))
+    fields, infos = _scan(path)
+    assert infos == [(t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), int(t.data_offset))
+                     for t in reader.tensors]
+    scalars = {k: f.contents() for k, f in reader.fields.items()
+               if not k.startswith("GGUF.") and f.types and f.types[0] != gguf.GGUFValueType.ARRAY}
+    assert fields == scalars
