@@ -17,9 +17,8 @@ from parallax.broker.registry import ModelProfile
 
 from .gguf_weights import FLOAT_TYPES, GGUFWeights
 from .models import architecture
-from .torch_backend import DTYPES, checkpoint_index
+from .torch_backend import DTYPES, QUANTIZE, checkpoint_index
 
-QUANTIZE_TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
 _STORED_SIZES = {"F32": 4, "F16": 2, "BF16": 2}  # safetensors dtypes a stage keeps as stored
 
 
@@ -29,8 +28,8 @@ def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelP
     float32), or in the ``quantize`` format
     ("q8_0", "q4_0") when float matrices are quantized at load; vectors (norms, biases) and the KV
     cache in the serving dtype."""
-    if quantize is not None and quantize not in QUANTIZE_TYPES:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_TYPES)}; got {quantize!r}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
     config = read_config(path)
     args = architecture(config).ModelArgs.from_dict(config)
     size = torch.empty((), dtype=DTYPES[dtype]).element_size()
@@ -50,7 +49,7 @@ def _held_bytes(path: Path, size: int, quantize: str | None) -> dict[str, int]:
         if len(shape) != 2:
             held[name] = numel * size  # converted to the serving dtype
         elif quantize is not None and is_float:
-            block, block_bytes = gguf.GGML_QUANT_SIZES[QUANTIZE_TYPES[quantize]]
+            block, block_bytes = gguf.GGML_QUANT_SIZES[QUANTIZE[quantize]]
             held[name] = shape[0] * math.ceil(shape[1] / block) * block_bytes
         elif stored is None:
             held[name] = numel * size

@@ -331,8 +331,15 @@ def test_smollm2_alias_without_its_package(monkeypatch):
 # ----------------------------------------------------------------------------- the real SmolLM2
 
 
+@pytest.fixture(scope="module")
+def smollm2_served() -> Path:
+    """The folder the alias serves from: config, tokenizer and a link to the bundled GGUF."""
+    return resolve_model("smollm2-135m").path
+
+
 @pytest.mark.slow
-def test_smollm2_alias_serves_from_its_gguf_once(smollm2_path):
+def test_smollm2_alias_serves_from_its_gguf_once(smollm2_served):
+    smollm2_path = smollm2_served
     config = read_config(smollm2_path)
     assert "quantization_config" not in config
     assert config["num_hidden_layers"] == 30 and config["model_type"] == "llama"
@@ -351,9 +358,10 @@ def test_smollm2_alias_serves_from_its_gguf_once(smollm2_path):
 
 
 @pytest.mark.slow
-def test_smollm2_dequantized_converts_losslessly(smollm2_path):
+def test_smollm2_dequantized_converts_losslessly(smollm2_served):
     from safetensors import safe_open
 
+    smollm2_path = smollm2_served
     dense = resolve_model("smollm2-135m", dequantize=True).path
     assert dense != smollm2_path and gguf_file(dense) is None
     config = read_config(dense)
