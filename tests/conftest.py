@@ -29,7 +29,7 @@ def start_nats_server(**config) -> EmbeddedServer:
     raise error
 
 
-NEEDS_SMOLLM2 = frozenset({"smollm2_path", "smollm2_tokenizer"})  # the fixtures that convert SmolLM2
+NEEDS_SMOLLM2 = frozenset({"smollm2_path", "smollm2_served", "smollm2_tokenizer"})  # the fixtures that convert SmolLM2
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -72,6 +72,15 @@ def smollm2_path() -> Path:
     from parallax.broker.model import resolve_model
 
     return resolve_model("smollm2-135m", dequantize=True).path
+
+
+@pytest.fixture(scope="session")
+def smollm2_served() -> Path:
+    """The folder the ``smollm2-135m`` alias serves from: config, tokenizer and a link to the bundled
+    GGUF, whose Q4_1 blocks the stages hold as stored."""
+    from parallax.broker.model import resolve_model
+
+    return resolve_model("smollm2-135m").path
 
 
 def save_tiny_llama(path: Path, layers: int = 6, tied: bool = False, vocab: int = SMOLLM2_VOCAB,

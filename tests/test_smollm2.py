@@ -1,4 +1,5 @@
-"""The real model: SmolLM2-135M-Instruct split over 2 and 3 stages equals single-process transformers."""
+"""The real model: SmolLM2-135M-Instruct split over 2 and 3 stages, serving its GGUF's own Q4_1 blocks,
+equals single-process transformers on the dequantized model."""
 
 from __future__ import annotations
 
@@ -28,14 +29,14 @@ def references(smollm2_path, prompts):
 
 
 @pytest.mark.parametrize("ranges", [[(0, 15), (15, 30)], [(0, 7), (7, 19), (19, 30)]], ids=["2-stage", "3-stage"])
-async def test_smollm2_split_equals_transformers(nats_url, smollm2_path, prompts, references, ranges):
-    async with cluster(nats_url, smollm2_path, "smollm2-135m", 30, ranges) as c:
+async def test_smollm2_split_equals_transformers(nats_url, smollm2_served, prompts, references, ranges):
+    async with cluster(nats_url, smollm2_served, "smollm2-135m", 30, ranges) as c:
         for prompt, expected in zip(prompts[1], references):
             assert await c.generate(prompt, max_tokens=32, ignore_eos=True) == expected
 
 
-async def test_smollm2_knows_paris(nats_url, smollm2_path, prompts):
+async def test_smollm2_knows_paris(nats_url, smollm2_served, prompts):
     tok, ids = prompts
-    async with cluster(nats_url, smollm2_path, "smollm2-135m", 30, [(0, 15), (15, 30)], dtype="bfloat16") as c:
+    async with cluster(nats_url, smollm2_served, "smollm2-135m", 30, [(0, 15), (15, 30)], dtype="bfloat16") as c:
         text = tok.decode(await c.generate(ids[0], max_tokens=32, stop_token_ids=[tok.eos_token_id]))
     assert "Paris" in text

@@ -331,12 +331,6 @@ def test_smollm2_alias_without_its_package(monkeypatch):
 # ----------------------------------------------------------------------------- the real SmolLM2
 
 
-@pytest.fixture(scope="module")
-def smollm2_served() -> Path:
-    """The folder the alias serves from: config, tokenizer and a link to the bundled GGUF."""
-    return resolve_model("smollm2-135m").path
-
-
 @pytest.mark.slow
 def test_smollm2_alias_serves_from_its_gguf_once(smollm2_served):
     smollm2_path = smollm2_served
