@@ -412,3 +412,17 @@ def test_stage_refuses_quantize_for_a_gguf_model_in_one_line(models, tmp_path):
                           timeout=120)
     assert done.returncode == 2
     assert "tiny.gguf is already quantized" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_loaded_stage_reports_its_kernel_picks_in_its_registry_record(models, tmp_path, monkeypatch):
+    """What the tuning picked reaches the backend and the stage's NodeInfo (``parallax status`` shows it)."""
+    from parallax.broker.registry import NodeInfo
+    from parallax.stages.worker import NodeFacts, node_info
+
+    monkeypatch.setenv("PARALLAX_CACHE", str(tmp_path))
+    backend = TorchBackend.load(models["llama"], "tiny", 0, 3, "bfloat16", "cpu", quantize="q4_0")
+    kinds = {key.rsplit(" ", 1)[1] for key in backend.kernels}
+    assert kinds == {"decode", "prefill"} and any(" Q4_0 " in key for key in backend.kernels)
+    assert set(backend.kernels.values()) <= {"numba", "numba-gemv", "torch-tile", "torch"}
+    info = node_info("n1", "tiny", 3, "cpu", "bfloat16", NodeFacts(), "serving", (0, 3), kernels=backend.kernels)
+    assert NodeInfo.model_validate_json(info.model_dump_json()).kernels == backend.kernels
