@@ -15,6 +15,7 @@ without timing. A corrupt cache file is ignored with a warning (and rewritten).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from typing import Iterable, Protocol
 import numba
 import numpy as np
 import torch
+from filelock import FileLock
 
 from parallax.broker.model import default_cache_dir
 
@@ -94,19 +96,20 @@ def tune(projections: Iterable[Tunable], dtype: torch.dtype) -> dict[str, str]:
         return {}
     key = machine_key()
     path = cache_file(key)
-    cached = _read(path)
     summary, new = {}, False
-    for name, members in groups.items():
-        picks = cached.get(name)
-        if not _valid(picks, members[0], dtype):
-            picks, new = measure(members[0], dtype), True
-            cached[name] = picks
-        for p in members:
-            p.picks.update(picks)
-        shape_fmt = name.rsplit(" ", 1)[0]
-        summary.update({f"{shape_fmt} {kind}": pick for kind, pick in picks.items()})
-    if new:
-        _write(path, key, cached)
+    with _locked(path):  # stages loading at once: one measures (alone on the CPU), the others reuse its picks
+        cached = _read(path)
+        for name, members in groups.items():
+            picks = cached.get(name)
+            if not _valid(picks, members[0], dtype):
+                picks, new = measure(members[0], dtype), True
+                cached[name] = picks
+            for p in members:
+                p.picks.update(picks)
+            shape_fmt = name.rsplit(" ", 1)[0]
+            summary.update({f"{shape_fmt} {kind}": pick for kind, pick in picks.items()})
+        if new:
+            _write(path, key, cached)
     log.info("kernels (%s, %d threads, %s): %s", "measured" if new else f"cached in {path}", key["threads"],
              str(dtype).removeprefix("torch."), ", ".join(f"{k} {v}" for k, v in summary.items()))
     return summary
@@ -164,6 +167,16 @@ def _score(p: Tunable, name: str, x: np.ndarray, rows: tuple[int, ...], bound: f
 def _valid(picks: object, p: Tunable, dtype: torch.dtype) -> bool:
     return (isinstance(picks, dict) and set(picks) == set(ROWS)
             and all(picks[kind] in p.candidates(kind, dtype) for kind in ROWS))
+
+
+def _locked(path: Path) -> contextlib.AbstractContextManager:
+    """The cache's lock file, or nothing where the cache folder cannot be made (then only logged)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("kernel choice cache folder %s: %s", path.parent, e)
+        return contextlib.nullcontext()
+    return FileLock(str(path) + ".lock")
 
 
 def _read(path: Path) -> dict:

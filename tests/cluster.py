@@ -9,11 +9,13 @@ import uuid
 from pathlib import Path
 
 import nats
+import numpy as np
 import torch
 
 from parallax.broker.wire import SamplingParams
 from parallax.broker.tasks import stop_task
 from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
+from parallax.stages.backend import StepItem
 from parallax.stages.engine import EngineConfig
 from parallax.stages.torch_backend import TorchBackend
 from parallax.stages.worker import StageWorker, WorkerConfig
@@ -141,3 +143,28 @@ def record_steps(c: Cluster) -> dict[str, list[Step]]:
 
         backend.run = run
     return steps
+
+
+def ids(tokens) -> memoryview:
+    """Token ids as a first stage's input bytes (int32)."""
+    return memoryview(torch.tensor(tokens, dtype=torch.int32).numpy().tobytes())
+
+
+class RowSteps:
+    """Steps of a first-stage bf16 backend over token prompts, each request with its own 12 KV blocks (48
+    positions at block size 4): ``item`` builds a request's rows, ``hidden`` runs one step and returns each
+    request's hidden states as bf16 bits."""
+
+    def __init__(self, backend: TorchBackend, prompts: dict[str, np.ndarray]):
+        self.backend, self.prompts = backend, prompts
+        self.tables = {rid: tuple(range(12 * k, 12 * k + 12)) for k, rid in enumerate(prompts)}
+
+    def item(self, rid: str, pos: int, n: int, token: int | None = None) -> StepItem:
+        data = ids(self.prompts[rid][pos : pos + n]) if token is None else ids([token])
+        return StepItem(rid, pos, n, data, "int32", None, self.tables[rid], prompt=token is None)
+
+    def hidden(self, items: list[StepItem]) -> dict[str, np.ndarray]:
+        out = self.backend.run(items)
+        rows = np.frombuffer(out.hidden, np.uint16).reshape(-1, out.row_bytes // 2)
+        offsets = np.cumsum([0] + [i.n for i in items])
+        return {i.rid: rows[a:b] for i, a, b in zip(items, offsets, offsets[1:])}

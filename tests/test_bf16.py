@@ -17,7 +17,7 @@ from parallax.stages.backend import SampleSpec, StepItem
 from parallax.stages.engine import EngineConfig
 from parallax.stages.kv import Rows
 from parallax.stages.torch_backend import TorchBackend
-from tests.cluster import Cluster, cluster, make_tiny_model, record_steps
+from tests.cluster import Cluster, RowSteps, cluster, ids, make_tiny_model, record_steps
 
 MODEL = "smollm2-135m"
 NEW_TOKENS = 32
@@ -29,10 +29,6 @@ QUESTIONS = [
     "How do airplanes fly?", "What is machine learning?", "Suggest a name for a dog.", "What is DNA?",
     "How many days are in a leap year?", "Write a sentence about autumn.",
 ]
-
-
-def ids(tokens) -> memoryview:
-    return memoryview(torch.tensor(tokens, dtype=torch.int32).numpy().tobytes())
 
 
 # --- backend level, a tiny random Llama (fast) ------------------------------------------------------
@@ -54,17 +50,8 @@ def test_a_rows_hidden_state_depends_on_its_request_only(tiny_first_stage):
     backend, rng = tiny_first_stage, np.random.default_rng(0)
     prompts = {"a": rng.integers(1, 512, 40), "b": rng.integers(1, 512, 37), "c": rng.integers(1, 512, 3)}
     prompts |= {f"d{i}": rng.integers(1, 512, 5) for i in range(20)}
-    tables = {rid: tuple(range(12 * k, 12 * k + 12)) for k, rid in enumerate(prompts)}  # 48 positions each
-
-    def item(rid, pos, n, token=None):
-        data = ids(prompts[rid][pos : pos + n]) if token is None else ids([token])
-        return StepItem(rid, pos, n, data, "int32", None, tables[rid], prompt=token is None)
-
-    def hidden(items) -> dict[str, np.ndarray]:
-        out = backend.run(items)
-        rows = np.frombuffer(out.hidden, np.uint16).reshape(-1, out.row_bytes // 2)
-        offsets = np.cumsum([0] + [i.n for i in items])
-        return {i.rid: rows[a:b] for i, a, b in zip(items, offsets, offsets[1:])}
+    steps = RowSteps(backend, prompts)
+    item, hidden = steps.item, steps.hidden
 
     alone = hidden([item("a", 0, 40)])["a"]
     hidden([item(f"d{i}", 0, 5) for i in range(20)])

@@ -18,7 +18,7 @@ from parallax.broker.layers import even_split
 from parallax.stages.kv import KVPool, Rows
 from parallax.stages.quant import QuantMatrix
 from parallax.stages.torch_backend import TorchBackend, load_stage_model
-from tests.cluster import make_tiny_model
+from tests.cluster import RowSteps, make_tiny_model
 
 CPU = torch.device("cpu")
 QTYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
@@ -68,9 +68,10 @@ def reference_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list[in
 
 
 @torch.inference_mode()
-def stage_greedy(stages, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+def stage_greedy(stages, prompt: list[int], new_tokens: int, dtype: torch.dtype = torch.float32
+                 ) -> tuple[list[int], torch.Tensor]:
     """The prompt in one chunk, then one token a step, through every stage in turn (blocks in any order)."""
-    pools = [KVPool(len(s.layers), s.args.kv_heads, s.args.dim_head, 20, 4, torch.float32, CPU) for s in stages]
+    pools = [KVPool(len(s.layers), s.args.kv_heads, s.args.dim_head, 20, 4, dtype, CPU) for s in stages]
     table = [7, 3, 19, 0, 12, 5, 1, 18, 9, 2, 14, 4, 16, 6, 11, 8, 13, 10, 15, 17]  # 80 positions
     x, pos, tokens, logits = torch.tensor(prompt), 0, [], []
     for _ in range(new_tokens):
@@ -79,7 +80,7 @@ def stage_greedy(stages, prompt: list[int], new_tokens: int) -> tuple[list[int],
         for stage, pool in zip(stages, pools):
             h = stage(h, rows, pool)
         logits.append(h[-1])
-        tokens.append(int(h[-1].argmax()))
+        tokens.append(int(h[-1].float().argmax()))
         pos, x = pos + len(x), torch.tensor([tokens[-1]])
     return tokens, torch.stack(logits)
 
@@ -177,10 +178,6 @@ def test_quantize_needs_in_features_in_whole_blocks(tmp_path):
 # --- bf16 activations: the fused path over quantized projections -----------------------------------
 
 
-def ids(tokens) -> memoryview:
-    return memoryview(torch.tensor(tokens, dtype=torch.int32).numpy().tobytes())
-
-
 @pytest.mark.parametrize("quantize", list(QTYPES))
 def test_bf16_rows_do_not_depend_on_the_batch(models, quantize):
     """Request A's hidden states (bits) alone equal them beside other prompts and 20 generated tokens, in
@@ -193,17 +190,8 @@ def test_bf16_rows_do_not_depend_on_the_batch(models, quantize):
     rng = np.random.default_rng(0)
     prompts = {"a": rng.integers(1, 512, 40), "b": rng.integers(1, 512, 37)}
     prompts |= {f"d{i}": rng.integers(1, 512, 5) for i in range(20)}
-    tables = {rid: tuple(range(12 * k, 12 * k + 12)) for k, rid in enumerate(prompts)}
-
-    def item(rid, pos, n, token=None):
-        data = ids(prompts[rid][pos : pos + n]) if token is None else ids([token])
-        return StepItem(rid, pos, n, data, "int32", None, tables[rid], prompt=token is None)
-
-    def hidden(items) -> dict[str, np.ndarray]:
-        out = backend.run(items)
-        rows = np.frombuffer(out.hidden, np.uint16).reshape(-1, out.row_bytes // 2)
-        offsets = np.cumsum([0] + [i.n for i in items])
-        return {i.rid: rows[a:b] for i, a, b in zip(items, offsets, offsets[1:])}
+    steps = RowSteps(backend, prompts)
+    item, hidden = steps.item, steps.hidden
 
     alone = hidden([item("a", 0, 40)])["a"]
     hidden([item(f"d{i}", 0, 5) for i in range(20)])
@@ -221,25 +209,9 @@ def test_bf16_quantized_split_equals_one_stage(models):
     whole = [load(models["llama"], 0, LAYERS, "q4_0", torch.bfloat16)]
     split = [load(models["llama"], a, b, "q4_0", torch.bfloat16) for a, b in even_split(LAYERS, 2)]
     assert all(s.fused for s in whole + split)
-    one, one_logits = _bf16_greedy(whole, PROMPTS[1], 8)
-    two, two_logits = _bf16_greedy(split, PROMPTS[1], 8)
+    one, one_logits = stage_greedy(whole, PROMPTS[1], 8, torch.bfloat16)
+    two, two_logits = stage_greedy(split, PROMPTS[1], 8, torch.bfloat16)
     assert one == two and torch.equal(one_logits, two_logits)
-
-
-@torch.inference_mode()
-def _bf16_greedy(stages, prompt, new_tokens):
-    pools = [KVPool(len(s.layers), s.args.kv_heads, s.args.dim_head, 20, 4, torch.bfloat16, CPU) for s in stages]
-    table = list(range(20))
-    x, pos, tokens, logits = torch.tensor(prompt), 0, [], []
-    for _ in range(new_tokens):
-        rows = Rows.build([(table, pos, len(x), True)], 4, CPU, prompt=len(x) > 1)
-        h = x
-        for stage, pool in zip(stages, pools):
-            h = stage(h, rows, pool)
-        logits.append(h[-1])
-        tokens.append(int(h[-1].float().argmax()))
-        pos, x = pos + len(x), torch.tensor([tokens[-1]])
-    return tokens, torch.stack(logits)
 
 
 # --- a GGUF source (quantized blocks read from the file) ------------------------------------------
