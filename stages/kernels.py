@@ -98,12 +98,6 @@ class Matrix(Tiled):
     def bias(self) -> torch.Tensor | None:  # [O] in the weight's dtype
         return self._bias
 
-    @property
-    def fp32(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A float32 copy of W and b made on every call (never kept): only for ``llama.Linear`` until it
-        calls ``matmul``."""
-        return self.weight.float(), None if self._bias is None else self._bias.float()
-
     def candidates(self, kind: str, dtype: torch.dtype) -> tuple[str, ...]:
         if self.weight.device.type != "cpu":
             return ("torch",)
