@@ -25,9 +25,12 @@ class KVPool:
         self._bits: tuple[np.ndarray, np.ndarray] | None = None
 
     def bits(self) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values as uint16 arrays sharing the pool's memory (bf16 pools; for numba kernels)."""
+        """Keys and values as numpy arrays sharing the pool's memory, for numba kernels: the bits of a bf16
+        pool (uint16), a float32 pool as is."""
         if self._bits is None:
-            self._bits = tuple(t.view(torch.int16).numpy().view(np.uint16) for t in (self.k, self.v))
+            as_numpy = (lambda t: t.numpy()) if self.k.dtype == torch.float32 else (
+                lambda t: t.view(torch.int16).numpy().view(np.uint16))
+            self._bits = (as_numpy(self.k), as_numpy(self.v))
         return self._bits
 
     @staticmethod

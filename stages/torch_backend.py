@@ -135,7 +135,7 @@ def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: torc
     model.load(_read_tensors(weights, model, args.tie_word_embeddings, fmt), dtype)
     model.inv_freq, model.attention_scaling = _rope(path, args.dim_head, device)
     model.fuse()
-    if device.type == "cpu" and dtype == torch.bfloat16:
+    if model.fused:
         kernels.warm_up()
     model.kernel_picks = kernels.tune(kernels.projections(model), dtype) if device.type == "cpu" else {}
     release_free_memory()

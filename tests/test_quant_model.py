@@ -398,3 +398,13 @@ def test_a_loaded_stage_reports_its_kernel_picks_in_its_registry_record(models, 
     assert set(backend.kernels.values()) <= {"numba", "numba-gemv", "torch-tile", "torch"}
     info = node_info("n1", "tiny", 3, "cpu", "bfloat16", NodeFacts(), "serving", (0, 3), kernels=backend.kernels)
     assert NodeInfo.model_validate_json(info.model_dump_json()).kernels == backend.kernels
+
+
+def test_float32_activations_over_quantized_weights_run_the_fused_float32_layer(models):
+    """The exactness runs above go through ``kernels.fused_layer`` in float32 mode (float32 KV cache)."""
+    from parallax.stages import kernels
+
+    backend = TorchBackend.load(models["llama"], "tiny", 0, 3, "float32", "cpu", quantize="q8_0")
+    assert backend.model.fused and backend.model.decode_group == kernels.MAX_ROWS
+    backend.init_kv(8, 4)
+    assert all(a.dtype == np.float32 for a in backend.kv.bits())

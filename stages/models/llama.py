@@ -63,6 +63,7 @@ class ModelArgs:
 
 Weight = Union[torch.Tensor, "kernels.Projection"]  # a dense float weight (F.linear) or a Projection
 HALF = (torch.bfloat16, torch.float16)
+FUSED_MODES = {torch.bfloat16: kernels.BF16, torch.float32: kernels.F32}  # activations -> fused_layer's mode
 
 
 class Linear(nn.Module):
@@ -334,12 +335,13 @@ class StageModel(nn.Module):
 
     @property
     def fused(self) -> bool:
-        """bf16 activations on CPU (projections are then ``kernels.Projection``s: bf16/fp16 ``Matrix`` or
+        """bf16 or float32 activations on CPU with ``kernels.Projection`` weights (bf16/fp16 ``Matrix``,
         ``QuantMatrix``) in a Llama-family layer run through ``kernels.fused_layer``: a few numba calls per
-        layer, every row computed on its own (batch-invariant), prompt rows and generated tokens apart."""
+        layer, every row computed on its own (batch-invariant), prompt rows and generated tokens apart;
+        rounded to bf16 after every op as torch does in bf16, or float32 throughout."""
         a, w = self.args, self.layers[0].mlp.down_proj.weight
         projection = not isinstance(w, torch.Tensor)  # dense tensors: the F.linear path (float32, CUDA)
-        return projection and self.dtype == torch.bfloat16 and not a.qk_norm and a.hidden_act == "silu"
+        return projection and self.dtype in FUSED_MODES and not a.qk_norm and a.hidden_act == "silu"
 
     @property
     def decode_group(self) -> int:
@@ -349,15 +351,16 @@ class StageModel(nn.Module):
     def _forward_fused(self, h: torch.Tensor, rows: Rows, kv: KVPool) -> torch.Tensor:
         a = self.args
         tables = rows.row_tables()  # [T, nb]
+        mode = FUSED_MODES[self.dtype]
         batch = kernels.RowBatch.build(rows.positions.numpy(), self.inv_freq.float().numpy(), self.attention_scaling,
-                                       rows.write_slots.numpy(), tables, kv.block_size, rows.prompt)
+                                       rows.write_slots.numpy(), tables, kv.block_size, rows.prompt, mode)
         k_cache, v_cache = kv.bits()
-        x = h.float().numpy().copy()  # [T, D]: bf16 values in float32, updated layer by layer
+        x = h.float().numpy().copy()  # [T, D] float32 (bf16 values in BF16 mode), updated layer by layer
         for i, layer in enumerate(self.layers):
             kernels.fused_layer(x, layer.weights(), batch, a.num_attention_heads, a.kv_heads, a.dim_head, k_cache[i], v_cache[i])
         if not self.last:
             return torch.from_numpy(x).to(h.dtype)
-        normed = kernels.norm_rows(x[rows.sample_rows.numpy()], _f32(self.norm.weight), self.norm.eps)  # [S, D]
+        normed = kernels.norm_rows(x[rows.sample_rows.numpy()], _f32(self.norm.weight), self.norm.eps, mode)  # [S, D]
         return torch.from_numpy(self.lm_head.weight.decode(normed)).to(h.dtype)  # [S, V]
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
