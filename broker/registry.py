@@ -56,6 +56,7 @@ class NodeInfo(BaseModel):
     end: int | None = Field(default=None, ge=1)
     num_layers: int = Field(default=0, ge=0)
     host: str = ""
+    backend: str = "torch"  # the stage's compute backend: "torch" or "mlx"
     device: str = "cpu"
     dtype: str = "float32"
     version: str = ""

@@ -45,6 +45,7 @@ class UpPlan:
     stage_args: tuple[str, ...] = ()  # extra flags for every stage
     quantize: str | None = None  # --quantize for every stage
     dequantize: bool = False  # --dequantize for every stage
+    backend: str = "auto"  # --backend for every stage (checked by plan_up; auto: each stage picks, like here)
 
     def __post_init__(self) -> None:
         if not self.ranges:
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stages hold a Hugging Face checkpoint's weight matrices as GGUF blocks of this type")
     up.add_argument("--dequantize", action="store_true",
                     help="serve a GGUF model from a dense safetensors copy instead of its quantized blocks")
+    up.add_argument("--backend", default="auto", metavar="{auto,torch,mlx}",
+                    help="stage compute backend: auto (mlx on macOS arm64, torch elsewhere), torch or mlx")
     up.add_argument("--nats-port", type=int, default=4222, help="port of the embedded nats-server")
     up.add_argument("--nats-host", default="127.0.0.1", help="host the embedded nats-server binds")
     up.add_argument("--nats", metavar="URL", help="use this NATS server instead of starting one")
@@ -95,6 +98,7 @@ def plan_up(args: argparse.Namespace) -> UpPlan:
     """Validate the input and resolve the model once (a GGUF is converted here, with progress)."""
     from parallax.broker.layers import even_split
     from parallax.broker.model import ModelFacts, gguf_file, resolve_model  # no torch import until a conversion
+    from parallax.stages.cli import resolve_backend
 
     _check_port("--port", args.port)
     _check_port("--nats-port", args.nats_port)
@@ -102,6 +106,7 @@ def plan_up(args: argparse.Namespace) -> UpPlan:
         raise UsageError(f"--stages must be at least 1, got {args.stages}")
     if args.ready_timeout <= 0:
         raise UsageError("--ready-timeout must be positive")
+    resolve_backend(args.backend)  # an unknown or uninstalled backend: exit 2 before anything starts
     source = resolve_model(args.model, dequantize=args.dequantize)  # ModelNotFound is a UsageError: exit 2
     if args.quantize and (file := gguf_file(source.path)) is not None:
         raise already_quantized(file.name)
@@ -110,13 +115,14 @@ def plan_up(args: argparse.Namespace) -> UpPlan:
     except ValueError as exc:
         raise UsageError(f"--stages {args.stages}: {exc}") from None
     return UpPlan(args.model, source.name, ranges, args.dtype, args.host, args.port, tuple(shlex.split(args.stage_args)),
-                  args.quantize, args.dequantize)
+                  args.quantize, args.dequantize, args.backend)
 
 
 def stage_command(plan: UpPlan, start: int, end: int, nats_url: str) -> list[str]:
-    weights = (["--quantize", plan.quantize] if plan.quantize else []) + (["--dequantize"] if plan.dequantize else [])
+    flags = (["--quantize", plan.quantize] if plan.quantize else []) + (["--dequantize"] if plan.dequantize else [])
+    flags += [] if plan.backend == "auto" else ["--backend", plan.backend]
     return [sys.executable, "-m", "parallax.stages.cli", "--model", plan.model, "--layers", f"{start}:{end}",
-            "--nats", nats_url, "--dtype", plan.dtype, *weights, *plan.stage_args]
+            "--nats", nats_url, "--dtype", plan.dtype, *flags, *plan.stage_args]
 
 
 def gateway_command(plan: UpPlan, nats_url: str) -> list[str]:

@@ -167,11 +167,17 @@ def node_row(d: Mapping[str, Any]) -> list[str]:
     layer_ms = d.get("layer_ms")
     return [
         d["kind"], d["node_id"], d.get("model") or "-", _layers(d), d.get("state", ""),
-        (d.get("device") or "-") if stage else "-", (d.get("dtype") or "-") if stage else "-",
+        _device(d) if stage else "-", (d.get("dtype") or "-") if stage else "-",
         human_bytes(d.get("memory_offered", 0)), _load(d) if d["kind"] != "scheduler" else "-",
         "-" if layer_ms is None else f"{layer_ms:.2f}", d.get("health", ""), d.get("version") or "-",
         assignment_text(d),
     ]
+
+
+def _device(d: Mapping[str, Any]) -> str:
+    """The stage's device, prefixed by its backend unless that is torch (``mlx:gpu``, ``cuda:0``)."""
+    device, backend = d.get("device") or "-", d.get("backend") or "torch"
+    return device if backend == "torch" else f"{backend}:{device}"
 
 
 def table(rows: list[list[str]], header: Iterable[str] = COLUMNS) -> list[str]:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
+import platform
 import signal
 
 from parallax.broker.cli import run_command
+from parallax.broker.errors import UsageError
 
 from .engine import EngineConfig
 from .models import QUANTIZE_TYPES
@@ -27,7 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hold a Hugging Face checkpoint's weight matrices as GGUF blocks of this type (quantized at load)")
     p.add_argument("--dequantize", action="store_true",
                    help="serve a GGUF model from a dense safetensors copy instead of its quantized blocks")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--backend", default="auto", metavar="{auto,torch,mlx}",
+                   help="compute backend: torch, mlx (Apple silicon; the CPU build elsewhere), or auto: mlx on "
+                        "macOS arm64, torch elsewhere")
+    p.add_argument("--device", default=None,
+                   help="torch: cpu, cuda, cuda:1 ... (default: cuda when present); mlx: cpu or gpu (default: gpu "
+                        "when Metal is present)")
     p.add_argument("--node-id", default=None, help="unique name of this stage (default: host + random)")
     e = p.add_argument_group("engine")
     e.add_argument("--max-batch-size", type=int, default=256, help="requests in one forward")
@@ -43,6 +51,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sleep MS after every engine step: a slow node on purpose (routing tests and benchmarks)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
+
+
+BACKENDS = ("auto", "torch", "mlx")
+MLX_INSTALL = "pip install 'parallax-nats[mlx]'"
+
+
+def resolve_backend(name: str) -> str:
+    """``--backend`` -> "torch" or "mlx": auto picks mlx on macOS arm64, torch elsewhere. UsageError
+    (exit 2) for an unknown name or an mlx that is not installed."""
+    if name not in BACKENDS:
+        raise UsageError(f"--backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = "mlx" if platform.system() == "Darwin" and platform.machine() == "arm64" else "torch"
+    if name == "mlx" and any(importlib.util.find_spec(m) is None for m in ("mlx", "mlx_lm")):
+        raise UsageError(f"--backend mlx needs mlx and mlx-lm ({MLX_INSTALL})")
+    return name
+
+
+def backend_class(name: str):
+    """The Backend class of a resolved backend name (imports torch or mlx)."""
+    if name == "mlx":
+        from .mlx_backend import MLXBackend
+
+        return MLXBackend
+    from .torch_backend import TorchBackend
+
+    return TorchBackend
 
 
 def kv_budget_bytes(args: argparse.Namespace, device: str) -> int:
@@ -80,8 +115,7 @@ async def serve(args: argparse.Namespace) -> None:
     from parallax.broker.layers import parse_layers
     from parallax.broker.model import resolve_model
 
-    from .torch_backend import TorchBackend, default_device
-
+    backend_name = resolve_backend(args.backend)
     layers = parse_layers(args.layers) if args.layers is not None else None
     offered = parse_size(args.memory) if args.memory is not None else None
     if args.threads is not None:
@@ -89,27 +123,39 @@ async def serve(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(max(1, args.threads))
     source = resolve_model(args.model, dequantize=args.dequantize)
-    device = args.device or default_device()
-    check_quantize(source.path, args.quantize, device)
+    device = default_device(backend_name, args.device)
+    check_quantize(source.path, args.quantize, device, backend_name)
     facts = await asyncio.to_thread(node_facts, source.path, args.dtype, device, offered, layers is not None,
-                                    args.quantize)
+                                    args.quantize, backend_name)
     config = worker_config(args)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    backend = backend_class(backend_name)
+
+    def load(start: int, end: int):
+        return backend.load(source.path, source.name, start, end, args.dtype, device, args.quantize)
+
     if layers is None:
         from .auto import AutoStage
-
-        def load(start: int, end: int):
-            return TorchBackend.load(source.path, source.name, start, end, args.dtype, device, args.quantize)
 
         stage = AutoStage(source.name, facts.profile.num_layers, device, args.dtype, load, lambda b: engine_config(args, b), config, facts)
         await stage.run(stop)
         return
-    backend = await asyncio.to_thread(TorchBackend.load, source.path, source.name, *layers, args.dtype, device,
-                                      args.quantize)
-    await StageWorker(backend, config, engine_config(args, backend), facts).run(stop)
+    loaded = await asyncio.to_thread(load, *layers)
+    await StageWorker(loaded, config, engine_config(args, loaded), facts).run(stop)
+
+
+def default_device(backend: str, device: str | None) -> str:
+    """--device checked for the backend, or the backend's default."""
+    if backend == "mlx":
+        from .mlx_backend import check_device
+
+        return check_device(device)
+    from .torch_backend import default_device as torch_default
+
+    return device or torch_default()
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
@@ -117,8 +163,16 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(nats_url=args.nats, debug_delay_ms=args.debug_delay_ms, **named)
 
 
-def check_quantize(path, quantize: str | None, device: str) -> None:
+def check_quantize(path, quantize: str | None, device: str, backend: str = "torch") -> None:
     """--quantize against the resolved source, before anything is measured or loaded."""
+    if backend == "mlx":
+        from parallax.broker.model import gguf_file
+
+        from .models import already_quantized
+
+        if quantize is not None and (file := gguf_file(path)) is not None:
+            raise already_quantized(file.name)
+        return
     import torch
 
     from .torch_backend import open_weights, quantize_type
@@ -126,17 +180,24 @@ def check_quantize(path, quantize: str | None, device: str) -> None:
     quantize_type(quantize, open_weights(path), torch.device(device))
 
 
-def node_facts(path, dtype: str, device: str, offered: int | None, manual: bool, quantize: str | None = None) -> NodeFacts:
-    """Memory, the model's sizes (weights as this stage holds them) and a speed estimate, for the
-    registry and the scheduler."""
+def node_facts(path, dtype: str, device: str, offered: int | None, manual: bool, quantize: str | None = None,
+               backend: str = "torch") -> NodeFacts:
+    """Memory, the model's sizes (weights as this stage holds them) and a speed estimate measured on
+    the backend that will serve, for the registry and the scheduler."""
     from .profile import estimate_layer_ms, model_profile
     from parallax.broker.model import ModelFacts
 
     profile = model_profile(path, dtype, quantize=quantize)
     total = total_memory(device)
-    layer_ms = estimate_layer_ms(profile, ModelFacts.read(path).hidden_size, dtype, device)
+    hidden = ModelFacts.read(path).hidden_size
+    if backend == "mlx":
+        from . import mlx_backend
+
+        layer_ms = mlx_backend.estimate_layer_ms(profile.layer_bytes, hidden, dtype)
+    else:
+        layer_ms = estimate_layer_ms(profile, hidden, dtype, device)
     return NodeFacts(memory_total=total, memory_offered=offered or int(0.8 * free_memory(device)), profile=profile,
-                     manual=manual, layer_ms=layer_ms)
+                     manual=manual, layer_ms=layer_ms, backend=backend)
 
 
 def total_memory(device: str) -> int:

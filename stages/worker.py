@@ -66,6 +66,7 @@ class NodeFacts:
     profile: ModelProfile | None = None
     manual: bool = True  # the range was given by hand (--layers)
     layer_ms: float | None = None  # estimate until steps are measured
+    backend: str = "torch"  # the compute backend ("torch", "mlx")
 
 
 def node_info(node_id: str, model: str, num_layers: int, device: str, dtype: str, facts: NodeFacts, state: State,
@@ -74,7 +75,8 @@ def node_info(node_id: str, model: str, num_layers: int, device: str, dtype: str
     start, end = layers or (None, None)
     return NodeInfo(
         node_id=node_id, kind="stage", model=model, start=start, end=end, num_layers=num_layers,
-        host=socket.gethostname(), device=device, dtype=dtype, version=__version__, state=state, manual=facts.manual,
+        host=socket.gethostname(), backend=facts.backend, device=device, dtype=dtype, version=__version__, state=state,
+        manual=facts.manual,
         memory_total=facts.memory_total, memory_offered=facts.memory_offered, layer_ms=layer_ms or facts.layer_ms,
         load=load, profile=facts.profile, kernels=kernels or {}, updated=time.time(),
     )
