@@ -111,7 +111,7 @@ class StageModel(nn.Module):
         if name.startswith("layers."):
             _, j, rest = name.split(".", 2)
             return f"model.layers.{self.start + int(j)}.{rest}"
-        return name if name.startswith("lm_head.") else f"model.{name}"
+        return name if name.split(".")[0] == "lm_head" else f"model.{name}"
 
     def head(self, h: mx.array) -> mx.array:  # [S, D] -> [S, V]
         h = self.norm(h)
@@ -143,7 +143,7 @@ def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: mx.D
     missing = sorted(model.checkpoint_name(k) for k in wanted if model.checkpoint_name(k) not in tensors)
     if missing:
         raise UnsupportedModel(f"checkpoint lacks tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    model.load_weights([(k, _held(tensors[model.checkpoint_name(k)], dtype)) for k in wanted], strict=True)
+    model.load_weights([(k, _held(k, tensors[model.checkpoint_name(k)], dtype)) for k in wanted], strict=True)
     if quantize is not None:
         nn.quantize(model, group_size=32, bits=QUANTIZE_BITS[quantize])
     mx.eval(model.parameters())
@@ -152,9 +152,16 @@ def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: mx.D
     return model
 
 
-def _held(t: mx.array, dtype: mx.Dtype) -> mx.array:
-    """A dense float tensor in the activation dtype; quantized data (uint32) and its scales/biases as stored."""
-    return t.astype(dtype) if mx.issubdtype(t.dtype, mx.floating) and t.ndim in (1, 2) and t.dtype != dtype else t
+def _held(name: str, t: mx.array, dtype: mx.Dtype) -> mx.array:
+    """A dense float tensor in the activation dtype; quantized data (uint32) as stored, its scales and
+    biases too unless activations are float32 (cast exactly then: an embedding row dequantized in
+    f16 would be rounded). f16 scales cast to bf16 would lose 3 bits: MLX computes with the stored
+    ones and each layer's output is cast to the activation dtype."""
+    if not mx.issubdtype(t.dtype, mx.floating):
+        return t
+    if name.endswith((".scales", ".biases")) and dtype != mx.float32:
+        return t
+    return t.astype(dtype)
 
 
 def _stage_names(model: StageModel, available) -> set[str]:
