@@ -217,6 +217,31 @@ def test_gguf_blocks_serve_like_the_torch_backend(tiny, tmp_path, qtype):
     assert q_proj.bits == {"q8_0": 8, "q4_0": 4}[qtype] and q_proj.scales.dtype == mx.float16
 
 
+def test_mlx_quantized_checkpoint_equals_mlx_lm(tiny, tmp_path):
+    """An mlx-community style checkpoint (4-bit groups of 32, ``quantization`` in config.json) loads
+    quantized, and a stage serving it gives mlx-lm's own model's logits."""
+    import json
+
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model
+
+    source = tiny()
+    dense = load(MLXBackend, source, 0, LAYERS).model
+    nn.quantize(dense, group_size=32, bits=4)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"),
+                        {dense.checkpoint_name(k): v for k, v in tree_flatten(dense.parameters())})
+    config = json.loads((source / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization": {"group_size": 32, "bits": 4}}))
+    reference, _ = load_model(tmp_path)
+    stage = load(MLXBackend, tmp_path, 0, LAYERS)
+    stage.sampler = Logits()
+    stage.run([item("a", 0, ids(PROMPT), len(PROMPT), range(4))])
+    assert isinstance(stage.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
+    expected = np.array(reference(mx.array([PROMPT]))[0, -1])
+    np.testing.assert_allclose(stage.sampler.seen[0][0].numpy(), expected, atol=1e-4, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- real processes + the gateway
 
 
