@@ -28,7 +28,7 @@ def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelP
     matrices as stored (GGUF blocks, bf16/fp16 tensors; float32 ones in a bf16/fp16 serving dtype, else
     float32), or in the ``quantize`` format
     ("q8_0", "q4_0") when float matrices are quantized at load; vectors (norms, biases) and the KV
-    cache in the serving dtype. Q4_0 blocks that a bf16 stage may hold in torch's int4 layout
+    cache in the serving dtype. Q4_0/Q4_K blocks that a bf16 stage may hold in torch's int4 layout
     (``stages.int4pack``: 20 bytes per 32 weights instead of 18) count at that size: the most it holds."""
     if quantize is not None and quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")

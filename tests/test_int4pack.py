@@ -8,22 +8,27 @@ import numpy as np
 import pytest
 import torch
 
+from bench.quant_kernels import random_blocks
 from parallax.stages import int4pack, tuning
 from parallax.stages.int4pack import Int4Pack
 from parallax.stages.quant import QuantMatrix
 
 Q = gguf.GGMLQuantizationType
-SHAPES = [(64, 32), (192, 96), (576, 576)]
+SHAPES = [(64, 256), (192, 512)]
 
 
 def quantized(qtype: Q, O: int, I: int, seed: int = 0) -> QuantMatrix:
-    w = np.random.default_rng(seed).standard_normal((O, I), dtype=np.float32)
-    return QuantMatrix.quantize(w, qtype, bias=np.arange(O, dtype=np.float32) / O)
+    rng, bias = np.random.default_rng(seed), np.arange(O, dtype=np.float32) / O
+    if qtype == Q.Q4_K:  # gguf cannot write K-quants: random valid blocks
+        return QuantMatrix(qtype, (O, I), random_blocks(qtype, O, I, rng), bias)
+    return QuantMatrix.quantize(rng.standard_normal((O, I), dtype=np.float32), qtype, bias=bias)
 
 
 def bf16_scaled(m: QuantMatrix) -> np.ndarray:
     """The weight the int4 layout holds, from gguf's own dequantization: w = (q - 8) * bf16(d) + bf16(zero)."""
     O, I = m.shape
+    if m.qtype == Q.Q4_K:
+        return bf16_scaled_q4_k(m)
     groups = m.blocks.reshape(O, I // 32, -1)
     d = groups[:, :, 0:2].copy().view(np.float16)[:, :, 0].astype(np.float32)
     m_ = groups[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float32) if m.qtype == Q.Q4_1 else 0 * d
@@ -32,6 +37,30 @@ def bf16_scaled(m: QuantMatrix) -> np.ndarray:
     zero = m_ + 8 * d if m.qtype == Q.Q4_1 else 0 * d
     to_bf16 = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(torch.bfloat16).float().numpy()  # noqa: E731
     return ((q - 8) * to_bf16(d)[:, :, None] + to_bf16(zero)[:, :, None]).reshape(O, I).astype(np.float32)
+
+
+def bf16_scaled_q4_k(m: QuantMatrix) -> np.ndarray:
+    """Q4_K decoded block by block as ggml's C code does (get_scale_min_k4), checked against gguf's
+    dequantization, then with scale = d * sc and zero = 8 d sc - dmin m rounded to bf16."""
+    O, I = m.shape
+    to_bf16 = lambda a: float(torch.tensor(a, dtype=torch.float32).to(torch.bfloat16).float())  # noqa: E731
+    exact, held = np.empty((O, I), np.float32), np.empty((O, I), np.float32)
+    for o in range(O):
+        for blk in range(I // 256):
+            b = m.blocks[o, blk * 144:(blk + 1) * 144]
+            d, dmin = (np.float32(b[i:i + 2].view(np.float16)[0]) for i in (0, 2))
+            s = [int(v) for v in b[4:16]]
+            for j in range(8):
+                sc, mn = (s[j] & 63, s[j + 4] & 63) if j < 4 else \
+                    ((s[j + 4] & 15) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+                chunk = b[16 + 32 * (j // 2):16 + 32 * (j // 2) + 32]
+                q = (chunk & 15) if j % 2 == 0 else (chunk >> 4)
+                scale, minimum = np.float32(d * np.float32(sc)), np.float32(dmin * np.float32(mn))
+                cols = slice(blk * 256 + 32 * j, blk * 256 + 32 * j + 32)
+                exact[o, cols] = scale * q.astype(np.float32) - minimum
+                held[o, cols] = (q.astype(np.float32) - 8) * to_bf16(scale) + to_bf16(8 * scale - minimum)
+    np.testing.assert_array_equal(exact, gguf.quants.dequantize(m.blocks, Q.Q4_K))  # the decoding above is right
+    return held
 
 
 @pytest.mark.parametrize("qtype", int4pack.FORMATS)
@@ -47,7 +76,7 @@ def test_the_repacked_weight_is_the_blocks_with_bf16_scales(qtype, shape):
 
 @pytest.mark.parametrize("qtype", int4pack.FORMATS)
 def test_repacking_a_chunk_of_rows_at_a_time_gives_the_same_layout(qtype):
-    m = quantized(qtype, 320, 64)
+    m = quantized(qtype, 320, 256)
     whole, chunked = Int4Pack.from_blocks(qtype, m.blocks, 1 << 20), Int4Pack.from_blocks(qtype, m.blocks, 64)
     assert torch.equal(whole.packed, chunked.packed) and torch.equal(whole.scales_zeros, chunked.scales_zeros)
 
@@ -55,8 +84,8 @@ def test_repacking_a_chunk_of_rows_at_a_time_gives_the_same_layout(qtype):
 @pytest.mark.parametrize("qtype", int4pack.FORMATS)
 @pytest.mark.parametrize("rows", [1, 5, 70])
 def test_the_kernel_multiplies_by_the_repacked_weight(qtype, rows):
-    m = quantized(qtype, 192, 96)
-    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    m = quantized(qtype, 192, 512)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
     want = x.double() @ torch.from_numpy(bf16_scaled(m)).double().T + torch.from_numpy(m._bias32).double()
     got = torch.from_numpy(m.run(int4pack.KERNEL, x.float().numpy())).double()
     assert (got - want).abs().max() <= 2 ** -7 * want.abs().max()  # the kernel's bf16 output, rounded
