@@ -101,17 +101,19 @@ class Matrix(Tiled):
     def candidates(self, kind: str, dtype: torch.dtype) -> tuple[str, ...]:
         if self.weight.device.type != "cpu":
             return ("torch",)
-        if kind == "decode":
-            # torch's own F.linear is not offered for generated tokens: as the decode kernel of SmolLM2's
-            # down_proj (576x1536) it broke tests/test_bf16.py's 3-stage run (a request's tokens beside
-            # others differed from it alone) although it gave a row the same bits at every row count,
-            # thread count and thread when probed alone (2026-11-30, AVX-512-BF16 EPYC); cause not found.
-            return ("numba", "numba-gemv")
         native = ("torch",) if dtype == self.weight.dtype else ()
-        return ("numba", "torch-tile") + native
+        return ("numba", "numba-gemv" if kind == "decode" else "torch-tile") + native
 
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self._bias).to(x.dtype)
+        """torch's F.linear, never on a single row: a bf16 F.linear of one row takes another code path than
+        of two or more (a GEMV), whose float32 sums differ in the last bit now and then (1 bf16 output in
+        ~6000 rounds the other way: SmolLM2's tokens beside other requests differed from its tokens alone;
+        2026-11-30, torch 2.13, AVX-512-BF16 EPYC), while any two or more rows give a row the same bits
+        (checked over 2..300 rows). So one row runs as two: itself twice."""
+        x_ = x.to(self.weight.dtype)
+        one = x_.shape[0] == 1
+        y = F.linear(x_.expand(2, -1).contiguous() if one else x_, self.weight, self._bias)
+        return (y[:1] if one else y).to(x.dtype)
 
     def _torch_numpy(self, x: np.ndarray) -> np.ndarray:
         return self._torch(torch.from_numpy(x).to(self.weight)).float().cpu().numpy()

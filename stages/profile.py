@@ -15,6 +15,7 @@ from safetensors import safe_open
 from parallax.broker.model import gguf_file, read_config
 from parallax.broker.registry import ModelProfile
 
+from . import int4pack
 from .gguf_weights import FLOAT_TYPES, GGUFWeights
 from .models import architecture
 from .torch_backend import DTYPES, QUANTIZE, checkpoint_index
@@ -27,13 +28,14 @@ def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelP
     matrices as stored (GGUF blocks, bf16/fp16 tensors; float32 ones in a bf16/fp16 serving dtype, else
     float32), or in the ``quantize`` format
     ("q8_0", "q4_0") when float matrices are quantized at load; vectors (norms, biases) and the KV
-    cache in the serving dtype."""
+    cache in the serving dtype. Q4_0/Q4_K blocks that a bf16 stage may hold in torch's int4 layout
+    (``stages.int4pack``: 20 bytes per 32 weights instead of 18) count at that size: the most it holds."""
     if quantize is not None and quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
     config = read_config(path)
     args = architecture(config).ModelArgs.from_dict(config)
     size = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    held = _held_bytes(path, size, quantize)
+    held = _held_bytes(path, DTYPES[dtype], quantize)
     layer = sum(n for name, n in held.items() if name.startswith("model.layers.0."))
     embed = held.get("model.embed_tokens.weight", 0)
     head = held.get("lm_head.weight", embed) + held.get("model.norm.weight", 0)
@@ -41,30 +43,37 @@ def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelP
                         last_bytes=head, kv_bytes_per_token=2 * args.kv_heads * args.dim_head * size)
 
 
-def _held_bytes(path: Path, size: int, quantize: str | None) -> dict[str, int]:
-    """HF tensor name -> bytes a stage holds for it."""
-    held = {}
-    for name, (shape, stored, is_float) in _tensors(Path(path)).items():
+def _held_bytes(path: Path, dtype: torch.dtype, quantize: str | None) -> dict[str, int]:
+    """HF tensor name -> bytes a stage holds for it (at most)."""
+    held, size = {}, torch.empty((), dtype=dtype).element_size()
+    for name, (shape, stored, is_float, qtype) in _tensors(Path(path)).items():
         numel = math.prod(shape)
         if len(shape) != 2:
             held[name] = numel * size  # converted to the serving dtype
         elif quantize is not None and is_float:
             block, block_bytes = gguf.GGML_QUANT_SIZES[QUANTIZE[quantize]]
-            held[name] = shape[0] * math.ceil(shape[1] / block) * block_bytes
+            blocks = shape[0] * math.ceil(shape[1] / block) * block_bytes
+            held[name] = int4pack.most_bytes(QUANTIZE[quantize], shape, dtype, blocks)
         elif stored is None:
             held[name] = numel * size
-        else:  # as stored; a float32 matrix served in bf16/fp16 is cast once (torch_backend.WeightFormat)
-            held[name] = min(stored, numel * size) if is_float else stored
+        elif is_float:  # as stored; a float32 matrix served in bf16/fp16 is cast once (torch_backend.WeightFormat)
+            held[name] = min(stored, numel * size)
+        else:
+            held[name] = int4pack.most_bytes(qtype, shape, dtype, stored)
     return held
 
 
-def _tensors(path: Path) -> dict[str, tuple[tuple[int, ...], int | None, bool]]:
-    """name -> (shape, bytes as stored or None when a stage converts it to the serving dtype, float or not)."""
+Tensor = tuple[tuple[int, ...], "int | None", bool, "gguf.GGMLQuantizationType | None"]
+
+
+def _tensors(path: Path) -> dict[str, Tensor]:
+    """name -> (shape, bytes as stored or None when a stage converts it to the serving dtype, float or not,
+    the GGUF type of a GGUF source)."""
     gguf_path = gguf_file(path)
     if gguf_path is not None:
         weights = GGUFWeights.open(gguf_path)
-        return {name: (weights.shape(name), weights.stored_bytes(name), weights.qtype(name) in FLOAT_TYPES)
-                for name in weights.names()}
+        return {name: (weights.shape(name), weights.stored_bytes(name), weights.qtype(name) in FLOAT_TYPES,
+                       weights.qtype(name)) for name in weights.names()}
     by_file: dict[str, list[str]] = {}
     for name, file in checkpoint_index(path).items():
         by_file.setdefault(file, []).append(name)
@@ -75,7 +84,7 @@ def _tensors(path: Path) -> dict[str, tuple[tuple[int, ...], int | None, bool]]:
                 info = f.get_slice(name)
                 shape, kind = tuple(info.get_shape()), info.get_dtype()
                 stored = math.prod(shape) * _STORED_SIZES[kind] if kind in _STORED_SIZES else None
-                found[name] = (shape, stored, kind.startswith(("F", "BF")))
+                found[name] = (shape, stored, kind.startswith(("F", "BF")), None)
     return found
 
 

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from numba import get_num_threads, njit, prange
 
+from . import int4pack
+from .int4pack import Int4Pack
 from .tuning import DEFAULT_PICKS, MAX_ROWS, follow_torch_threads
 
 Q = gguf.GGMLQuantizationType
@@ -357,6 +359,9 @@ class Tiled:
         """Kernels that may run rows of ``kind`` ("decode" or "prefill") for activations of ``dtype``."""
         return ("numba", "numba-gemv") if kind == "decode" else ("numba", "torch-tile")
 
+    def settle(self) -> None:
+        """Hold the weight in the layout its picks read (called once they are set): as it is, here."""
+
     def decode(self, x: np.ndarray) -> np.ndarray:
         """Generated-token rows: x [M, I] float32 -> [M, O] float32 (unrounded), batch-invariant."""
         return self.run(self.picks["decode"], x)
@@ -431,7 +436,8 @@ class Tiled:
         return out_t.T.contiguous().numpy()
 
     def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows start..stop-1 of the weight as float32 [stop - start, I], exactly as gguf dequantizes them."""
+        """Rows start..stop-1 of the weight as float32 [stop - start, I], exactly as gguf dequantizes them
+        (held in torch's int4 layout: as the int4 kernel reads them, scales in bf16)."""
         if not 0 <= start <= stop <= self.shape[0]:
             raise ValueError(f"rows {start}:{stop} are outside 0:{self.shape[0]}")
         return self.take_rows(torch.arange(start, stop))
@@ -443,9 +449,12 @@ class Tiled:
         rows = ids.to(torch.int64).numpy()
         if rows.size and not (0 <= rows.min() and rows.max() < self.shape[0]):
             raise ValueError(f"row ids must be in 0:{self.shape[0]}; got {int(rows.min())}..{int(rows.max())}")
+        return torch.from_numpy(self._row_values(rows))
+
+    def _row_values(self, rows: np.ndarray) -> np.ndarray:  # [n] int64 -> float32 [n, I]
         out = np.empty((rows.size, self.shape[1]), np.float32)
         _dequantize(self._kind, self._block, self._kernel_blocks, rows, out)
-        return torch.from_numpy(out)
+        return out
 
 
 def _rows_per_pass(in_features: int) -> int:
@@ -485,6 +494,7 @@ class QuantMatrix(Tiled):
     picks: dict[str, str] = field(init=False, repr=False, default_factory=lambda: dict(DEFAULT_PICKS))
     _kernel_blocks: np.ndarray = field(init=False, repr=False)
     _bias32: np.ndarray | None = field(init=False, repr=False)
+    _int4: Int4Pack | None = field(init=False, repr=False, default=None)  # torch's int4 layout (``settle``)
 
     def __post_init__(self) -> None:
         if self.qtype not in TYPES:
@@ -538,8 +548,47 @@ class QuantMatrix(Tiled):
 
     @property
     def nbytes(self) -> int:
-        """Bytes as stored (blocks and bias)."""
-        return self.blocks.nbytes + (0 if self._bias32 is None else self._bias32.nbytes)
+        """Bytes as held (blocks or their int4 repack, and bias)."""
+        held = self.blocks.nbytes + (0 if self._int4 is None else self._int4.nbytes)
+        return held + (0 if self._bias32 is None else self._bias32.nbytes)
+
+    @property
+    def repacked(self) -> bool:  # held in torch's int4 layout, the blocks gone
+        return self.blocks.size == 0
+
+    def candidates(self, kind: str, dtype: torch.dtype) -> tuple[str, ...]:
+        if self.repacked:
+            return (int4pack.KERNEL,)
+        more = (int4pack.KERNEL,) if int4pack.eligible(self.qtype, self.shape, dtype) else ()
+        return super().candidates(kind, dtype) + more
+
+    def run(self, name: str, x: np.ndarray) -> np.ndarray:
+        if name != int4pack.KERNEL:
+            return super().run(name, x)
+        if self._int4 is None:  # while kernels are measured: made once, dropped by ``settle`` if not picked
+            object.__setattr__(self, "_int4", Int4Pack.from_blocks(self.qtype, self.blocks))
+        x16 = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(torch.bfloat16)  # bf16 values: exact
+        out = self._int4.mm(x16).float().numpy()
+        return out if self._bias32 is None else out + self._bias32
+
+    def settle(self) -> None:
+        """Hold the weight in the layout its picks read: torch's int4 layout (the blocks dropped) when the
+        int4 kernel was picked, else the blocks (an int4 copy made while measuring dropped)."""
+        if int4pack.KERNEL not in self.picks.values():
+            object.__setattr__(self, "_int4", None)
+            return
+        if set(self.picks.values()) != {int4pack.KERNEL}:
+            raise ValueError(f"the int4 kernel holds the weight in its own layout: every row kind must use it; "
+                             f"got {self.picks}")
+        if not self.repacked:
+            if self._int4 is None:
+                object.__setattr__(self, "_int4", Int4Pack.from_blocks(self.qtype, self.blocks))
+            empty = np.empty((self.shape[0], 0), np.uint8)
+            object.__setattr__(self, "blocks", empty)
+            object.__setattr__(self, "_kernel_blocks", read_only(empty))
+
+    def _row_values(self, rows: np.ndarray) -> np.ndarray:
+        return self._int4.rows(rows) if self.repacked else super()._row_values(rows)
 
     @property
     def _kind(self) -> int:

@@ -40,7 +40,10 @@ PREFILL_ROWS = (64, 256)  # prompt rows of a chunk
 MAX_ROWS = DECODE_ROWS[-1]
 ROWS = {"decode": DECODE_ROWS, "prefill": PREFILL_ROWS}
 CHECK_ROWS = {"decode": (3, 7), "prefill": (17, 100)}  # more row counts checked for invariance, not timed
-DEFAULT_PICKS = {"decode": "numba-gemv", "prefill": "numba"}  # batch-invariant everywhere: the choice before tuning
+DEFAULT_PICKS = {"decode": "numba-gemv", "prefill": "numba"}
+# Kernels that hold the weight in a layout of their own (stages.int4pack): both row kinds or neither, chosen
+# by the generated-token rows (the ones a stage spends its time on).
+OWN_LAYOUT = ("int4pack",)  # batch-invariant everywhere: the choice before tuning
 BUDGET_S = 0.01  # time spent measuring one candidate at one row count (after a first call that is shorter)
 MAX_CALLS = 10
 measurements = 0  # timed calls made (tests check that a cached load makes none)
@@ -58,6 +61,8 @@ class Tunable(Protocol):
     def candidates(self, kind: str, dtype: torch.dtype) -> tuple[str, ...]: ...
 
     def run(self, name: str, x: np.ndarray) -> np.ndarray: ...
+
+    def settle(self) -> None: ...  # hold the weight in the layout the picks read
 
 
 def follow_torch_threads() -> None:
@@ -100,12 +105,14 @@ def tune(projections: Iterable[Tunable], dtype: torch.dtype) -> dict[str, str]:
     with _locked(path):  # stages loading at once: one measures (alone on the CPU), the others reuse its picks
         cached = _read(path)
         for name, members in groups.items():
-            picks = cached.get(name)
-            if not _valid(picks, members[0], dtype):
+            entry, tried = cached.get(name), _tried(members[0], dtype)
+            picks = entry.get("picks") if isinstance(entry, dict) and entry.get("tried") == tried else None
+            if not _valid(picks, members[0], dtype):  # not measured, or measured among other candidates
                 picks, new = measure(members[0], dtype), True
-                cached[name] = picks
+                cached[name] = {"picks": picks, "tried": tried}
             for p in members:
                 p.picks.update(picks)
+                p.settle()
             shape_fmt = name.rsplit(" ", 1)[0]
             summary.update({f"{shape_fmt} {kind}": pick for kind, pick in picks.items()})
         if new:
@@ -119,8 +126,8 @@ def measure(p: Tunable, dtype: torch.dtype) -> dict[str, str]:
     """Time ``p``'s candidates for each row kind; pick the fastest batch-invariant one."""
     gen = torch.Generator().manual_seed(0)
     picks = {}
-    for kind, rows in ROWS.items():
-        names = p.candidates(kind, dtype)
+    for kind, rows in ROWS.items():  # decode first: it decides the layout
+        names = p.candidates(kind, dtype) if kind == "decode" else _same_layout(p.candidates(kind, dtype), picks["decode"])
         if len(names) == 1:
             picks[kind] = names[0]
             continue
@@ -138,7 +145,7 @@ def measure(p: Tunable, dtype: torch.dtype) -> dict[str, str]:
 def _score(p: Tunable, name: str, x: np.ndarray, rows: tuple[int, ...], bound: float = float("inf"),
            check: tuple[int, ...] = ()) -> float | None:
     """Seconds per call summed over the row counts, or None if a row's bits change with the row count or the
-    sum passes ``bound`` (the best so far: this one has lost). A call longer than BUDGET_S is timed once.
+    sum passes ``bound`` (the best so far: this one has lost). A call longer than BUDGET_S is timed once after the first (which may compile, or repack a weight).
     The row counts in ``check`` are only run, for the invariance check."""
     global measurements
     total, outs = 0.0, {}
@@ -148,7 +155,8 @@ def _score(p: Tunable, name: str, x: np.ndarray, rows: tuple[int, ...], bound: f
         outs[m] = p.run(name, xm)  # warm-up (first touch), and the result checked below
         times, spent = [time.perf_counter() - t], time.perf_counter()
         measurements += 1
-        while times[0] < BUDGET_S and (len(times) < 3 or time.perf_counter() - spent < BUDGET_S) and len(times) < MAX_CALLS:
+        while len(times) < 2 or (times[0] < BUDGET_S and (len(times) < 3 or time.perf_counter() - spent < BUDGET_S)
+                                 and len(times) < MAX_CALLS):
             t = time.perf_counter()
             p.run(name, xm)
             times.append(time.perf_counter() - t)
@@ -164,9 +172,19 @@ def _score(p: Tunable, name: str, x: np.ndarray, rows: tuple[int, ...], bound: f
     return total
 
 
+def _tried(p: Tunable, dtype: torch.dtype) -> dict[str, list[str]]:
+    return {kind: list(p.candidates(kind, dtype)) for kind in ROWS}
+
+
+def _same_layout(names: tuple[str, ...], decode: str) -> tuple[str, ...]:
+    """Prompt-row candidates that read the weight in the layout the decode pick holds it in."""
+    return (decode,) if decode in OWN_LAYOUT else tuple(n for n in names if n not in OWN_LAYOUT)
+
+
 def _valid(picks: object, p: Tunable, dtype: torch.dtype) -> bool:
     return (isinstance(picks, dict) and set(picks) == set(ROWS)
-            and all(picks[kind] in p.candidates(kind, dtype) for kind in ROWS))
+            and all(picks[kind] in p.candidates(kind, dtype) for kind in ROWS)
+            and picks["prefill"] in _same_layout((picks["prefill"],), picks["decode"]))
 
 
 def _locked(path: Path) -> contextlib.AbstractContextManager:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from parallax.broker.wire import SamplingParams
-from parallax.stages import kernels
+from parallax.stages import int4pack, kernels
 from parallax.stages.backend import SampleSpec, StepItem
 from parallax.stages.engine import EngineConfig
 from parallax.stages.kv import Rows
@@ -34,10 +34,17 @@ QUESTIONS = [
 # --- backend level, a tiny random Llama (fast) ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_first_stage(tmp_path_factory):
+@pytest.fixture(scope="module", params=["bf16", "int4"])
+def tiny_first_stage(tmp_path_factory, request):
+    """bf16 weights, or weights quantized to Q4_0 at load and held in torch's int4 layout (its kernel for
+    every row)."""
     path = make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", layers=4)
-    backend = TorchBackend.load(path, "tiny", 0, 2, "bfloat16", "cpu")
+    backend = TorchBackend.load(path, "tiny", 0, 2, "bfloat16", "cpu", quantize="q4_0" if request.param == "int4" else None)
+    if request.param == "int4":
+        for m in kernels.tiled(kernels.projections(backend.model)):
+            m.picks.update(decode=int4pack.KERNEL, prefill=int4pack.KERNEL)
+            m.settle()
+        assert all(m.repacked for m in kernels.tiled(kernels.projections(backend.model)))
     backend.init_kv(23 * 12, 4)
     assert backend.model.fused
     return backend

@@ -97,6 +97,18 @@ def test_numba_decode_rows_do_not_depend_on_the_batch(name):
         assert np.array_equal(m.run(name, x[3:9]), together[3:9])
 
 
+def test_torchs_bf16_kernel_gives_one_row_the_bits_it_gets_beside_others():
+    """torch's one-row bf16 F.linear (a GEMV) rounds ~1 output in 6000 the other way from its GEMM over two
+    or more rows (torch 2.13, AVX-512-BF16): the ``torch`` kernel runs one row as two."""
+    g = torch.Generator().manual_seed(6)
+    m = kernels.Matrix((torch.randn(576, 1536, generator=g) * 0.05).to(torch.bfloat16), None)
+    x = torch.randn(200, 1536, generator=g).to(torch.bfloat16).float().numpy()
+    alone = np.concatenate([m.run("torch", x[i : i + 1]) for i in range(len(x))])
+    beside = np.concatenate([m.run("torch", x[i : i + 5])[:1] for i in range(len(x))])
+    assert np.array_equal(alone, beside)
+    assert np.array_equal(alone, m.run("torch", x))
+
+
 def test_a_matrix_keeps_no_copy_of_its_weight():
     """The weight is held once, as stored: no transposed, float32 or other copy, before or after use."""
     w = torch.randn(64, 96).to(torch.bfloat16)

@@ -138,12 +138,20 @@ def expected_bytes(path: Path, start: int, end: int, qtype: gguf.GGMLQuantizatio
     return total
 
 
+def int4_growth(stage) -> int:
+    """Bytes a stage's Q4_0 matrices held in torch's int4 layout take beyond their blocks: 2 per 32 weights."""
+    from parallax.stages.kernels import projections, tiled
+
+    repacked = [m for m in tiled(projections(stage)) if isinstance(m, QuantMatrix) and m.repacked]
+    return sum(m.shape[0] * m.shape[1] // 16 for m in repacked if m.qtype == gguf.GGMLQuantizationType.Q4_0)
+
+
 @pytest.mark.parametrize("quantize", list(QTYPES))
 @pytest.mark.parametrize("name,split", [("llama", (0, 6)), ("llama", (2, 4)), ("qwen2", (3, 6)), ("tied", (0, 6)),
                                         ("tied", (4, 6))])
 def test_a_stage_holds_its_blocks_once(models, name, quantize, split):
     stage = load(models[name], *split, quantize, torch.bfloat16)
-    assert stage.weight_bytes == expected_bytes(models[name], *split, QTYPES[quantize], 2)
+    assert stage.weight_bytes == expected_bytes(models[name], *split, QTYPES[quantize], 2) + int4_growth(stage)
     if stage.first and stage.last and stage.args.tie_word_embeddings:
         assert stage.embed_tokens.weight is stage.lm_head.weight
         assert isinstance(stage.lm_head.weight, QuantMatrix)
@@ -160,7 +168,10 @@ def test_a_stage_holds_what_its_profile_says(models, quantize, dtype):
     for a, b in [(0, 2), (2, 4), (4, 6)]:
         stage = load(path, a, b, quantize, dt)
         want = (b - a) * profile.layer_bytes + stage.first * profile.first_bytes + stage.last * profile.last_bytes
-        assert stage.weight_bytes == want
+        if quantize == "q4_0" and dtype == "bfloat16":  # the profile counts the int4 layout a stage may pick
+            assert stage.weight_bytes <= want  # exactly what it holds: test_a_stage_holds_its_blocks_once
+        else:
+            assert stage.weight_bytes == want
 
 
 def test_quantize_needs_in_features_in_whole_blocks(tmp_path):
@@ -395,7 +406,7 @@ def test_a_loaded_stage_reports_its_kernel_picks_in_its_registry_record(models, 
     backend = TorchBackend.load(models["llama"], "tiny", 0, 3, "bfloat16", "cpu", quantize="q4_0")
     kinds = {key.rsplit(" ", 1)[1] for key in backend.kernels}
     assert kinds == {"decode", "prefill"} and any(" Q4_0 " in key for key in backend.kernels)
-    assert set(backend.kernels.values()) <= {"numba", "numba-gemv", "torch-tile", "torch"}
+    assert set(backend.kernels.values()) <= {"numba", "numba-gemv", "torch-tile", "torch", "int4pack"}
     info = node_info("n1", "tiny", 3, "cpu", "bfloat16", NodeFacts(), "serving", (0, 3), kernels=backend.kernels)
     assert NodeInfo.model_validate_json(info.model_dump_json()).kernels == backend.kernels
 
