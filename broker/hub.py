@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import struct
@@ -118,11 +119,13 @@ def fetch(repo_id: str, revision: str | None, need: Need = "all", check: Check |
     """The snapshot folder of ``repo_id`` at ``revision`` with what ``need`` says downloaded;
     ``check`` sees config.json before anything large is fetched."""
     settings = HubSettings.from_env()
+    _quiet_http_logs()
     with hub_errors(repo_id, revision, settings):
-        folder = _download(repo_id, revision, settings, [CONFIG])
+        folder = _download(repo_id, revision, settings, [CONFIG], bars=False)
         if check is not None:
             check(json.loads((folder / CONFIG).read_text()))
-        folder = _download(repo_id, folder.name, settings, list(METADATA) + ([] if need == "config" else [INDEX]))
+        small = list(METADATA) + ([] if need == "config" else [INDEX])
+        folder = _download(repo_id, folder.name, settings, small, bars=False)
         if not (folder / INDEX).is_file() and need != "config" and not _in_repo(repo_id, folder, SINGLE):
             raise ModelNotFound(f"model '{repo_id}' has no safetensors weights ({SINGLE} or {INDEX}); "
                                 "convert it, or pass a local HF folder or a .gguf file")
@@ -192,11 +195,26 @@ def safetensors_header(folder: Path, file: str) -> dict[str, dict]:
     raise ModelNotFound(f"{path} does not exist (and its header was never fetched from the Hub)")
 
 
-def _download(repo_id: str, revision: str | None, settings: HubSettings, patterns: list[str]) -> Path:
+def _download(repo_id: str, revision: str | None, settings: HubSettings, patterns: list[str],
+              bars: bool = True) -> Path:
+    """snapshot_download of the files matching ``patterns``; progress bars only for weights (``bars``)."""
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, endpoint=settings.endpoint,
-                                  token=settings.token, local_files_only=settings.offline))
+                                  token=settings.token, local_files_only=settings.offline,
+                                  tqdm_class=None if bars else _quiet_bar()))
+
+
+def _quiet_bar() -> type:
+    """huggingface_hub's tqdm, never shown (config and tokenizer files: a bar would be noise)."""
+    from huggingface_hub.utils import tqdm
+
+    class QuietBar(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return QuietBar
 
 
 def _download_file(repo_id: str, commit: str, file: str, settings: HubSettings, bar) -> Path:
@@ -222,6 +240,15 @@ def _sizes(repo_id: str, folder: Path) -> dict[str, int]:
     except (CachedRepoTreeNotFoundError, OSError, ValueError):
         return {}
     return {f.path: f.size for f in tree}
+
+
+def _quiet_http_logs() -> None:
+    """huggingface_hub's HTTP client logs every request at INFO: keep a command's log to what it does
+    (unless someone set those loggers' levels on purpose)."""
+    for name in ("httpx", "httpx2"):
+        http_log = logging.getLogger(name)
+        if http_log.level == logging.NOTSET:
+            http_log.setLevel(logging.WARNING)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -15,9 +15,11 @@ unknown revision ``404`` + ``RevisionNotFound``, a gated repo's files without it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,6 +56,7 @@ def git_oid(data: bytes) -> str:
 class Mirror:
     repos: dict[str, Repo]
     requests: list[tuple[str, str]] = field(default_factory=list)
+    connections: set[socket.socket] = field(default_factory=set)  # open client connections (keep-alive)
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -76,9 +79,13 @@ class Mirror:
         return self
 
     def stop(self) -> None:
+        """Down, like a Hub out of reach: no new connections, and the kept-alive ones cut."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            for conn in list(self.connections):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
             self._thread.join(10)
             self._server = None
 
@@ -102,6 +109,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:  # quiet
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.mirror.connections.add(self.connection)
+
+    def finish(self) -> None:
+        self.mirror.connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def do_HEAD(self) -> None:
         self._route("HEAD")
@@ -186,5 +202,5 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(body) if length is None else length))
         self.end_headers()
-        if body:
+        if body and self.command != "HEAD":
             self.wfile.write(body)
