@@ -164,6 +164,21 @@ def test_a_whole_download_and_a_revision(mirror, models):
         resolve_model(str(models["sharded"]), revision="v1")
 
 
+def test_parallax_up_downloads_once_and_pins_its_children_to_the_commit(mirror, models):
+    import parallax.cli as cli
+
+    args = cli.build_parser().parse_args(["up", "--model", SHARDED, "--revision", "v1", "--stages", "2"])
+    plan = cli.plan_up(args)
+    commit = Repo(models["sharded"]).commit
+    every_shard = set(json.loads((models["sharded"] / hub.INDEX).read_text())["weight_map"].values())
+    assert mirror.downloaded(SHARDED) == {*GATEWAY_FILES, hub.INDEX, *every_shard}
+    assert plan.revision == commit and plan.served_name == SHARDED and plan.ranges == [(0, 3), (3, 6)]
+    for command in (cli.stage_command(plan, 0, 3, "nats://x"), cli.gateway_command(plan, "nats://x")):
+        assert command[command.index("--revision") + 1] == commit
+    mirror.stop()  # the children find that commit in the cache
+    assert resolve_model(SHARDED, revision=commit, need="headers").path.name == commit
+
+
 def test_a_second_start_works_from_the_cache_with_the_hub_down(mirror):
     source = resolve_model(SHARDED, need="headers")
     fetch_layers(source, 0, 2)
