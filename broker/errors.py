@@ -27,6 +27,15 @@ class ModelNotFound(UsageError):
     """A model name, path or HF id does not point at usable local weights."""
 
 
+class GatedModel(ModelNotFound):
+    """A Hub model needs an access token (HF_TOKEN) that was not given or has no access."""
+
+
+class HubUnreachable(ModelNotFound):
+    """The Hugging Face Hub (HF_ENDPOINT) cannot be reached, or is switched off (HF_HUB_OFFLINE), and
+    the files are not in the local cache."""
+
+
 class UnsupportedModel(UsageError):
     """The model's architecture has no implementation here."""
 

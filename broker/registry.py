@@ -61,6 +61,7 @@ class NodeInfo(BaseModel):
     dtype: str = "float32"
     version: str = ""
     state: State = "serving"
+    progress: float | None = Field(default=None, ge=0, le=1)  # while loading: the fraction of its weights downloaded
     manual: bool = False  # placed by hand (--layers): the scheduler plans around it
     memory_total: int = 0  # bytes of the device
     memory_offered: int = 0  # bytes this node may fill with weights + KV cache

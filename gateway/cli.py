@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="parallax-gateway", description=__doc__)
     p.add_argument("--model", required=True, help="alias (smollm2-135m), HF id, local HF folder or .gguf file")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of an HF id (default: main)")
     p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS server URL")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -39,7 +40,7 @@ def build(args: argparse.Namespace):
 
     from parallax.broker.model import ModelFacts, eos_token_ids, resolve_model
 
-    source = resolve_model(args.model)
+    source = resolve_model(args.model, revision=args.revision, need="config")  # an HF id: config and tokenizer only
     facts = ModelFacts.read(source.path)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     eos = sorted(set(eos_token_ids(source.path)) | ({tokenizer.eos_token_id} - {None}))

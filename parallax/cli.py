@@ -46,6 +46,7 @@ class UpPlan:
     quantize: str | None = None  # --quantize for every stage
     dequantize: bool = False  # --dequantize for every stage
     backend: str = "auto"  # --backend for every stage (checked by plan_up; auto: each stage picks, like here)
+    revision: str | None = None  # an HF id's commit, downloaded by plan_up: every child serves that snapshot
 
     def __post_init__(self) -> None:
         if not self.ranges:
@@ -63,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parallax", description="Pipeline-parallel LLM inference over NATS.")
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="run NATS, every stage and the gateway on this machine")
-    up.add_argument("--model", default="smollm2-135m", help="alias, HF folder, .gguf file or cached HF id")
+    up.add_argument("--model", default="smollm2-135m", help="alias, HF folder, .gguf file or HF id")
+    up.add_argument("--revision", default=None,
+                    help="branch, tag or commit of an HF id (default: main); downloaded once before the stages start")
     up.add_argument("--stages", type=int, default=2, help="number of stage processes (even layer split)")
     up.add_argument("--host", default="127.0.0.1", help="gateway HTTP host")
     up.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
@@ -99,6 +102,7 @@ def plan_up(args: argparse.Namespace) -> UpPlan:
     from parallax.broker.layers import even_split
     from parallax.broker.model import ModelFacts, gguf_file, resolve_model  # no torch import until a conversion
     from parallax.stages.cli import resolve_backend
+    from parallax.stages.models import architecture
 
     _check_port("--port", args.port)
     _check_port("--nats-port", args.nats_port)
@@ -107,27 +111,32 @@ def plan_up(args: argparse.Namespace) -> UpPlan:
     if args.ready_timeout <= 0:
         raise UsageError("--ready-timeout must be positive")
     resolve_backend(args.backend)  # an unknown or uninstalled backend: exit 2 before anything starts
-    source = resolve_model(args.model, dequantize=args.dequantize)  # ModelNotFound is a UsageError: exit 2
+    # ModelNotFound is a UsageError: exit 2. An HF id is downloaded here, whole (every stage runs here),
+    # after its config.json names an architecture the stages serve.
+    source = resolve_model(args.model, dequantize=args.dequantize, revision=args.revision, check=architecture)
     if args.quantize and (file := gguf_file(source.path)) is not None:
         raise already_quantized(file.name)
     try:
         ranges = even_split(ModelFacts.read(source.path).num_layers, args.stages)
     except ValueError as exc:
         raise UsageError(f"--stages {args.stages}: {exc}") from None
+    commit = source.path.name if source.hub_id is not None else None
     return UpPlan(args.model, source.name, ranges, args.dtype, args.host, args.port, tuple(shlex.split(args.stage_args)),
-                  args.quantize, args.dequantize, args.backend)
+                  args.quantize, args.dequantize, args.backend, commit)
 
 
 def stage_command(plan: UpPlan, start: int, end: int, nats_url: str) -> list[str]:
     flags = (["--quantize", plan.quantize] if plan.quantize else []) + (["--dequantize"] if plan.dequantize else [])
     flags += [] if plan.backend == "auto" else ["--backend", plan.backend]
+    flags += [] if plan.revision is None else ["--revision", plan.revision]
     return [sys.executable, "-m", "parallax.stages.cli", "--model", plan.model, "--layers", f"{start}:{end}",
             "--nats", nats_url, "--dtype", plan.dtype, *flags, *plan.stage_args]
 
 
 def gateway_command(plan: UpPlan, nats_url: str) -> list[str]:
+    revision = [] if plan.revision is None else ["--revision", plan.revision]
     return [sys.executable, "-m", "parallax.gateway.cli", "--model", plan.model, "--nats", nats_url,
-            "--host", plan.host, "--port", str(plan.port)]
+            "--host", plan.host, "--port", str(plan.port), *revision]
 
 
 def healthy(url: str) -> bool:

@@ -166,12 +166,18 @@ def node_row(d: Mapping[str, Any]) -> list[str]:
     stage = d["kind"] == "stage"  # device, dtype, memory and speed describe stages only
     layer_ms = d.get("layer_ms")
     return [
-        d["kind"], d["node_id"], d.get("model") or "-", _layers(d), d.get("state", ""),
+        d["kind"], d["node_id"], d.get("model") or "-", _layers(d), state_text(d),
         _device(d) if stage else "-", (d.get("dtype") or "-") if stage else "-",
         human_bytes(d.get("memory_offered", 0)), _load(d) if d["kind"] != "scheduler" else "-",
         "-" if layer_ms is None else f"{layer_ms:.2f}", d.get("health", ""), d.get("version") or "-",
         assignment_text(d),
     ]
+
+
+def state_text(d: Mapping[str, Any]) -> str:
+    """The state, with the download's progress while loading (``loading 37%``)."""
+    state, progress = d.get("state", ""), d.get("progress")
+    return f"{state} {100 * progress:.0f}%" if state == "loading" and progress is not None else state
 
 
 def _device(d: Mapping[str, Any]) -> str:

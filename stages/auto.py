@@ -23,7 +23,8 @@ from .engine import EngineConfig
 from .worker import NodeFacts, StageWorker, WorkerConfig, _close, node_info
 
 log = logging.getLogger(__name__)
-LoadFn = Callable[[int, int], Backend]  # (start, end) -> a loaded backend (runs in a thread)
+LoadFn = Callable[[int, int], Backend]  # (start, end) -> a loaded backend (runs in a thread; a download
+# in it tells AutoStage.downloaded how far it got, for the registry)
 
 
 class AutoStage:
@@ -33,12 +34,14 @@ class AutoStage:
         self.load, self.engine_config, self.config, self.facts = load, engine_config, config, facts
         self.worker: StageWorker | None = None
         self.state: State = "waiting"
+        self.progress: float | None = None  # while loading: the fraction of the weights downloaded
         self._presence: Presence | None = None
 
     def describe(self) -> NodeInfo:
         if self.worker is not None:  # while a new range loads, the old one still serves
             return self.worker.describe()
-        return node_info(self.config.node_id, self.model, self.num_layers, self.device, self.dtype, self.facts, self.state)
+        return node_info(self.config.node_id, self.model, self.num_layers, self.device, self.dtype, self.facts, self.state,
+                         progress=self.progress if self.state == "loading" else None)
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         nc = await connect(self.config.nats_url, name=f"parallax-stage-{self.config.node_id}")
@@ -95,8 +98,16 @@ class AutoStage:
         """Load ``start:end`` and build its engine (which fills the KV pool with zeros: a second or more
         for a large pool). In a worker thread: on the event loop it would stall the heartbeat past
         the key's TTL, and the scheduler would see this stage leave."""
-        backend = self.load(start, end)
+        try:
+            backend = self.load(start, end)
+        finally:
+            self.progress = None
         return StageWorker(backend, self.config, self.engine_config(backend), self.facts)
+
+    def downloaded(self, fraction: float) -> None:
+        """From the loading thread, the fraction of the weights downloaded: the next heartbeat shows
+        it (``loading 37%``)."""
+        self.progress = fraction
 
     async def _swap(self, worker: StageWorker | None, reason: str) -> None:
         old, self.worker = self.worker, worker

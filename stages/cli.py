@@ -19,6 +19,8 @@ from .worker import NodeFacts, StageWorker, WorkerConfig
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="parallax-stage", description=__doc__)
     p.add_argument("--model", required=True, help="alias (smollm2-135m), HF id, local HF folder or .gguf file")
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of an HF id (default: main); its shards are downloaded once")
     p.add_argument("--layers", default=None,
                    help="half-open global layer range, e.g. 0:15 (default: ask a parallax-scheduler for one)")
     p.add_argument("--memory", default=None, metavar="SIZE",
@@ -113,7 +115,9 @@ def engine_config(args: argparse.Namespace, backend) -> EngineConfig:
 async def serve(args: argparse.Namespace) -> None:
     from parallax.broker.cli import parse_size
     from parallax.broker.layers import parse_layers
-    from parallax.broker.model import resolve_model
+    from parallax.broker.model import fetch_layers, resolve_model
+
+    from .models import architecture
 
     backend_name = resolve_backend(args.backend)
     layers = parse_layers(args.layers) if args.layers is not None else None
@@ -122,7 +126,8 @@ async def serve(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
-    source = resolve_model(args.model, dequantize=args.dequantize)
+    source = resolve_model(args.model, dequantize=args.dequantize, revision=args.revision, need="headers",
+                           check=architecture)
     device = default_device(backend_name, args.device)
     check_quantize(source.path, args.quantize, device, backend_name)
     facts = await asyncio.to_thread(node_facts, source.path, args.dtype, device, offered, layers is not None,
@@ -134,13 +139,16 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     backend = backend_class(backend_name)
 
-    def load(start: int, end: int):
+    def load(start: int, end: int, progress=None):
+        fetch_layers(source, start, end, progress)  # an HF id's shards of these layers, unless cached
         return backend.load(source.path, source.name, start, end, args.dtype, device, args.quantize)
 
     if layers is None:
         from .auto import AutoStage
 
-        stage = AutoStage(source.name, facts.profile.num_layers, device, args.dtype, load, lambda b: engine_config(args, b), config, facts)
+        stage = AutoStage(source.name, facts.profile.num_layers, device, args.dtype,
+                          lambda start, end: load(start, end, stage.downloaded), lambda b: engine_config(args, b),
+                          config, facts)
         await stage.run(stop)
         return
     loaded = await asyncio.to_thread(load, *layers)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import gguf
 import torch
-from safetensors import safe_open
 
+from parallax.broker.hub import safetensors_header
 from parallax.broker.model import gguf_file, read_config
 from parallax.broker.registry import ModelProfile
 
@@ -79,12 +79,11 @@ def _tensors(path: Path) -> dict[str, Tensor]:
         by_file.setdefault(file, []).append(name)
     found = {}
     for file, names in by_file.items():
-        with safe_open(path / file, framework="pt") as f:
-            for name in names:
-                info = f.get_slice(name)
-                shape, kind = tuple(info.get_shape()), info.get_dtype()
-                stored = math.prod(shape) * _STORED_SIZES[kind] if kind in _STORED_SIZES else None
-                found[name] = (shape, stored, kind.startswith(("F", "BF")), None)
+        header = safetensors_header(path, file)  # the file's, or the Hub's for a shard this stage did not fetch
+        for name in names:
+            shape, kind = tuple(header[name]["shape"]), header[name]["dtype"]
+            stored = math.prod(shape) * _STORED_SIZES[kind] if kind in _STORED_SIZES else None
+            found[name] = (shape, stored, kind.startswith(("F", "BF")), None)
     return found
 
 

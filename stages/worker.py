@@ -71,12 +71,12 @@ class NodeFacts:
 
 def node_info(node_id: str, model: str, num_layers: int, device: str, dtype: str, facts: NodeFacts, state: State,
               layers: tuple[int, int] | None = None, load: Load = Load(), layer_ms: float | None = None,
-              kernels: dict[str, str] | None = None) -> NodeInfo:
+              kernels: dict[str, str] | None = None, progress: float | None = None) -> NodeInfo:
     start, end = layers or (None, None)
     return NodeInfo(
         node_id=node_id, kind="stage", model=model, start=start, end=end, num_layers=num_layers,
         host=socket.gethostname(), backend=facts.backend, device=device, dtype=dtype, version=__version__, state=state,
-        manual=facts.manual,
+        progress=progress, manual=facts.manual,
         memory_total=facts.memory_total, memory_offered=facts.memory_offered, layer_ms=layer_ms or facts.layer_ms,
         load=load, profile=facts.profile, kernels=kernels or {}, updated=time.time(),
     )
