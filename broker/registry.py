@@ -10,7 +10,7 @@ a per-key TTL, deleted on a clean exit. The scheduler writes :class:`Assignment`
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -31,10 +31,30 @@ class ModelProfile(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     num_layers: int = Field(ge=1)
-    layer_bytes: int = Field(ge=0)  # weights of one decoder layer in the serving dtype
+    layer_bytes: int = Field(ge=0)  # weights of the largest decoder layer in the serving dtype
     first_bytes: int = Field(ge=0)  # embeddings: held by the node that serves layer 0
     last_bytes: int = Field(ge=0)  # final norm + lm_head: held by the node that serves the last layer
     kv_bytes_per_token: int = Field(ge=0)  # keys + values of one position in one layer
+    # weights of each decoder layer (dense and mixture-of-experts layers differ); None (records written
+    # before it existed): every layer ``layer_bytes``
+    layer_bytes_list: tuple[Annotated[int, Field(ge=0)], ...] | None = None
+
+    @model_validator(mode="after")
+    def _per_layer(self) -> "ModelProfile":
+        if self.layer_bytes_list is not None and len(self.layer_bytes_list) != self.num_layers:
+            raise ValueError(f"layer_bytes_list has {len(self.layer_bytes_list)} entries for {self.num_layers} layers")
+        return self
+
+    @property
+    def per_layer(self) -> tuple[int, ...]:
+        """Weights of every decoder layer, in order."""
+        return self.layer_bytes_list or (self.layer_bytes,) * self.num_layers
+
+    def range_bytes(self, start: int, end: int) -> int:
+        """Weights a stage of layers ``start:end`` holds: its layers, plus the embeddings if it serves
+        layer 0 and the final norm and head if it serves the last layer."""
+        return (sum(self.per_layer[start:end]) + (self.first_bytes if start == 0 else 0)
+                + (self.last_bytes if end == self.num_layers else 0))
 
 
 class Load(BaseModel):

@@ -4,7 +4,8 @@
 
 One row per node key (``stage.<id>``, ``gateway.<id>``, ``scheduler.<id>``), then per model the layer
 coverage by serving stages (replicas per boundary segment, missing ranges, how many complete
-pipelines can run side by side), then the leading scheduler. The pure part (:func:`build_status`,
+pipelines can run side by side), then the leading scheduler. A stage's MEMORY is ``weights/offered``:
+the bytes its range holds by its profile (every layer at its own size) and what it may fill. The pure part (:func:`build_status`,
 :func:`render_table`) works on a ``{key: bytes}`` snapshot; :func:`fetch_snapshot` is the NATS part.
 Exit codes: 0, 2 when NATS is unreachable or has no JetStream (or for bad input), 1 otherwise.
 """
@@ -41,7 +42,8 @@ def build_status(snapshot: Mapping[str, bytes], model: str | None = None, now: f
 
     Returns ``{"nodes": [...], "models": {...}, "leader": str | None, "invalid": [keys]}``: every node
     as its NodeInfo dict plus ``"assignment"`` (the Assignment dict under ``assign.<id>``, or None)
-    and ``"health"`` (``"ok"``/``"stale"``); per model ``num_layers``, ``coverage`` (boundary
+    , ``"health"`` (``"ok"``/``"stale"``) and ``"weight_bytes"`` (what its range holds by its profile, or
+    None); per model ``num_layers``, ``coverage`` (boundary
     segments with their count of serving stages), ``missing`` ranges, ``complete`` (a chain 0..L
     exists) and ``pipelines`` (how many complete chains can run at once, no stage shared).
     ``model`` keeps only that model's nodes and coverage (schedulers, which have no model, stay).
@@ -76,6 +78,7 @@ def build_status(snapshot: Mapping[str, bytes], model: str | None = None, now: f
         assignment = assignments.get(n.node_id) if n.kind == "stage" else None
         d["assignment"] = assignment.model_dump(mode="json") if assignment is not None else None
         d["health"] = health(n, now, stale_s)
+        d["weight_bytes"] = weight_bytes(n)
         node_dicts.append(d)
 
     names = sorted({n.model for n in nodes if n.model})
@@ -88,6 +91,20 @@ def build_status(snapshot: Mapping[str, bytes], model: str | None = None, now: f
 def _node_order(n: NodeInfo) -> tuple:
     start = n.start if n.start is not None else 1 << 62
     return (KIND_ORDER.index(n.kind), n.model, start, n.end or 0, n.node_id)
+
+
+def weight_bytes(node: NodeInfo) -> int | None:
+    """Weights a stage holds for its range by its profile (each layer as large as it is), or None."""
+    if node.profile is None or node.layers is None or node.end > node.profile.num_layers:
+        return None
+    return node.profile.range_bytes(*node.layers)
+
+
+def memory_text(d: Mapping[str, Any]) -> str:
+    """``weights/offered`` where the stage's weights are known, else what it offers."""
+    offered = human_bytes(d.get("memory_offered", 0))
+    held = d.get("weight_bytes")
+    return offered if not held else f"{human_bytes(held)}/{offered}"
 
 
 def health(node: NodeInfo, now: float, stale_s: float = STALE_S) -> str:
@@ -168,7 +185,7 @@ def node_row(d: Mapping[str, Any]) -> list[str]:
     return [
         d["kind"], d["node_id"], d.get("model") or "-", _layers(d), state_text(d),
         _device(d) if stage else "-", (d.get("dtype") or "-") if stage else "-",
-        human_bytes(d.get("memory_offered", 0)), _load(d) if d["kind"] != "scheduler" else "-",
+        memory_text(d), _load(d) if d["kind"] != "scheduler" else "-",
         "-" if layer_ms is None else f"{layer_ms:.2f}", d.get("health", ""), d.get("version") or "-",
         assignment_text(d),
     ]

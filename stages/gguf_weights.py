@@ -25,12 +25,14 @@ import gguf
 import numpy as np
 import torch
 
-from .models import UnsupportedModel
+from .models import UnsupportedModel, UsageError
 from .quant import TYPES, QuantMatrix
 
 Q = gguf.GGMLQuantizationType
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 ARCHITECTURES = ("llama", "qwen2", "qwen3")  # GGUF general.architecture values served (Mistral is "llama")
+MOE_ARCHITECTURES = ("qwen3moe", "qwen2moe", "mixtral")  # refused with a pointer to the HF checkpoint (Mixtral
+# GGUFs usually say "llama" with an expert count: refused by that count)
 PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes
 
 # HF module names (without ".weight" / ".bias") that the stage models use; gguf's table gives their GGUF names.
@@ -70,6 +72,10 @@ class GGUFWeights:
         except (OSError, ValueError, struct.error) as exc:
             raise UnsupportedModel(f"cannot read GGUF file {path}: {exc}") from exc
         arch = _field(fields, "general.architecture")
+        if arch in MOE_ARCHITECTURES or int(_field(fields, f"{arch}.expert_count", 0) or 0) > 0:
+            raise UsageError(f"{path.name} is a mixture-of-experts GGUF ({arch}), which is not served from GGUF "
+                             "(its experts are stored as 3-D tensors): serve the Hugging Face checkpoint "
+                             "(safetensors) instead, with --quantize q8_0 or q4_0 to hold it in blocks")
         if arch not in ARCHITECTURES:
             raise UnsupportedModel(f"GGUF architecture {arch!r} of {path} is not supported "
                                    f"(have: {', '.join(ARCHITECTURES)})")

@@ -24,7 +24,8 @@ _STORED_SIZES = {"F32": 4, "F16": 2, "BF16": 2}  # safetensors dtypes a stage ke
 
 
 def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelProfile:
-    """Bytes of one decoder layer, of the embeddings and of norm + lm_head, as a stage holds them:
+    """Bytes of each decoder layer (dense and mixture-of-experts layers differ; ``layer_bytes``: the
+    largest), of the embeddings and of norm + lm_head, as a stage holds them:
     matrices as stored (GGUF blocks, bf16/fp16 tensors; float32 ones in a bf16/fp16 serving dtype, else
     float32), or in the ``quantize`` format
     ("q8_0", "q4_0") when float matrices are quantized at load; vectors (norms, biases) and the KV
@@ -36,11 +37,16 @@ def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelP
     args = architecture(config).ModelArgs.from_dict(config)
     size = torch.empty((), dtype=DTYPES[dtype]).element_size()
     held = _held_bytes(path, DTYPES[dtype], quantize)
-    layer = sum(n for name, n in held.items() if name.startswith("model.layers.0."))
+    layers = [0] * args.num_hidden_layers
+    for name, n in held.items():
+        index = int(name.split(".", 3)[2]) if name.startswith("model.layers.") else -1
+        if 0 <= index < len(layers):  # (not a layer beyond the decoder's, e.g. a multi-token-prediction one)
+            layers[index] += n
     embed = held.get("model.embed_tokens.weight", 0)
     head = held.get("lm_head.weight", embed) + held.get("model.norm.weight", 0)
-    return ModelProfile(num_layers=args.num_hidden_layers, layer_bytes=layer, first_bytes=embed,
-                        last_bytes=head, kv_bytes_per_token=2 * args.kv_heads * args.dim_head * size)
+    return ModelProfile(num_layers=args.num_hidden_layers, layer_bytes=max(layers), first_bytes=embed,
+                        last_bytes=head, kv_bytes_per_token=2 * args.kv_heads * args.dim_head * size,
+                        layer_bytes_list=tuple(layers))
 
 
 def _held_bytes(path: Path, dtype: torch.dtype, quantize: str | None) -> dict[str, int]:

@@ -26,7 +26,9 @@ Algorithm. Within one pipeline with a given node set, layers are water-filled: e
 node whose stage time grows least (exactly the smallest stage time ``T`` with
 ``sum min(max_layers, floor((T - hop_ms) / layer_ms)) >= L``), so faster nodes get more layers and
 nobody exceeds memory; the nodes with the most spare room take layer 0 (embeddings) and layer ``L - 1``
-(final norm and lm_head). Nodes are spread over ``k = 1..K`` pipelines (``K`` bounded by the total
+(final norm and lm_head). Layers may differ in size (dense and mixture-of-experts layers): a node's room
+counts each layer at its own size (:func:`max_layers`: the first and last layers exactly, any other range
+at the most bytes that many consecutive layers take), so every placed range fits. Nodes are spread over ``k = 1..K`` pipelines (``K`` bounded by the total
 memory) greedily (the strongest node to the gap missing most capacity, then to the slowest estimated
 pipeline), improved by
 steepest ascent over single-node moves and two-node swaps, then pruned one node or pipeline at a time

@@ -21,7 +21,7 @@ def _fixed_anchors(nodes: Sequence[NodeCapacity]) -> list[_Anchor]:
 
 def _replicas_bound(ctx: _Context, free: Sequence[NodeCapacity]) -> int:
     """How many plain pipelines the free nodes' memory could hold at most."""
-    return min(len(free), sum(ctx.cap(n) for n in free) // ctx.L)
+    return min(len(free), sum(ctx.best_cap(n) for n in free) // ctx.L)
 
 
 def _family(ctx: _Context, frames: list[_Frame], free: list[NodeCapacity]) -> list[_State]:

@@ -130,6 +130,10 @@ class _Context:
             self._caps[key] = max_layers(self.model, node, first, last)
         return self._caps[key]
 
+    def best_cap(self, node: NodeCapacity) -> int:
+        """The most layers ``node`` can hold in any role (layers of one size: ``cap(node)``)."""
+        return max(self.cap(node, first, last) for first in (False, True) for last in (False, True))
+
     def order(self, nodes: frozenset[NodeCapacity]) -> list[NodeCapacity]:
         """Deterministic order of a gap's nodes: by previous start (stability), then node id."""
         def key(node: NodeCapacity) -> tuple[int, str]:
@@ -199,7 +203,7 @@ def _fill_gap(ctx: _Context, gap: _Gap, fresh: Sequence[NodeCapacity]) -> list[t
     """
     parts = _participants(gap, fresh)
     size = gap.end - gap.start
-    plain = [(p.node.layer_ms, p.base, _room(ctx, gap, p, False, False), 0) for p in parts]
+    plain = [(p.node.layer_ms, p.base, _relaxed_room(ctx, gap, p), 0) for p in parts]
     extra = _water_fill(size, plain)
     if extra is None:
         return None
@@ -212,6 +216,19 @@ def _fill_gap(ctx: _Context, gap: _Gap, fresh: Sequence[NodeCapacity]) -> list[t
     return _lay_out(gap, parts, extra, order)
 
 
+def _relaxed_room(ctx: _Context, gap: _Gap, part: _Part) -> int:
+    """The most layers ``part`` can add in ``gap`` in any role the gap has (layers of one size: without the
+    first/last extras; layers of different sizes: a node may hold more of the small first or last layers)."""
+    roles = [(first, last) for first in (False, gap.start == 0) for last in (False, gap.end == ctx.L)]
+    return max(_room(ctx, gap, part, first, last) for first, last in set(roles))
+
+
+def _others_fit(ctx: _Context, gap: _Gap, parts: list[_Part], extra: list[int], roled: set[int]) -> bool:
+    """Whether the parts that hold neither layer 0 nor L-1 (not in ``roled``) fit what the fill gives them."""
+    return all(_spare(ctx, gap, p, extra[i], False, False) >= 0 for i, p in enumerate(parts)
+               if extra[i] > 0 and i not in roled)
+
+
 def _spare(ctx: _Context, gap: _Gap, part: _Part, x: int, first: bool, last: bool) -> int:
     return _room(ctx, gap, part, first, last) - x
 
@@ -221,12 +238,15 @@ def _roles(ctx: _Context, gap: _Gap, parts: list[_Part], extra: list[int]) -> li
     need_first, need_last = gap.start == 0, gap.end == ctx.L
     active = [i for i, p in enumerate(parts) if p.kind == "fresh" and extra[i] > 0]
     if not active:  # only growing anchors: one of them may now hold layer 0 or L-1
+        roled = set()
         for i, p in enumerate(parts):
             first = need_first and p.kind == "right" and extra[i] > 0
             last = need_last and p.kind == "left" and extra[i] > 0
             if (first or last) and _spare(ctx, gap, p, extra[i], first, last) < 0:
                 return None
-        return []
+            if first or last:
+                roled.add(i)
+        return [] if _others_fit(ctx, gap, parts, extra, roled) else None
 
     def pick(pool: list[int], first: bool, last: bool) -> int | None:
         spare = [(_spare(ctx, gap, parts[i], extra[i], first, last), -i) for i in pool]
@@ -246,6 +266,8 @@ def _roles(ctx: _Context, gap: _Gap, parts: list[_Part], extra: list[int]) -> li
         if f is None:
             return None
     elif need_last and l is None:
+        return None
+    if not _others_fit(ctx, gap, parts, extra, {f, l}):
         return None
     middle = [i for i in active if i not in (f, l)]
     return ([f] if f is not None else []) + middle + ([l] if l is not None else [])

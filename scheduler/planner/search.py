@@ -44,15 +44,15 @@ def _initial(ctx: _Context, frames: Sequence[_Frame], free: Sequence[NodeCapacit
     members = [[set() for _ in f.gaps] for f in frames]
     room = {s: frames[s[0]].gaps[s[1]].end - frames[s[0]].gaps[s[1]].start for s in slots}
     speed = dict.fromkeys(slots, 0.0)
-    for node in sorted(free, key=lambda n: (-ctx.cap(n), n.layer_ms, n.node_id)):
-        if not slots or ctx.cap(node) == 0:
+    for node in sorted(free, key=lambda n: (-ctx.best_cap(n), n.layer_ms, n.node_id)):
+        if not slots or ctx.best_cap(node) == 0:
             continue
         need = max(slots, key=lambda s: (room[s], -s[0], -s[1]))
         if room[need] <= 0:
             size = {s: frames[s[0]].gaps[s[1]].end - frames[s[0]].gaps[s[1]].start for s in slots}
             need = max(slots, key=lambda s: (size[s] / speed[s] if speed[s] else float("inf"), -s[0], -s[1]))
         members[need[0]][need[1]].add(node)
-        room[need] -= ctx.cap(node)
+        room[need] -= ctx.best_cap(node)
         speed[need] += 1.0 / node.layer_ms
     return _State(tuple(frames), tuple(tuple(frozenset(g) for g in f) for f in members))
 

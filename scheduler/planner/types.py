@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import accumulate, pairwise
 
 _EPS = 1e-9  # relative slack of every throughput comparison
 
@@ -19,6 +19,7 @@ class ModelCost:
     first_bytes: int = 0
     last_bytes: int = 0
     hop_ms: float = 1.0
+    layer_bytes_list: tuple[int, ...] | None = None  # weights of each layer where they differ (None: layer_bytes each)
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_layers, int) or self.num_layers < 1:
@@ -29,11 +30,22 @@ class ModelCost:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if not self.hop_ms >= 0:
             raise ValueError(f"hop_ms must be >= 0, got {self.hop_ms!r}")
+        if self.layer_bytes_list is not None:
+            sizes = tuple(self.layer_bytes_list)
+            if len(sizes) != self.num_layers or not all(isinstance(v, int) and v >= 0 for v in sizes):
+                raise ValueError(f"layer_bytes_list must hold {self.num_layers} integers >= 0, got {sizes!r}")
+            object.__setattr__(self, "layer_bytes_list", sizes)
 
     @property
     def per_layer(self) -> int:
-        """Bytes one served layer takes: weights plus its KV reserve."""
-        return self.layer_bytes + self.kv_reserve_bytes
+        """Bytes the largest served layer takes: weights plus its KV reserve."""
+        return max(self.layer_costs)
+
+    @property
+    def layer_costs(self) -> tuple[int, ...]:
+        """Bytes each served layer takes: its weights plus its KV reserve."""
+        sizes = self.layer_bytes_list or (self.layer_bytes,) * self.num_layers
+        return tuple(size + self.kv_reserve_bytes for size in sizes)
 
 
 @dataclass(frozen=True)
@@ -132,10 +144,24 @@ def _new_layers(now: tuple[int, int], before: tuple[int, int] | None) -> int:
 
 
 def max_layers(model: ModelCost, node: NodeCapacity, first: bool = False, last: bool = False) -> int:
-    """How many layers fit in ``node.memory`` (weights + KV reserve), counting first/last extras if it holds them."""
+    """How many layers fit in ``node.memory`` (weights + KV reserve), counting first/last extras if it holds them.
+
+    Layers may differ in size (dense and mixture-of-experts layers): the count is one that fits wherever the
+    range lies. A node holding layer 0 holds ``0:n`` (the first ``n`` layers must fit), one holding the last
+    layer ``L-n:L``; any other node the ``n`` consecutive layers that take the most bytes must fit. With
+    layers of one size this is ``room // per_layer``."""
     room = node.memory - (model.first_bytes if first else 0) - (model.last_bytes if last else 0)
     if room < 0:
         return 0
-    if model.per_layer == 0:
-        return model.num_layers
-    return min(model.num_layers, room // model.per_layer)
+    costs, L = model.layer_costs, model.num_layers
+    prefix = [0, *accumulate(costs)]  # prefix[i]: bytes of layers 0..i-1
+
+    def most(n: int) -> int:  # the most bytes n layers take where this node can hold them
+        if first or last:
+            return max(prefix[n] if first else 0, prefix[L] - prefix[L - n] if last else 0)
+        return max(prefix[i + n] - prefix[i] for i in range(L - n + 1))
+
+    n = 0
+    while n < L and most(n + 1) <= room:
+        n += 1
+    return n

@@ -7,7 +7,8 @@ from types import ModuleType
 
 from parallax.broker.errors import UnsupportedModel, UsageError
 
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe",
+                 "mixtral": "mixtral"}
 QUANTIZE_TYPES = ("q8_0", "q4_0")  # --quantize: what a dense checkpoint's matrices can become at load
 
 
@@ -17,10 +18,14 @@ def already_quantized(gguf_name: str) -> UsageError:
                       "or add --dequantize to quantize a dense copy of it")
 
 
+def sliding_window_unsupported() -> UnsupportedModel:
+    return UnsupportedModel("sliding-window attention layers are not supported yet")
+
+
 def architecture(config: dict) -> ModuleType:
     model_type = config.get("model_type", "?")
     if model_type not in ARCHITECTURES:
         raise UnsupportedModel(f"model_type {model_type!r} is not supported (have: {', '.join(ARCHITECTURES)})")
     if any(t != "full_attention" for t in config.get("layer_types") or []) or config.get("use_sliding_window"):
-        raise UnsupportedModel("sliding-window attention layers are not supported yet")
+        raise sliding_window_unsupported()
     return importlib.import_module(f"{__name__}.{ARCHITECTURES[model_type]}")

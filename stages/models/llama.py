@@ -255,6 +255,11 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, rows, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def run_fused(self, x: np.ndarray, batch: kernels.RowBatch, k_cache: np.ndarray, v_cache: np.ndarray) -> None:
+        """The fused path: x [T, D] float32 updated in place by ``kernels.fused_layer``."""
+        attn = self.self_attn
+        kernels.fused_layer(x, self.weights(), batch, attn.heads, attn.kv_heads, attn.hd, k_cache, v_cache)
+
 
 def _f32(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().numpy()
@@ -269,7 +274,7 @@ class StageModel(nn.Module):
         self.first, self.last = start == 0, end == args.num_hidden_layers
         if self.first:
             self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(end - start))
+        self.layers = nn.ModuleList(self.decoder_layer(args, i) for i in range(end - start))
         if self.last:
             self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -277,6 +282,10 @@ class StageModel(nn.Module):
         self.attention_scaling = 1.0
         self.dtype = torch.float32  # activations (and KV); set by ``load``
         self.kernel_picks: dict[str, str] = {}  # which kernel each projection runs (``kernels.tune`` at load)
+
+    def decoder_layer(self, args: ModelArgs, index: int) -> nn.Module:
+        """The layer at local ``index`` (global ``self.start + index``); other architectures override."""
+        return DecoderLayer(args, index)
 
     def tensor_names(self) -> dict[str, str]:
         """Every tensor this stage loads: our name -> the checkpoint's. A tied head is listed under
@@ -349,7 +358,6 @@ class StageModel(nn.Module):
         return kernels.MAX_ROWS if self.fused else 0
 
     def _forward_fused(self, h: torch.Tensor, rows: Rows, kv: KVPool) -> torch.Tensor:
-        a = self.args
         tables = rows.row_tables()  # [T, nb]
         mode = FUSED_MODES[self.dtype]
         batch = kernels.RowBatch.build(rows.positions.numpy(), self.inv_freq.float().numpy(), self.attention_scaling,
@@ -357,7 +365,7 @@ class StageModel(nn.Module):
         k_cache, v_cache = kv.bits()
         x = h.float().numpy().copy()  # [T, D] float32 (bf16 values in BF16 mode), updated layer by layer
         for i, layer in enumerate(self.layers):
-            kernels.fused_layer(x, layer.weights(), batch, a.num_attention_heads, a.kv_heads, a.dim_head, k_cache[i], v_cache[i])
+            layer.run_fused(x, batch, k_cache[i], v_cache[i])
         if not self.last:
             return torch.from_numpy(x).to(h.dtype)
         normed = kernels.norm_rows(x[rows.sample_rows.numpy()], _f32(self.norm.weight), self.norm.eps, mode)  # [S, D]
