@@ -20,7 +20,7 @@ from .gguf_weights import FLOAT_TYPES, GGUFWeights
 from .models import architecture
 from .torch_backend import DTYPES, QUANTIZE, checkpoint_index
 
-_STORED_SIZES = {"F32": 4, "F16": 2, "BF16": 2}  # safetensors dtypes a stage keeps as stored
+_STORED_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}  # safetensors dtypes a stage keeps as stored (U8: MXFP4)
 
 
 def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelProfile:
@@ -54,12 +54,15 @@ def _held_bytes(path: Path, dtype: torch.dtype, quantize: str | None) -> dict[st
     held, size = {}, torch.empty((), dtype=dtype).element_size()
     for name, (shape, stored, is_float, qtype) in _tensors(Path(path)).items():
         numel = math.prod(shape)
-        if len(shape) != 2:
-            held[name] = numel * size  # converted to the serving dtype
+        if qtype is None and stored is not None and not is_float:
+            held[name] = stored  # raw bytes kept as stored (MXFP4 blocks and scales)
+        elif len(shape) not in (2, 3) or name.endswith("bias"):
+            held[name] = numel * size  # a vector (or stacked vectors: experts' biases), in the serving dtype
         elif quantize is not None and is_float:
+            count, matrix = _matrices(shape)
             block, block_bytes = gguf.GGML_QUANT_SIZES[QUANTIZE[quantize]]
-            blocks = shape[0] * math.ceil(shape[1] / block) * block_bytes
-            held[name] = int4pack.most_bytes(QUANTIZE[quantize], shape, dtype, blocks)
+            blocks = matrix[0] * math.ceil(matrix[1] / block) * block_bytes
+            held[name] = count * int4pack.most_bytes(QUANTIZE[quantize], matrix, dtype, blocks)
         elif stored is None:
             held[name] = numel * size
         elif is_float:  # as stored; a float32 matrix served in bf16/fp16 is cast once (torch_backend.WeightFormat)
@@ -67,6 +70,12 @@ def _held_bytes(path: Path, dtype: torch.dtype, quantize: str | None) -> dict[st
         else:
             held[name] = int4pack.most_bytes(qtype, shape, dtype, stored)
     return held
+
+
+def _matrices(shape: tuple[int, ...]) -> tuple[int, tuple[int, int]]:
+    """How many matrices [O, I] a 2-D or 3-D tensor holds: a 2-D one itself; a 3-D one [E, I, O] is E experts'
+    matrices, transposed (transformers' fused experts, as gpt-oss stores them; loaded one expert at a time)."""
+    return (1, (shape[0], shape[1])) if len(shape) == 2 else (shape[0], (shape[2], shape[1]))
 
 
 Tensor = tuple[tuple[int, ...], "int | None", bool, "gguf.GGMLQuantizationType | None"]

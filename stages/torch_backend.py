@@ -21,6 +21,7 @@ from .backend import StageSpec, StepItem, StepOutput
 from .kv import KVPool, Rows
 from .models import QUANTIZE_TYPES, UnsupportedModel, already_quantized, architecture
 from .gguf_weights import GGUFWeights
+from .mxfp4 import MXFP4Matrix
 from .quant import QuantMatrix
 from .sampling import Sampler
 
@@ -132,7 +133,7 @@ def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: torc
     fmt = WeightFormat(dtype, device, quantize_type(quantize, weights, device))
     with torch.device("meta"):
         model = arch.StageModel(args, start, end)
-    model.load(_read_tensors(weights, model, args.tie_word_embeddings, fmt), dtype)
+    model.load(_read_tensors(model.source(weights), model, args.tie_word_embeddings, fmt), dtype)
     model.inv_freq, model.attention_scaling = _rope(path, args.dim_head, device)
     model.fuse()
     if model.fused:
@@ -184,7 +185,9 @@ class WeightFormat:
     device: torch.device
     quantize: gguf.GGMLQuantizationType | None = None
 
-    def matrix(self, name: str, w: "torch.Tensor | QuantMatrix") -> "torch.Tensor | QuantMatrix":
+    def matrix(self, name: str, w: "torch.Tensor | QuantMatrix | MXFP4Matrix") -> "torch.Tensor | QuantMatrix | MXFP4Matrix":
+        if isinstance(w, MXFP4Matrix):  # kept as stored on any device (its product decodes a tile at a time)
+            return w.to(self.device)
         if isinstance(w, QuantMatrix):
             if self.device.type == "cpu":
                 return w
@@ -209,7 +212,7 @@ class TensorSource(Protocol):
 
     def names(self) -> set[str]: ...
 
-    def get(self, name: str, dtype: torch.dtype) -> "torch.Tensor | QuantMatrix": ...
+    def get(self, name: str, dtype: torch.dtype) -> "torch.Tensor | QuantMatrix | MXFP4Matrix": ...
 
 
 class SafetensorsWeights:
@@ -263,7 +266,8 @@ def _read_tensors(weights: TensorSource, model, tied: bool, fmt: WeightFormat) -
     for name, src in wanted.items():
         if src not in by_source:
             t = weights.get(src, fmt.dtype)
-            by_source[src] = fmt.matrix(src, t) if isinstance(t, QuantMatrix) or t.dim() == 2 else fmt.vector(t)
+            matrix = isinstance(t, (QuantMatrix, MXFP4Matrix)) or t.dim() == 2
+            by_source[src] = fmt.matrix(src, t) if matrix else fmt.vector(t)
     return {name: by_source[src] for name, src in wanted.items()}
 
 

@@ -350,13 +350,13 @@ def test_status_shows_a_stages_weights_at_their_sizes():
     assert "2.0 MiB/10.0 MiB" in rows["a"] and "9.0 MiB/10.0 MiB" in rows["b"] and " 10.0 MiB " in rows["c"]
 
 
-def test_mixtral_sliding_window_is_refused_unless_it_never_slides(models):
+def test_mixtral_sliding_window_slides_every_layer(models):
+    """(Served since issue 11: ``tests/test_gpt_oss.py`` checks a windowed Mixtral against transformers.)"""
     config = json.loads((models["mixtral"] / "config.json").read_text())
-    with pytest.raises(UnsupportedModel, match="sliding-window"):
-        architecture(config).ModelArgs.from_dict(config | {"sliding_window": 1024})
-    assert architecture(config).ModelArgs.from_dict(config | {"sliding_window": 4096}).num_experts == 6
-    with pytest.raises(UnsupportedModel, match="sliding-window"):
-        load_stage_model(models["mixtral"], config | {"sliding_window": 64}, 0, 2, torch.float32, CPU)
+    assert [architecture(config).ModelArgs.from_dict(config | {"sliding_window": 64}).window(i) for i in range(4)] == [64] * 4
+    assert architecture(config).ModelArgs.from_dict(config).window(0) is None
+    stage = load_stage_model(models["mixtral"], config | {"sliding_window": 64}, 0, 2, torch.float32, CPU)
+    assert [layer.self_attn.window for layer in stage.layers] == [64, 64]
 
 
 def test_a_moe_gguf_is_refused_with_a_pointer_to_the_hf_checkpoint(tmp_path):

@@ -133,8 +133,8 @@ def run_stages(stages, pools, x, pos):
 def test_unsupported_architecture_is_a_clear_error():
     with pytest.raises(UnsupportedModel, match="gpt2"):
         architecture({"model_type": "gpt2"})
-    with pytest.raises(UnsupportedModel, match="sliding"):
-        architecture({"model_type": "qwen2", "use_sliding_window": True})
+    with pytest.raises(UnsupportedModel, match="chunked_attention"):
+        architecture({"model_type": "qwen2", "layer_types": ["chunked_attention"]})
 
 
 def test_range_outside_model(models):

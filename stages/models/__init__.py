@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable
 from types import ModuleType
 
 from parallax.broker.errors import UnsupportedModel, UsageError
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe",
-                 "mixtral": "mixtral"}
+                 "mixtral": "mixtral", "gpt_oss": "gpt_oss"}
 QUANTIZE_TYPES = ("q8_0", "q4_0")  # --quantize: what a dense checkpoint's matrices can become at load
+SLIDING, FULL = "sliding_attention", "full_attention"  # the attention kinds of ``layer_types`` served
 
 
 def already_quantized(gguf_name: str) -> UsageError:
@@ -18,14 +20,16 @@ def already_quantized(gguf_name: str) -> UsageError:
                       "or add --dequantize to quantize a dense copy of it")
 
 
-def sliding_window_unsupported() -> UnsupportedModel:
-    return UnsupportedModel("sliding-window attention layers are not supported yet")
+def check_layer_types(types: Iterable[str]) -> None:
+    """Refuses attention kinds other than full and sliding-window ones (e.g. chunked or linear attention)."""
+    other = sorted({str(t) for t in types} - {SLIDING, FULL})
+    if other:
+        raise UnsupportedModel(f"attention layers of type {', '.join(other)} are not supported (have: {FULL}, {SLIDING})")
 
 
 def architecture(config: dict) -> ModuleType:
     model_type = config.get("model_type", "?")
     if model_type not in ARCHITECTURES:
         raise UnsupportedModel(f"model_type {model_type!r} is not supported (have: {', '.join(ARCHITECTURES)})")
-    if any(t != "full_attention" for t in config.get("layer_types") or []) or config.get("use_sliding_window"):
-        raise sliding_window_unsupported()
+    check_layer_types(config.get("layer_types") or [])
     return importlib.import_module(f"{__name__}.{ARCHITECTURES[model_type]}")

@@ -13,7 +13,7 @@ and head one object on a stage that holds both.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -24,8 +24,15 @@ from transformers.activations import ACT2FN
 from parallax.broker.errors import UnsupportedModel
 
 from .. import kernels
+from . import FULL, SLIDING, check_layer_types
 from ..kv import Decode, KVPool, Rows
 from ..quant import QuantMatrix
+
+if TYPE_CHECKING:
+    from ..torch_backend import TensorSource
+
+
+ONE_WINDOW = ("mistral", "mixtral", "qwen3_moe")  # transformers slides every layer of these (no layer_types)
 
 
 @dataclass(frozen=True)
@@ -46,11 +53,35 @@ class ModelArgs:
     max_position_embeddings: int = 4096
     qkv_bias: bool = False  # Qwen2: bias on q/k/v only
     qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k
+    sliding_window: int | None = None  # keys a sliding layer's query sees, its own included (None: no window)
+    use_sliding_window: bool = True  # Qwen's switch for sliding_window (off by default there)
+    layer_types: tuple[str, ...] | None = None  # per layer; None: every layer slides when there is a window
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in config.items() if k in known and v is not None})
+
+    def __post_init__(self) -> None:
+        if self.model_type in ONE_WINDOW:
+            object.__setattr__(self, "layer_types", None)
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise UnsupportedModel(f"sliding_window must be a positive number of positions; got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            types = tuple(self.layer_types)
+            object.__setattr__(self, "layer_types", types)
+            if len(types) != self.num_hidden_layers:
+                raise UnsupportedModel(f"layer_types names {len(types)} layers; the model has {self.num_hidden_layers}")
+            check_layer_types(types)
+
+    def window(self, layer: int) -> int | None:
+        """Keys the query of global layer ``layer`` attends to at most (itself included; transformers'
+        sliding-window mask: key j visible from query i when i - window < j <= i), or None: all before it."""
+        if self.sliding_window is None or not self.use_sliding_window:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == SLIDING:
+            return self.sliding_window
+        return None
 
     @property
     def kv_heads(self) -> int:
@@ -59,6 +90,21 @@ class ModelArgs:
     @property
     def dim_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class QwenWindows(ModelArgs):
+    """Qwen2/Qwen3's sliding windows: only with ``use_sliding_window``; without ``layer_types`` the layers from
+    ``max_window_layers`` on slide (as transformers' Qwen2Config derives them)."""
+
+    use_sliding_window: bool = False
+    max_window_layers: int = 28
+
+    def __post_init__(self) -> None:
+        if self.layer_types is None and self.use_sliding_window and self.sliding_window is not None:
+            types = tuple(SLIDING if i >= self.max_window_layers else FULL for i in range(self.num_hidden_layers))
+            object.__setattr__(self, "layer_types", types)
+        super().__post_init__()
 
 
 Weight = Union[torch.Tensor, "kernels.Projection"]  # a dense float weight (F.linear) or a Projection
@@ -171,6 +217,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.hd, args.rms_norm_eps)
         self.qk_norm = args.qk_norm
         self.gqa = self.heads != self.kv_heads
+        self.window: int | None = None  # sliding window of this layer (``StageModel`` sets it: it knows the global index)
 
     def fuse(self) -> None:
         """After loading: q, k and v projections run as one; the three parts are dropped."""
@@ -198,17 +245,37 @@ class Attention(nn.Module):
 
     def _decode(self, q: torch.Tensor, d: Decode, kv: KVPool) -> torch.Tensor:
         B = q.shape[0]  # q: [B, H, hd]
-        keys, values = kv.read_blocks(self.layer, d.tables)  # [B, nb * bs, KV, hd]
-        keys, values = keys[:, : d.length].transpose(1, 2), values[:, : d.length].transpose(1, 2)  # [B, KV, L, hd]
+        keys, values, mask = self._decode_keys(d, kv)  # [B, KV, L, hd] x2, [B, 1, 1, L] or None
         # the G = H / KV query heads of a KV head attend as G query rows: one SDPA unit per KV head
         # (4x faster on CPU than enable_gqa, which runs one unit per query head)
-        o = F.scaled_dot_product_attention(q.view(B, self.kv_heads, -1, self.hd), keys, values, attn_mask=d.mask)
+        o = F.scaled_dot_product_attention(q.view(B, self.kv_heads, -1, self.hd), keys, values, attn_mask=mask)
         return o.reshape(B, self.heads, self.hd)  # [B, KV, G, hd] -> [B, H, hd]
+
+    def _decode_keys(self, d: Decode, kv: KVPool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The keys and values the decoding rows attend to, [B, KV, L, hd] each, and the mask of the visible ones
+        ([B, 1, 1, L] bool, None: all). With a sliding window only the blocks from the earliest window start of
+        the batch on are read, and each row sees its own last ``window`` keys."""
+        if self.window is None:
+            keys, values = kv.read_blocks(self.layer, d.tables)  # [B, nb * bs, KV, hd]
+            return keys[:, : d.length].transpose(1, 2), values[:, : d.length].transpose(1, 2), d.mask
+        bs = kv.block_size
+        first = max(0, int(d.lengths.min()) - self.window) // bs  # the first block any row still sees
+        keys, values = kv.read_blocks(self.layer, d.tables[:, first:])
+        n = d.length - first * bs
+        cols = first * bs + torch.arange(n, device=d.lengths.device)  # [L] positions of the keys read
+        mask = (cols[None, :] < d.lengths[:, None]) & (cols[None, :] >= d.lengths[:, None] - self.window)  # [B, L]
+        return keys[:, :n].transpose(1, 2), values[:, :n].transpose(1, 2), mask[:, None, None, :]
+
+    def _prefill_mask(self, pos: int, n: int, device: torch.device) -> torch.Tensor:
+        """[n, pos + n] bool: query row i (position pos + i) sees key j when j <= pos + i (and, in a sliding
+        layer, j > pos + i - window)."""
+        cols, at = torch.arange(pos + n, device=device)[None, :], (pos + torch.arange(n, device=device))[:, None]
+        mask = cols <= at  # causal, cache visible
+        return mask if self.window is None else mask & (cols > at - self.window)
 
     def _prefill(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int) -> torch.Tensor:
         n = q.shape[0]  # q: [n, H, hd]; keys/values: [pos+n, KV, hd]
-        cols = torch.arange(pos + n, device=q.device)
-        mask = cols[None, :] <= (pos + torch.arange(n, device=q.device))[:, None]  # causal, cache visible
+        mask = self._prefill_mask(pos, n, q.device)
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, enable_gqa=self.gqa
         )  # [H, n, hd]
@@ -275,6 +342,8 @@ class StageModel(nn.Module):
         if self.first:
             self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(self.decoder_layer(args, i) for i in range(end - start))
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.window = args.window(start + i)
         if self.last:
             self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -286,6 +355,11 @@ class StageModel(nn.Module):
     def decoder_layer(self, args: ModelArgs, index: int) -> nn.Module:
         """The layer at local ``index`` (global ``self.start + index``); other architectures override."""
         return DecoderLayer(args, index)
+
+    def source(self, weights: "TensorSource") -> "TensorSource":
+        """The checkpoint's tensors as ``tensor_names`` names them (an architecture whose checkpoints fuse
+        tensors this model holds apart, e.g. gpt-oss's experts, wraps them)."""
+        return weights
 
     def tensor_names(self) -> dict[str, str]:
         """Every tensor this stage loads: our name -> the checkpoint's. A tied head is listed under
@@ -350,7 +424,13 @@ class StageModel(nn.Module):
         rounded to bf16 after every op as torch does in bf16, or float32 throughout."""
         a, w = self.args, self.layers[0].mlp.down_proj.weight
         projection = not isinstance(w, torch.Tensor)  # dense tensors: the F.linear path (float32, CUDA)
-        return projection and self.dtype in FUSED_MODES and not a.qk_norm and a.hidden_act == "silu"
+        return projection and self.dtype in FUSED_MODES and not a.qk_norm and a.hidden_act == "silu" and not self.slides
+
+    @property
+    def slides(self) -> bool:
+        """Whether a layer of this stage has a sliding window (the fused kernels attend to every key: such a
+        stage runs the torch path)."""
+        return any(layer.self_attn.window is not None for layer in self.layers)
 
     @property
     def decode_group(self) -> int:

@@ -1,14 +1,13 @@
 """Mixtral: the Llama decoder with routed experts in every layer (``block_sparse_moe``: router ``gate``,
 experts ``w1`` (gate), ``w3`` (up), ``w2`` (down)), the top-k probabilities always renormalised.
 
-A sliding window shorter than the context is not supported (the KV cache keeps every position): such a
-config is refused; one at least ``max_position_embeddings`` long never slides and is served."""
+With a ``sliding_window`` every layer slides (``llama.Attention`` masks the keys before the window; the KV
+cache still keeps every position)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import sliding_window_unsupported
 from .moe import MoEArgs, MoEStageModel
 
 _HF_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
@@ -17,12 +16,9 @@ _HF_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 @dataclass(frozen=True)
 class ModelArgs(MoEArgs):
     norm_topk_prob: bool = True
-    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings:
-            raise sliding_window_unsupported()
         object.__setattr__(self, "norm_topk_prob", True)  # Mixtral renormalises whatever the config says
 
 

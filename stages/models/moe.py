@@ -50,6 +50,7 @@ class MoEArgs(ModelArgs):
         return super().from_dict(config)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise UnsupportedModel(f"a mixture-of-experts config needs num_experts >= 1; got {self.num_experts!r}")
@@ -206,4 +207,4 @@ class MoEStageModel(StageModel):
     def fused(self) -> bool:
         """On CPU with ``kernels.Projection`` weights and bf16/float32 activations (see the module's doc)."""
         projection = not isinstance(self.layers[0].self_attn.o_proj.weight, torch.Tensor)
-        return projection and self.dtype in FUSED_MODES and self.args.hidden_act == "silu"
+        return projection and self.dtype in FUSED_MODES and self.args.hidden_act == "silu" and not self.slides

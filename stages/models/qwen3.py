@@ -1,11 +1,11 @@
-"""Qwen3 (dense): the Llama decoder with RMSNorm on each query and key head."""
+"""Qwen3 (dense): the Llama decoder with RMSNorm on each query and key head (sliding windows as Qwen2 has them)."""
 
 from dataclasses import dataclass
 
-from .llama import ModelArgs as LlamaArgs
+from .llama import QwenWindows
 from .llama import StageModel  # noqa: F401  (the architecture's stage model)
 
 
 @dataclass(frozen=True)
-class ModelArgs(LlamaArgs):
+class ModelArgs(QwenWindows):
     qk_norm: bool = True
