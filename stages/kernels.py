@@ -297,8 +297,9 @@ def _norm(h, w, eps, out, mode) -> None:  # RMSNorm: normalize in float32, round
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _attend(qkv, cos, sin, heads, kv_heads, hd, k_cache, v_cache, write_slots, tables, lengths, block_size, scale, out,
-            mode):
-    """RoPE on q and k, write k/v to the cache, attend over each row's blocks. qkv: [B, (H+2KV)*hd]."""
+            mode, window):
+    """RoPE on q and k, write k/v to the cache, attend over each row's blocks. qkv: [B, (H+2KV)*hd]. A row
+    attends to its last ``window`` keys (its own included; 0: to all of them)."""
     B = qkv.shape[0]
     half = hd // 2
     rq = np.empty((B, heads + kv_heads, hd), np.float32)  # q and k after RoPE
@@ -317,24 +318,25 @@ def _attend(qkv, cos, sin, heads, kv_heads, hd, k_cache, v_cache, write_slots, t
     for bh in prange(B * heads):
         b, h = bh // heads, bh % heads
         g, n = h // group, lengths[b]
-        scores = np.empty(n, np.float32)
+        lo = max(0, n - window) if window > 0 else 0  # the first key the row sees
+        scores = np.empty(n - lo, np.float32)
         top = np.float32(-np.inf)
-        for p in range(n):
+        for p in range(lo, n):
             slot = tables[b, p // block_size] * block_size + p % block_size
             s = np.float32(0.0)
             for i in range(hd):
                 s += rq[b, h, i] * _load(k_cache[slot, g, i])
-            scores[p] = s * scale
-            top = max(top, scores[p])
+            scores[p - lo] = s * scale
+            top = max(top, scores[p - lo])
         total = np.float32(0.0)
-        for p in range(n):
+        for p in range(n - lo):
             scores[p] = np.exp(scores[p] - top)
             total += scores[p]
         acc = np.zeros(hd, np.float32)
-        for p in range(n):
+        for p in range(lo, n):
             slot = tables[b, p // block_size] * block_size + p % block_size
             for i in range(hd):
-                acc[i] += scores[p] * _load(v_cache[slot, g, i])
+                acc[i] += scores[p - lo] * _load(v_cache[slot, g, i])
         for i in range(hd):
             out[b, h * hd + i] = _keep(acc[i] / total, mode)
 
@@ -419,9 +421,9 @@ class RowBatch:
 
 
 def fused_layer(h: np.ndarray, w: LayerWeights, batch: RowBatch, heads: int, kv_heads: int, head_dim: int,
-                k_cache: np.ndarray, v_cache: np.ndarray) -> None:
+                k_cache: np.ndarray, v_cache: np.ndarray, window: int = 0) -> None:
     """h: [T, D] float32 (bf16 values for BF16), updated in place; k_cache, v_cache: [slots, KV, hd] of the
-    batch's mode: bf16 bits (uint16) or float32."""
+    batch's mode: bf16 bits (uint16) or float32; ``window``: a sliding layer's (0: none)."""
     mode = batch.mode
     if k_cache.dtype != mode.dtype or v_cache.dtype != mode.dtype:
         raise ValueError(f"a {mode.dtype} fused step needs a {mode.dtype} KV cache; got {k_cache.dtype}, {v_cache.dtype}")
@@ -432,7 +434,7 @@ def fused_layer(h: np.ndarray, w: LayerWeights, batch: RowBatch, heads: int, kv_
     qkv = _project(w.qkv, normed, batch)
     attn = np.empty((T, heads * head_dim), np.float32)
     _attend(qkv, batch.cos, batch.sin, heads, kv_heads, head_dim, k_cache, v_cache, batch.write_slots, batch.tables,
-            batch.lengths, batch.block_size, np.float32(head_dim ** -0.5), attn, mode)
+            batch.lengths, batch.block_size, np.float32(head_dim ** -0.5), attn, mode, window)
     _residual_norm(h, _project(w.o, attn, batch), w.ln2, w.eps, normed, mode)
     gu = _project(w.gate_up, normed, batch)
     inter = w.down.shape[1]

@@ -23,7 +23,7 @@ from parallax.stages.models.gpt_oss import Expert, GptOssMoE, SinkAttention
 from parallax.stages.mxfp4 import MXFP4Matrix
 from parallax.stages.torch_backend import load_stage_model
 from tests.cluster import reference_greedy
-from tests.test_moe import assert_as_close_as_transformers_to_itself, pools, run_stages
+from tests.test_moe import assert_as_close_as_transformers_to_itself, pools, reference_logits, run_stages
 
 CPU = torch.device("cpu")
 VOCAB, WINDOW = 512, 5  # prompts of 16 and more: longer than the window, which spans two blocks of 4
@@ -297,17 +297,23 @@ def test_sliding_windows_match_transformers(windowed, name):
         assert_as_close_as_transformers_to_itself(got, reference(path), IDS, 16)
 
 
-def test_a_bf16_windowed_stage_runs_the_torch_path(windowed, tmp_path):
-    """The fused kernels attend to every key: a stage with a sliding layer does not take them, and its bf16
-    greedy tokens follow transformers' float32 ones on this tiny model."""
+@pytest.mark.parametrize("name", ["mistral", "mixtral"])
+def test_the_fused_path_slides_too(windowed, name, tmp_path):
+    """bf16 weights, float32 activations: the fused (numba) kernels attend to each row's last ``window`` keys,
+    as transformers does on the widened weights (and attending to all of them would not)."""
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(windowed["mistral"], dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    stage = load(tmp_path / "bf16", 0, 3, torch.bfloat16)
-    assert not stage.fused
-    full = load(tmp_path / "bf16", 0, 3, torch.bfloat16,
-                json.loads((tmp_path / "bf16" / "config.json").read_text()) | {"sliding_window": None})
-    assert full.fused  # the same model without a window: the fused path as before
+    AutoModelForCausalLM.from_pretrained(windowed[name], dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    served = [load(tmp_path / "bf16", a, b) for a, b in [(0, 1), (1, 3)]]
+    assert all(s.fused for s in served) and served[0].layers[0].self_attn.window == WINDOW
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16).float().eval()
+    ref = reference_logits(model, IDS, 16)
+    assert (logits(served, IDS, 16) - ref).abs().max() <= 3e-5 * ref.abs().max()  # float32 sums in another order
+    for stage in served:  # the same stages attending to every key: other logits past the window
+        for layer in stage.layers:
+            layer.self_attn.window = None
+    unwindowed = logits(served, IDS, 16)
+    assert (unwindowed[WINDOW:] - ref[WINDOW:]).abs().max() > 1e-2 * ref.abs().max()
 
 
 def test_window_config_errors():

@@ -325,7 +325,7 @@ class DecoderLayer(nn.Module):
     def run_fused(self, x: np.ndarray, batch: kernels.RowBatch, k_cache: np.ndarray, v_cache: np.ndarray) -> None:
         """The fused path: x [T, D] float32 updated in place by ``kernels.fused_layer``."""
         attn = self.self_attn
-        kernels.fused_layer(x, self.weights(), batch, attn.heads, attn.kv_heads, attn.hd, k_cache, v_cache)
+        kernels.fused_layer(x, self.weights(), batch, attn.heads, attn.kv_heads, attn.hd, k_cache, v_cache, attn.window or 0)
 
 
 def _f32(t: torch.Tensor) -> np.ndarray:
@@ -424,13 +424,7 @@ class StageModel(nn.Module):
         rounded to bf16 after every op as torch does in bf16, or float32 throughout."""
         a, w = self.args, self.layers[0].mlp.down_proj.weight
         projection = not isinstance(w, torch.Tensor)  # dense tensors: the F.linear path (float32, CUDA)
-        return projection and self.dtype in FUSED_MODES and not a.qk_norm and a.hidden_act == "silu" and not self.slides
-
-    @property
-    def slides(self) -> bool:
-        """Whether a layer of this stage has a sliding window (the fused kernels attend to every key: such a
-        stage runs the torch path)."""
-        return any(layer.self_attn.window is not None for layer in self.layers)
+        return projection and self.dtype in FUSED_MODES and not a.qk_norm and a.hidden_act == "silu"
 
     @property
     def decode_group(self) -> int:

@@ -159,7 +159,7 @@ class MoEDecoderLayer(DecoderLayer):
                 qkv[:, lo * hd : hi * hd] = kernels.norm_rows(heads, weight, w.eps, mode).reshape(T, (hi - lo) * hd)
         out = np.empty((T, H * hd), np.float32)
         _attend(qkv, batch.cos, batch.sin, H, KV, hd, k_cache, v_cache, batch.write_slots, batch.tables,
-                batch.lengths, batch.block_size, np.float32(hd ** -0.5), out, mode)
+                batch.lengths, batch.block_size, np.float32(hd ** -0.5), out, mode, attn.window or 0)
         _residual_norm(x, _project(attn.o_proj.weight, out, batch), w.ln2, w.eps, normed, mode)
         mlp = _experts_rows(self.mlp, normed, batch) if isinstance(self.mlp, SparseMoE) else _mlp_rows(self.mlp, normed, batch)
         _add_rows(x, mlp, mode)
@@ -207,4 +207,4 @@ class MoEStageModel(StageModel):
     def fused(self) -> bool:
         """On CPU with ``kernels.Projection`` weights and bf16/float32 activations (see the module's doc)."""
         projection = not isinstance(self.layers[0].self_attn.o_proj.weight, torch.Tensor)
-        return projection and self.dtype in FUSED_MODES and self.args.hidden_act == "silu" and not self.slides
+        return projection and self.dtype in FUSED_MODES and self.args.hidden_act == "silu"
