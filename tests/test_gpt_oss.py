@@ -7,6 +7,7 @@ template renders."""
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -335,12 +336,33 @@ def test_window_config_errors():
 
 # --- the chat template ---------------------------------------------------------------------------------------
 
-HARMONY = (  # the shape of gpt-oss's harmony template (the released one is longer; same tags)
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}<|start|>system<|message|>{{ message['content'] }}<|end|>"
-    "{%- elif message['role'] == 'user' -%}<|start|>user<|message|>{{ message['content'] }}<|end|>"
-    "{%- else -%}<|start|>assistant<|channel|>final<|message|>{{ message['content'] }}<|return|>{%- endif -%}"
-    "{%- endfor -%}{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}")
+# The shape of gpt-oss's harmony template (the released one is longer): a system turn built with transformers'
+# ``strftime_now``, the first system message moved to a developer turn, ``namespace`` state across the loop,
+# ``raise_exception`` on bad input, assistant turns on the final channel, the assistant's turn opened.
+HARMONY = """
+{%- macro system_turn() -%}
+<|start|>system<|message|>Knowledge cutoff: 2024-06
+Current date: {{ strftime_now("%Y-%m-%d") }}
+
+Reasoning: {{ reasoning_effort | default("medium") }}<|end|>
+{%- endmacro -%}
+{{- system_turn() -}}
+{%- if messages[0].role in ("system", "developer") -%}
+<|start|>developer<|message|># Instructions
+
+{{ messages[0].content }}<|end|>
+{%- set turns = messages[1:] -%}
+{%- else -%}{%- set turns = messages -%}{%- endif -%}
+{%- set state = namespace(users=0) -%}
+{%- for message in turns -%}
+{%- if message.role == "user" -%}{%- set state.users = state.users + 1 -%}
+<|start|>user<|message|>{{ message.content }}<|end|>
+{%- elif message.role == "assistant" -%}
+<|start|>assistant<|channel|>final<|message|>{{ message.content }}<|end|>
+{%- else -%}{{- raise_exception("unexpected role " + message.role) -}}{%- endif -%}
+{%- endfor -%}
+{%- if state.users == 0 -%}{{- raise_exception("no user message") -}}{%- endif -%}
+{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}"""
 
 
 def test_a_gpt_oss_folders_chat_template_renders(tmp_path):
@@ -353,7 +375,12 @@ def test_a_gpt_oss_folders_chat_template_renders(tmp_path):
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", chat_template=HARMONY)
     tok.save_pretrained(tmp_path)
-    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
     text = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(conversation, add_generation_prompt=True,
                                                                        tokenize=False)
-    assert text == "<|start|>system<|message|>Be brief.<|end|><|start|>user<|message|>Hi<|end|><|start|>assistant"
+    assert text == ("<|start|>system<|message|>Knowledge cutoff: 2024-06\nCurrent date: "
+                    f"{datetime.date.today():%Y-%m-%d}\n\nReasoning: medium<|end|>"
+                    "<|start|>developer<|message|># Instructions\n\nBe brief.<|end|>"
+                    "<|start|>user<|message|>Hi<|end|><|start|>assistant<|channel|>final<|message|>Hello.<|end|>"
+                    "<|start|>user<|message|>Bye<|end|><|start|>assistant")
