@@ -384,3 +384,33 @@ def test_a_gpt_oss_folders_chat_template_renders(tmp_path):
                     "<|start|>developer<|message|># Instructions\n\nBe brief.<|end|>"
                     "<|start|>user<|message|>Hi<|end|><|start|>assistant<|channel|>final<|message|>Hello.<|end|>"
                     "<|start|>user<|message|>Bye<|end|><|start|>assistant")
+
+
+# --- CUDA (skipped without a GPU) ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False")
+def test_mxfp4_experts_on_cuda_stay_mxfp4_and_equal_the_cpu_stage(folders):
+    """On a GPU the MXFP4 experts are held as stored (blocks and scales on the device), decoded a tile at a time;
+    float32 logits (TF32 off) equal the CPU stage's."""
+    gpu = torch.device("cuda")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        config = json.loads((folders["mxfp4"] / "config.json").read_text())
+        stage = load_stage_model(folders["mxfp4"], config, 0, 4, torch.float32, gpu)
+        weight = stage.layers[1].mlp.experts[0].down_proj.weight
+        assert isinstance(weight, MXFP4Matrix) and weight.blocks.device.type == "cuda"
+        pool = KVPool(4, stage.args.kv_heads, stage.args.dim_head, 8, 4, torch.float32, gpu)
+        table, out = [5, 2, 7, 0, 3, 1], []
+        with torch.inference_mode():
+            rows = Rows.build([(table, 0, 16, True)], 4, gpu)
+            rows.sample_rows = torch.arange(16, device=gpu)
+            out.append(stage(IDS[:16].to(gpu), rows, pool))
+            for p in range(16, 24):
+                out.append(stage(IDS[p : p + 1].to(gpu), Rows.build([(table, p, 1, True)], 4, gpu), pool))
+        got = torch.cat(out).cpu()
+        want = logits([load(folders["mxfp4"], 0, 4)], IDS, 16)
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
