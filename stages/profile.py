@@ -52,10 +52,13 @@ def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelP
 def _held_bytes(path: Path, dtype: torch.dtype, quantize: str | None) -> dict[str, int]:
     """HF tensor name -> bytes a stage holds for it (at most)."""
     held, size = {}, torch.empty((), dtype=dtype).element_size()
-    for name, (shape, stored, is_float, qtype) in _tensors(Path(path)).items():
+    tensors = _tensors(Path(path))
+    for name, (shape, stored, is_float, qtype) in tensors.items():
         numel = math.prod(shape)
         if qtype is None and stored is not None and not is_float:
             held[name] = stored  # raw bytes kept as stored (MXFP4 blocks and scales)
+        elif name.endswith("bias") and _in_blocks(tensors.get(_weight_of(name)), quantize):
+            held[name] = numel * 4  # the bias of a matrix held as GGUF blocks: float32 (``quant.QuantMatrix``)
         elif len(shape) not in (2, 3) or name.endswith("bias"):
             held[name] = numel * size  # a vector (or stacked vectors: experts' biases), in the serving dtype
         elif quantize is not None and is_float:
@@ -70,6 +73,19 @@ def _held_bytes(path: Path, dtype: torch.dtype, quantize: str | None) -> dict[st
         else:
             held[name] = int4pack.most_bytes(qtype, shape, dtype, stored)
     return held
+
+
+def _weight_of(bias: str) -> str:
+    """The matrix a bias belongs to: ``x.bias`` -> ``x.weight``; fused experts' ``x_bias`` -> ``x``."""
+    return bias[: -len(".bias")] + ".weight" if bias.endswith(".bias") else bias[: -len("_bias")]
+
+
+def _in_blocks(weight: "Tensor | None", quantize: str | None) -> bool:
+    """Whether a stage holds this weight as GGUF blocks: a GGUF-quantized one, or a float matrix with --quantize."""
+    if weight is None:
+        return False
+    shape, _, is_float, qtype = weight
+    return (qtype is not None and not is_float) or (quantize is not None and is_float and len(shape) in (2, 3))
 
 
 def _matrices(shape: tuple[int, ...]) -> tuple[int, tuple[int, int]]:

@@ -83,9 +83,9 @@ def folders(tmp_path_factory):
     return {name: root / name for name in ("float", "mxfp4", "dequantized")}
 
 
-def load(path: Path, start: int, end: int, dtype=torch.float32, config: dict | None = None):
+def load(path: Path, start: int, end: int, dtype=torch.float32, config: dict | None = None, quantize=None):
     config = config or json.loads((path / "config.json").read_text())
-    return load_stage_model(path, config, start, end, dtype, CPU)
+    return load_stage_model(path, config, start, end, dtype, CPU, quantize)
 
 
 def logits(served, ids: torch.Tensor, prompt: int) -> torch.Tensor:
@@ -202,16 +202,19 @@ def test_mxfp4_matrix_product_and_errors():
         MXFP4Matrix(m.blocks[:, :, :8], m.scales)
 
 
+@pytest.mark.parametrize("quantize", [None, "q8_0"])
 @pytest.mark.parametrize("name", ["float", "mxfp4"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_stage_holds_what_its_profile_says(folders, name, dtype):
+def test_a_stage_holds_what_its_profile_says(folders, name, dtype, quantize):
+    """Per-layer bytes as held: fused float experts as E matrices (quantized one expert at a time with
+    --quantize), MXFP4 blocks and scales as stored (--quantize leaves them), biases and sinks as vectors."""
     from parallax.stages.profile import model_profile
 
-    profile = model_profile(folders[name], dtype)
+    profile = model_profile(folders[name], dtype, quantize=quantize)
     for a, b in SPLITS[2] + [(0, 4)]:
-        stage = load(folders[name], a, b, getattr(torch, dtype))
+        stage = load(folders[name], a, b, getattr(torch, dtype), quantize=quantize)
         assert stage.weight_bytes == profile.range_bytes(a, b)
-    if name == "mxfp4":  # experts at 17 bytes per 32 weights, not as floats
+    if name == "mxfp4" and quantize is None:  # experts at 17 bytes per 32 weights, not as floats
         assert profile.layer_bytes < model_profile(folders["float"], dtype).layer_bytes / 2
 
 
