@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -36,7 +37,7 @@ def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelP
     config = read_config(path)
     args = architecture(config).ModelArgs.from_dict(config)
     size = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    held = _held_bytes(path, DTYPES[dtype], quantize)
+    held = _held_bytes(path, DTYPES[dtype], quantize, args.keeps_float32)
     layers = [0] * args.num_hidden_layers
     for name, n in held.items():
         index = int(name.split(".", 3)[2]) if name.startswith("model.layers.") else -1
@@ -44,17 +45,21 @@ def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelP
             layers[index] += n
     embed = held.get("model.embed_tokens.weight", 0)
     head = held.get("lm_head.weight", embed) + held.get("model.norm.weight", 0)
+    kv_heads, k_dim, v_dim = args.kv_dims
     return ModelProfile(num_layers=args.num_hidden_layers, layer_bytes=max(layers), first_bytes=embed,
-                        last_bytes=head, kv_bytes_per_token=2 * args.kv_heads * args.dim_head * size,
+                        last_bytes=head, kv_bytes_per_token=kv_heads * (k_dim + v_dim) * size,
                         layer_bytes_list=tuple(layers))
 
 
-def _held_bytes(path: Path, dtype: torch.dtype, quantize: str | None) -> dict[str, int]:
+def _held_bytes(path: Path, dtype: torch.dtype, quantize: str | None,
+                keeps_float32: Callable[[str], bool]) -> dict[str, int]:
     """HF tensor name -> bytes a stage holds for it (at most)."""
     held, size = {}, torch.empty((), dtype=dtype).element_size()
     for name, (shape, stored, is_float, qtype) in _tensors(Path(path)).items():
         numel = math.prod(shape)
-        if len(shape) != 2:
+        if keeps_float32(name):
+            held[name] = numel * 4
+        elif len(shape) != 2:
             held[name] = numel * size  # converted to the serving dtype
         elif quantize is not None and is_float:
             block, block_bytes = gguf.GGML_QUANT_SIZES[QUANTIZE[quantize]]

@@ -90,7 +90,11 @@ class SparseMoE(nn.Module):
         return top, index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # the torch path: [T, D] -> [T, D] in x's dtype
-        weights, index = self.route(self.gate(x))
+        return self.routed(x, *self.route(self.gate(x)))
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The experts' weighted sum: x [T, D], weights [T, k], index [T, k] -> [T, D] in x's dtype; each
+        expert once over the rows routed to it, accumulated in ascending expert order."""
         weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
         for e, rows, slots in by_expert(index, len(self.experts)):
