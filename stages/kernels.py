@@ -194,6 +194,8 @@ def projections(model: torch.nn.Module) -> list[Projection]:
                 found.setdefault(id(value), value)
             elif isinstance(value, LayerWeights):
                 for p in (value.qkv, value.o, value.gate_up, value.down):
+                    if p is None:
+                        continue
                     found.setdefault(id(p), p)
             elif isinstance(value, torch.nn.Module):
                 todo.extend(value.modules())
@@ -391,8 +393,8 @@ class LayerWeights:
     qkv: Projection  # [(H + 2KV) * hd, D]
     o: Projection  # [D, H * hd]
     ln2: np.ndarray  # [D]
-    gate_up: Projection  # [2I, D]
-    down: Projection  # [D, I]
+    gate_up: Projection | None  # [2I, D]; None: the layer's MLP is not one gated MLP (mixture of experts)
+    down: Projection | None  # [D, I]
     eps: float
 
 
@@ -424,6 +426,16 @@ def fused_layer(h: np.ndarray, w: LayerWeights, batch: RowBatch, heads: int, kv_
                 k_cache: np.ndarray, v_cache: np.ndarray, window: int = 0) -> None:
     """h: [T, D] float32 (bf16 values for BF16), updated in place; k_cache, v_cache: [slots, KV, hd] of the
     batch's mode: bf16 bits (uint16) or float32; ``window``: a sliding layer's (0: none)."""
+    normed = attention_rows(h, w, batch, heads, kv_heads, head_dim, k_cache, v_cache, window=window)
+    add_rows(h, mlp_rows(w.gate_up, w.down, normed, batch), batch.mode)
+
+
+def attention_rows(h: np.ndarray, w: LayerWeights, batch: RowBatch, heads: int, kv_heads: int, head_dim: int,
+                   k_cache: np.ndarray, v_cache: np.ndarray, qk_norm: tuple[np.ndarray, np.ndarray] | None = None,
+                   window: int = 0) -> np.ndarray:
+    """A layer's first half: h += o(attention(qkv(RMSNorm(h)))) in place; returns RMSNorm(h) with ``w.ln2``
+    (the MLP's input, [T, D]). ``qk_norm``: RMSNorm weights [hd] of each query head and each key head (Qwen3);
+    ``window``: a sliding layer's (each row attends to its last ``window`` keys; 0: to all)."""
     mode = batch.mode
     if k_cache.dtype != mode.dtype or v_cache.dtype != mode.dtype:
         raise ValueError(f"a {mode.dtype} fused step needs a {mode.dtype} KV cache; got {k_cache.dtype}, {v_cache.dtype}")
@@ -431,16 +443,43 @@ def fused_layer(h: np.ndarray, w: LayerWeights, batch: RowBatch, heads: int, kv_
     follow_torch_threads()
     normed = np.empty_like(h)
     _norm_rows(h, w.ln1, w.eps, normed, mode)
-    qkv = _project(w.qkv, normed, batch)
+    qkv = _project(w.qkv, normed, batch)  # [T, (H + 2KV) * hd]
+    if qk_norm is not None:
+        for (lo, hi), weight in zip(((0, heads), (heads, heads + kv_heads)), qk_norm):
+            part = np.ascontiguousarray(qkv[:, lo * head_dim : hi * head_dim]).reshape(T * (hi - lo), head_dim)
+            qkv[:, lo * head_dim : hi * head_dim] = norm_rows(part, weight, w.eps, mode).reshape(T, (hi - lo) * head_dim)
     attn = np.empty((T, heads * head_dim), np.float32)
     _attend(qkv, batch.cos, batch.sin, heads, kv_heads, head_dim, k_cache, v_cache, batch.write_slots, batch.tables,
             batch.lengths, batch.block_size, np.float32(head_dim ** -0.5), attn, mode, window)
     _residual_norm(h, _project(w.o, attn, batch), w.ln2, w.eps, normed, mode)
-    gu = _project(w.gate_up, normed, batch)
-    inter = w.down.shape[1]
-    m = np.empty((T, inter), np.float32)
-    _silu_mul(gu, inter, m, mode)
-    _add_rows(h, _project(w.down, m, batch), mode)
+    return normed
+
+
+def mlp_rows(gate_up: Projection, down: Projection, x: np.ndarray, batch: RowBatch) -> np.ndarray:
+    """A gated SiLU MLP over rows: x [n, D] float32 -> [n, D] (rounded to bf16 for BF16)."""
+    gu = _project(gate_up, x, batch)  # [n, 2I]
+    inter = down.shape[1]
+    m = np.empty((x.shape[0], inter), np.float32)
+    _silu_mul(gu, inter, m, batch.mode)
+    return _project(down, m, batch)
+
+
+def project_rows(p: Projection, x: np.ndarray, batch: RowBatch) -> np.ndarray:
+    """x [T, I] float32 -> [T, O] float32 by the batch's row kind, rounded to bf16 for BF16."""
+    return _project(p, x, batch)
+
+
+def add_rows(h: np.ndarray, add: np.ndarray, mode: np.uint16 | np.float32) -> None:
+    """h = h + add in place, rounded to bf16 for BF16."""
+    _add_rows(h, add, mode)
+
+
+def keep_rows(a: np.ndarray, mode: np.uint16 | np.float32) -> np.ndarray:
+    """``a`` [n, ...] at the precision of ``mode``: rounded to bf16 (in place) for BF16, as is for F32."""
+    a = np.ascontiguousarray(a, np.float32)
+    if mode.dtype == BF16.dtype:
+        _round_rows(a.reshape(a.shape[0], -1))
+    return a
 
 
 def _project(p: Projection, x: np.ndarray, batch: RowBatch) -> np.ndarray:

@@ -15,12 +15,15 @@ import torch
 
 
 class KVPool:
+    """``v_head_dim`` (default ``head_dim``) may differ from the keys' width; 0 for a model whose cache holds
+    one tensor per position (DeepSeek's MLA latent, in ``k``)."""
+
     def __init__(self, layers: int, kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, v_head_dim: int | None = None):
         shape = (layers, num_blocks * block_size, kv_heads, head_dim)
         # zeros, not empty: padded reads in batched decode must never see NaN/inf garbage
         self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape[:3] + (head_dim if v_head_dim is None else v_head_dim,), dtype=dtype, device=device)
         self.block_size, self.device = block_size, device
         self._bits: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -34,8 +37,10 @@ class KVPool:
         return self._bits
 
     @staticmethod
-    def bytes_per_block(layers: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
-        return 2 * layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_block(layers: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                        v_head_dim: int | None = None) -> int:
+        widths = head_dim + (head_dim if v_head_dim is None else v_head_dim)
+        return layers * block_size * kv_heads * widths * torch.empty((), dtype=dtype).element_size()
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer].index_copy_(0, slots, k)  # slots: [T]; k, v: [T, KV, hd]
@@ -49,8 +54,9 @@ class KVPool:
         """tables: [B, nb] block ids -> keys, values [B, nb * block_size, KV, hd]. Whole blocks are
         copied (index_select over blocks is ~4x faster than gathering single slots)."""
         B, n = tables.shape
-        k = self.k[layer].view(-1, self.block_size, *self.k.shape[2:])  # [blocks, bs, KV, hd]
-        v = self.v[layer].view(-1, self.block_size, *self.v.shape[2:])
+        blocks = self.k.shape[1] // self.block_size
+        k = self.k[layer].view(blocks, self.block_size, *self.k.shape[2:])  # [blocks, bs, KV, hd]
+        v = self.v[layer].view(blocks, self.block_size, *self.v.shape[2:])
         flat = tables.reshape(-1)
         return (k.index_select(0, flat).view(B, n * self.block_size, *k.shape[2:]),
                 v.index_select(0, flat).view(B, n * self.block_size, *v.shape[2:]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -36,7 +37,7 @@ def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelP
     config = read_config(path)
     args = architecture(config).ModelArgs.from_dict(config)
     size = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    held = _held_bytes(path, DTYPES[dtype], quantize)
+    held = _held_bytes(path, DTYPES[dtype], quantize, args.keeps_float32)
     layers = [0] * args.num_hidden_layers
     for name, n in held.items():
         index = int(name.split(".", 3)[2]) if name.startswith("model.layers.") else -1
@@ -44,18 +45,22 @@ def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelP
             layers[index] += n
     embed = held.get("model.embed_tokens.weight", 0)
     head = held.get("lm_head.weight", embed) + held.get("model.norm.weight", 0)
+    kv_heads, k_dim, v_dim = args.kv_dims
     return ModelProfile(num_layers=args.num_hidden_layers, layer_bytes=max(layers), first_bytes=embed,
-                        last_bytes=head, kv_bytes_per_token=2 * args.kv_heads * args.dim_head * size,
+                        last_bytes=head, kv_bytes_per_token=kv_heads * (k_dim + v_dim) * size,
                         layer_bytes_list=tuple(layers))
 
 
-def _held_bytes(path: Path, dtype: torch.dtype, quantize: str | None) -> dict[str, int]:
+def _held_bytes(path: Path, dtype: torch.dtype, quantize: str | None,
+                keeps_float32: Callable[[str], bool]) -> dict[str, int]:
     """HF tensor name -> bytes a stage holds for it (at most)."""
     held, size = {}, torch.empty((), dtype=dtype).element_size()
     tensors = _tensors(Path(path))
     for name, (shape, stored, is_float, qtype) in tensors.items():
         numel = math.prod(shape)
-        if qtype is None and stored is not None and not is_float:
+        if keeps_float32(name):
+            held[name] = numel * 4
+        elif qtype is None and stored is not None and not is_float:
             held[name] = stored  # raw bytes kept as stored (MXFP4 blocks and scales)
         elif name.endswith("bias") and _in_blocks(tensors.get(_weight_of(name)), quantize):
             held[name] = numel * 4  # the bias of a matrix held as GGUF blocks: float32 (``quant.QuantMatrix``)

@@ -37,8 +37,8 @@ class TorchBackend:
     def __init__(self, model: torch.nn.Module, spec: StageSpec):
         self.model, self.spec = model, spec
         self.device, self.dtype = torch.device(spec.device), DTYPES[spec.dtype]
-        args = model.args
-        self._kv_shape = (len(model.layers), args.kv_heads, args.dim_head)
+        kv_heads, k_dim, self._v_dim = model.args.kv_dims
+        self._kv_shape = (len(model.layers), kv_heads, k_dim)
         self.kv: KVPool | None = None
         self.sampler = Sampler()
         self.kernels: dict[str, str] = model.kernel_picks  # chosen by the kernel tuning at load
@@ -57,10 +57,10 @@ class TorchBackend:
         return cls(model, spec)
 
     def kv_block_bytes(self, block_size: int) -> int:
-        return KVPool.bytes_per_block(*self._kv_shape, block_size, self.dtype)
+        return KVPool.bytes_per_block(*self._kv_shape, block_size, self.dtype, self._v_dim)
 
     def init_kv(self, num_blocks: int, block_size: int) -> None:
-        self.kv = KVPool(*self._kv_shape, num_blocks, block_size, self.dtype, self.device)
+        self.kv = KVPool(*self._kv_shape, num_blocks, block_size, self.dtype, self.device, self._v_dim)
 
     def run(self, items: list[StepItem]) -> StepOutput:
         groups = self._groups(items)
@@ -133,7 +133,7 @@ def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: torc
     fmt = WeightFormat(dtype, device, quantize_type(quantize, weights, device))
     with torch.device("meta"):
         model = arch.StageModel(args, start, end)
-    model.load(_read_tensors(model.source(weights), model, args.tie_word_embeddings, fmt), dtype)
+    model.load(_read_tensors(model.source(weights), model, args, fmt), dtype)
     model.inv_freq, model.attention_scaling = _rope(path, args.dim_head, device)
     model.fuse()
     if model.fused:
@@ -252,19 +252,26 @@ def open_weights(path: Path) -> TensorSource:
     return GGUFSource(Path(file), GGUFWeights.open(file))
 
 
-def _read_tensors(weights: TensorSource, model, tied: bool, fmt: WeightFormat) -> dict:
-    """Our name -> tensor or QuantMatrix, converted by ``fmt``; a tied head gets the embedding's own
-    object when the stage holds both, else the embedding's tensor read for it (one object either way)."""
+def _read_tensors(weights: TensorSource, model, args, fmt: WeightFormat) -> dict:
+    """Our name -> tensor or QuantMatrix, converted by ``fmt`` (dense float32 where ``args.keeps_float32``);
+    a tied head gets the embedding's own object when the stage holds both, else the embedding's tensor read
+    for it (one object either way)."""
     have = weights.names()
     wanted = model.tensor_names()
-    if tied and "lm_head.weight" in wanted and "lm_head.weight" not in have:
+    if args.tie_word_embeddings and "lm_head.weight" in wanted and "lm_head.weight" not in have:
         wanted["lm_head.weight"] = "model.embed_tokens.weight"
     missing = sorted(src for src in wanted.values() if src not in have)
     if missing:
         raise UnsupportedModel(f"checkpoint lacks tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     by_source: dict[str, object] = {}
     for name, src in wanted.items():
-        if src not in by_source:
+        if src in by_source:
+            continue
+        if args.keeps_float32(src):
+            t = weights.get(src, torch.float32)
+            dense = t.dequantize_rows(0, t.shape[0]) if isinstance(t, QuantMatrix) else t
+            by_source[src] = dense.to(fmt.device, torch.float32)
+        else:
             t = weights.get(src, fmt.dtype)
             matrix = isinstance(t, (QuantMatrix, MXFP4Matrix)) or t.dim() == 2
             by_source[src] = fmt.matrix(src, t) if matrix else fmt.vector(t)

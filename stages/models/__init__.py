@@ -9,7 +9,7 @@ from types import ModuleType
 from parallax.broker.errors import UnsupportedModel, UsageError
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe",
-                 "mixtral": "mixtral", "gpt_oss": "gpt_oss"}
+                 "mixtral": "mixtral", "deepseek_v3": "deepseek_v3", "gpt_oss": "gpt_oss"}
 QUANTIZE_TYPES = ("q8_0", "q4_0")  # --quantize: what a dense checkpoint's matrices can become at load
 SLIDING, FULL = "sliding_attention", "full_attention"  # the attention kinds of ``layer_types`` served
 

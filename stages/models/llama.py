@@ -89,7 +89,17 @@ class ModelArgs:
 
     @property
     def dim_head(self) -> int:
+        """A head's width, and the width RoPE rotates."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_dims(self) -> tuple[int, int, int]:
+        """What the KV cache holds per position and layer: (heads, key width, value width)."""
+        return self.kv_heads, self.dim_head, self.dim_head
+
+    def keeps_float32(self, hf_name: str) -> bool:
+        """Whether the checkpoint tensor ``hf_name`` is held in float32 whatever the serving dtype."""
+        return False
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,6 @@ from torch import nn
 from parallax.broker.errors import UnsupportedModel
 
 from .. import kernels
-from ..kernels import BF16, _add_rows, _attend, _project, _residual_norm, _round_rows, _silu_mul
-from ..tuning import follow_torch_threads
 from .llama import FUSED_MODES, MLP, DecoderLayer, Linear, ModelArgs, StageModel, _f32
 
 
@@ -93,7 +91,11 @@ class SparseMoE(nn.Module):
         return top, index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # the torch path: [T, D] -> [T, D] in x's dtype
-        weights, index = self.route(self.gate(x))
+        return self.routed(x, *self.route(self.gate(x)))
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The experts' weighted sum: x [T, D], weights [T, k], index [T, k] -> [T, D] in x's dtype; each
+        expert once over the rows routed to it, accumulated in ascending expert order."""
         weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
         for e, rows, slots in by_expert(index, len(self.experts)):
@@ -148,51 +150,31 @@ class MoEDecoderLayer(DecoderLayer):
     def run_fused(self, x: np.ndarray, batch: kernels.RowBatch, k_cache: np.ndarray, v_cache: np.ndarray) -> None:
         """x: [T, D] float32 (bf16 values for BF16), updated in place: attention as ``kernels.fused_layer``
         runs it (with qk_norm), then the dense MLP or the routed experts."""
-        mode, w, attn = batch.mode, self.norms(), self.self_attn
-        H, KV, hd, T = attn.heads, attn.kv_heads, attn.hd, x.shape[0]
-        follow_torch_threads()
-        normed = kernels.norm_rows(x, w.ln1, w.eps, mode)
-        qkv = _project(attn.qkv_proj.weight, normed, batch)  # [T, (H + 2KV) * hd]
-        if w.q is not None:
-            for lo, hi, weight in ((0, H, w.q), (H, H + KV, w.k)):  # RMSNorm of each query head, each key head
-                heads = np.ascontiguousarray(qkv[:, lo * hd : hi * hd]).reshape(T * (hi - lo), hd)
-                qkv[:, lo * hd : hi * hd] = kernels.norm_rows(heads, weight, w.eps, mode).reshape(T, (hi - lo) * hd)
-        out = np.empty((T, H * hd), np.float32)
-        _attend(qkv, batch.cos, batch.sin, H, KV, hd, k_cache, v_cache, batch.write_slots, batch.tables,
-                batch.lengths, batch.block_size, np.float32(hd ** -0.5), out, mode, attn.window or 0)
-        _residual_norm(x, _project(attn.o_proj.weight, out, batch), w.ln2, w.eps, normed, mode)
+        w, attn = self.norms(), self.self_attn
+        weights = kernels.LayerWeights(w.ln1, attn.qkv_proj.weight, attn.o_proj.weight, w.ln2, None, None, w.eps)
+        qk = (w.q, w.k) if w.q is not None else None
+        normed = kernels.attention_rows(x, weights, batch, attn.heads, attn.kv_heads, attn.hd, k_cache, v_cache, qk,
+                                        attn.window or 0)
         mlp = _experts_rows(self.mlp, normed, batch) if isinstance(self.mlp, SparseMoE) else _mlp_rows(self.mlp, normed, batch)
-        _add_rows(x, mlp, mode)
+        kernels.add_rows(x, mlp, batch.mode)
 
 
 def _mlp_rows(mlp: MLP, x: np.ndarray, batch: kernels.RowBatch) -> np.ndarray:
     """A gated MLP over rows x [n, D] float32 -> [n, D] (rounded to bf16 for BF16), as ``kernels.fused_layer``."""
-    gu = _project(mlp.gate_up_proj.weight, x, batch)  # [n, 2I]
-    width = mlp.down_proj.weight.shape[1]
-    m = np.empty((x.shape[0], width), np.float32)
-    _silu_mul(gu, width, m, batch.mode)
-    return _project(mlp.down_proj.weight, m, batch)
+    return kernels.mlp_rows(mlp.gate_up_proj.weight, mlp.down_proj.weight, x, batch)
 
 
 def _experts_rows(moe: SparseMoE, x: np.ndarray, batch: kernels.RowBatch) -> np.ndarray:
     """The routed experts over rows x [T, D] float32 -> [T, D]: each expert once over its rows, every
     product and sum rounded as the torch path rounds them in bf16 (weights in bf16, bf16 accumulation)."""
-    weights, index = moe.route(torch.from_numpy(_project(moe.gate.weight, x, batch)))  # [T, k] each
-    weights = _keep(weights.numpy(), batch.mode)
+    weights, index = moe.route(torch.from_numpy(kernels.project_rows(moe.gate.weight, x, batch)))  # [T, k] each
+    weights = kernels.keep_rows(weights.numpy(), batch.mode)
     out = np.zeros_like(x)
     for e, rows, slots in by_expert(index, len(moe.experts)):
         rows_np = rows.numpy()
         y = _mlp_rows(moe.experts[e], x[rows_np], batch) * weights[rows_np, slots.numpy(), None]  # [n, D]
-        out[rows_np] = _keep(out[rows_np] + _keep(y, batch.mode), batch.mode)
+        out[rows_np] = kernels.keep_rows(out[rows_np] + kernels.keep_rows(y, batch.mode), batch.mode)
     return out
-
-
-def _keep(a: np.ndarray, mode: np.uint16 | np.float32) -> np.ndarray:
-    """``a`` at the precision of ``mode``: rounded to bf16 (in place) for BF16, as is for F32."""
-    a = np.ascontiguousarray(a, np.float32)
-    if mode.dtype == BF16.dtype:
-        _round_rows(a.reshape(a.shape[0], -1))
-    return a
 
 
 class MoEStageModel(StageModel):
