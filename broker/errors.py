@@ -71,6 +71,19 @@ class StageFailed(ParallaxError):
     """A stage reported an error for a request, or vanished while serving it."""
 
 
+class HopLost(StageFailed):
+    """A stage on a request's route died, left its range or went silent: the gateway resumes the
+    request on live replicas (it only reaches a client when no replica comes back in time)."""
+
+
+class RequestCancelled(ParallaxError):
+    """A running request was ended on purpose (``POST /v1/requests/{id}/abort``): its KV is released."""
+
+
+class RequestTimedOut(RequestCancelled):
+    """A request ran past its deadline (the ``timeout`` of its body or the gateway's default)."""
+
+
 class Retry(ParallaxError):
     """A stage handed a request back for a reason that resubmitting fixes (preempted, prefix miss)."""
 

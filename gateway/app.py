@@ -1,7 +1,8 @@
 """The gateway's OpenAI-compatible HTTP API, on top of a :class:`~parallax.gateway.pipeline.Pipeline`.
 
 ``create_app`` builds a FastAPI app serving ``/v1/chat/completions``, ``/v1/completions`` (both
-streaming over SSE or not), ``/v1/models`` and ``/health``. Every error leaves as OpenAI error JSON
+streaming over SSE or not), ``/v1/requests/{id}/abort``, ``/v1/models`` and ``/health``. A request
+past its deadline (``timeout`` in its body, else the gateway's default) is cancelled in the pipeline. Every error leaves as OpenAI error JSON
 (``{"error": {"message", "type", "param", "code"}}``), never as a traceback. The pipeline iterator
 of a request is always closed (``aclose()``): when it finishes, when a stop string is hit, on an
 error and when a streaming client goes away, so that the stages release the request.
@@ -9,6 +10,7 @@ error and when a streaming client goes away, so that the stages release the requ
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -30,7 +32,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
-from parallax.broker.errors import ChainUnavailable, ParallaxError, StageFailed
+from parallax.broker.errors import ChainUnavailable, ParallaxError, RequestCancelled, RequestTimedOut, StageFailed
 from parallax.broker.wire import SamplingParams, TokenOut
 
 from .detok import IncrementalDetokenizer, StopStrings
@@ -92,6 +94,10 @@ def _api_error(exc: Exception) -> APIError:
         return exc
     if isinstance(exc, ChainUnavailable):
         return APIError(503, str(exc), "ServiceUnavailableError", "chain_unavailable")
+    if isinstance(exc, RequestTimedOut):
+        return APIError(504, str(exc), "TimeoutError", "request_timeout")
+    if isinstance(exc, RequestCancelled):
+        return APIError(499, str(exc), "RequestAborted", "request_aborted")
     if isinstance(exc, StageFailed):
         return APIError(502, f"a pipeline stage failed: {exc}", "BadGatewayError", "stage_failed")
     if isinstance(exc, ParallaxError):
@@ -199,6 +205,7 @@ class _Job:
     params: SamplingParams
     stops: list[str]
     include_usage: bool
+    timeout_s: float | None  # the request's deadline, from its arrival
 
 
 @dataclass(frozen=True)
@@ -219,6 +226,7 @@ class _Generation:
         self._stops = StopStrings(job.stops)
         self._first: TokenOut | None = None
         self._closed = False
+        self._deadline: asyncio.TimerHandle | None = None
         self.completion_tokens = 0
 
     @classmethod
@@ -226,6 +234,9 @@ class _Generation:
         """Start the request and wait for its first token, so that early errors become HTTP errors."""
         tokens = cast(AsyncGenerator[TokenOut, None], pipeline.generate(job.id, job.prompt_ids, job.params))
         generation = cls(tokens, job, tokenizer)
+        if job.timeout_s is not None:
+            error = RequestTimedOut(f"request {job.id} ran past its timeout of {job.timeout_s:g} s")
+            generation._deadline = asyncio.get_running_loop().call_later(job.timeout_s, pipeline.cancel, job.id, error)
         try:
             generation._first = await anext(tokens, None)
         except BaseException:
@@ -274,6 +285,8 @@ class _Generation:
         if self._closed:
             return
         self._closed = True
+        if self._deadline is not None:
+            self._deadline.cancel()
         with anyio.CancelScope(shield=True):
             try:
                 await self._tokens.aclose()
@@ -379,10 +392,12 @@ async def _events(generation: _Generation, fmt: _Format, job: _Job) -> AsyncGene
 
 # ---------------------------------------------------------------------------------------- gateway
 class _Gateway:
-    def __init__(self, pipeline: Pipeline, tokenizer: PreTrainedTokenizerBase, model: _ModelInfo) -> None:
+    def __init__(self, pipeline: Pipeline, tokenizer: PreTrainedTokenizerBase, model: _ModelInfo,
+                 request_timeout_s: float | None) -> None:
         self._pipeline = pipeline
         self._tokenizer = tokenizer
         self._model = model
+        self._request_timeout_s = request_timeout_s
 
     # ---- endpoints
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
@@ -396,6 +411,14 @@ class _Gateway:
         prompt_ids = await run_in_threadpool(self._encode_prompt, body.prompt_value())
         job = self._job(body, prompt_ids, "cmpl", "prompt")
         return await self._serve(job, _CompletionFormat(job), body.stream)
+
+    async def abort(self, request_id: str) -> Response:
+        """End a running request (the ``id`` its response carries): every stage frees its KV now and
+        its client gets a ``request_aborted`` error (an SSE error event when streaming)."""
+        if not self._pipeline.cancel(request_id, RequestCancelled(f"request {request_id} was aborted")):
+            message = f"no running request `{request_id}` on this gateway"
+            raise APIError(404, message, "NotFoundError", "request_not_found", "request_id")
+        return JSONResponse({"id": request_id, "object": "request.abort", "aborted": True})
 
     async def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self._model.name, max_model_len=self._model.max_context)])
@@ -451,6 +474,7 @@ class _Gateway:
             params=params,
             stops=req.stop_strings(),
             include_usage=req.include_usage(),
+            timeout_s=req.timeout or self._request_timeout_s,
         )
 
     def _max_tokens(self, prompt_len: int, requested: int | None, prompt_param: str) -> int:
@@ -494,14 +518,20 @@ def create_app(
     model_name: str,
     max_context: int,
     eos_token_ids: list[int],
+    request_timeout_s: float | None = None,
 ) -> FastAPI:
-    """The OpenAI-compatible HTTP app of a gateway serving ``model_name`` through ``pipeline``."""
-    gateway = _Gateway(pipeline, tokenizer, _ModelInfo(model_name, max_context, tuple(eos_token_ids)))
+    """The OpenAI-compatible HTTP app of a gateway serving ``model_name`` through ``pipeline``;
+    ``request_timeout_s``: the deadline of a request that sends no ``timeout`` (None: none)."""
+    if request_timeout_s is not None and not request_timeout_s > 0:
+        raise ValueError(f"request_timeout_s must be positive, got {request_timeout_s}")
+    model = _ModelInfo(model_name, max_context, tuple(eos_token_ids))
+    gateway = _Gateway(pipeline, tokenizer, model, request_timeout_s)
     app = FastAPI(title="Parallax-NATS gateway")
     app.add_middleware(_CatchAll)
     _install_error_handlers(app)
     app.add_api_route("/v1/chat/completions", gateway.chat_completions, methods=["POST"], response_model=None)
     app.add_api_route("/v1/completions", gateway.completions, methods=["POST"], response_model=None)
+    app.add_api_route("/v1/requests/{request_id}/abort", gateway.abort, methods=["POST"], response_model=None)
     app.add_api_route("/v1/models", gateway.models, methods=["GET"])
     app.add_api_route("/health", gateway.health, methods=["GET"], response_model=None)
     return app

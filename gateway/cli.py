@@ -30,8 +30,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--routing", default="load", choices=["load", "round-robin"],
                    help="how each request's replicas are chosen: least expected time from the stages' load and "
                         "speed (default), or in turn")
+    p.add_argument("--request-timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="deadline of a request that sends no `timeout` of its own: past it the request is released "
+                        "and its client gets an error (default: none)")
+    p.add_argument("--chain-wait", type=_seconds, default=PipelineConfig.chain_wait_s, metavar="SECONDS",
+                   help="how long a request whose stage died (or handed it back) waits for a replica of the lost "
+                        "layers before it fails (default: %(default)g)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def build(args: argparse.Namespace):
@@ -52,10 +68,11 @@ async def serve(args: argparse.Namespace) -> None:
 
     source, facts, tokenizer, eos = await asyncio.to_thread(build, args)
     nc = await connect(args.nats, name="parallax-gateway")
-    pipeline_config = PipelineConfig(model=source.name, num_layers=facts.num_layers, routing=args.routing)
+    pipeline_config = PipelineConfig(model=source.name, num_layers=facts.num_layers, routing=args.routing,
+                                     chain_wait_s=args.chain_wait)
     pipeline = NatsPipeline(nc, pipeline_config)
     await pipeline.start()
-    app = create_app(pipeline, tokenizer, source.name, facts.max_positions, eos)
+    app = create_app(pipeline, tokenizer, source.name, facts.max_positions, eos, args.request_timeout)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower()))
     log.info("gateway for %s on http://%s:%d (NATS %s, routing %s)", source.name, args.host, args.port, args.nats, args.routing)
     try:

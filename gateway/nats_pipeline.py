@@ -1,14 +1,17 @@
 """The gateway's client of the stage chain over NATS.
 
-Each request gets a route of concrete replicas, one per hop (:func:`choose_route`: by expected time
-from the registry's load and measured speed and this gateway's own in-flight counts, or
+Each request gets a route of concrete replicas, one per hop (:func:`choose_route`: by expected
+time from the registry's load and measured speed and this gateway's own in-flight counts, or
 round-robin), pinned in its :class:`RequestMeta` and sent to the first node's own
 subject, so every hop goes to the chosen replica; tokens and errors come back on this gateway's
-subject. The gateway watches the registry (JetStream KV, keys expire ``KEY_TTL_S`` after a node's
-last heartbeat), so a stage that dies while serving a request turns
-into a :class:`StageFailed` within a few seconds instead of a hang. A request a stage hands back
-(``preempted``: KV full, or the stage moved to other layers) is resubmitted with its tokens so far,
-once a chain is complete again.
+subject. A request is resumed, with its tokens so far, on a complete chain of live replicas when
+its route breaks: a stage hands it back (``preempted``: KV full, or the stage moved to other
+layers), a stage on its route dies or leaves its range (the gateway watches the registry, JetStream
+KV, whose keys expire ``KEY_TTL_S`` after a node's last heartbeat), or no token comes for
+``stall_timeout_s``. Every try runs under its own id (``rid``, ``rid~1``, ...): late tokens of an
+abandoned try find no stream and are dropped, and the stages drop work for an id they released.
+A resumed request waits up to ``chain_wait_s`` for a replica of a lost range, then fails with
+:class:`StageFailed`. :meth:`NatsPipeline.cancel` ends a running request at once (abort, deadline).
 """
 
 from __future__ import annotations
@@ -27,14 +30,19 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from parallax import __version__
 from parallax.broker import chunks, subjects
-from parallax.broker.errors import ChainUnavailable, Retry, StageFailed, WireError
+from parallax.broker.errors import ChainUnavailable, HopLost, ParallaxError, Retry, StageFailed, WireError
 from parallax.broker.wire import RETRYABLE, ErrorMsg, Forward, ForwardItem, Release, RequestMeta, SamplingParams, TokenOut, Tokens, encode
 from parallax.broker.kv import Presence, nodes_bucket, watch_nodes
 from parallax.broker.tasks import stop_task
-from parallax.broker.registry import HEARTBEAT_INTERVAL_S, Load, NodeInfo, Registry
+from parallax.broker.registry import DEAD_NODE_NOTICED_S, HEARTBEAT_INTERVAL_S, Load, NodeInfo, Registry
 from parallax.scheduler.routing import POLICIES, RouteState, choose_route, find_chain, missing_ranges
 
 log = logging.getLogger(__name__)
+# No token for this long after a request's first one: its route is treated as lost and the request
+# resumes elsewhere (a backstop for what the registry cannot see: a stage restarted under the same
+# id, a lost message). Well above the time a dead node takes to leave the registry.
+STALL_TIMEOUT_S = 4 * DEAD_NODE_NOTICED_S
+_CANCELLED = object()  # put into a request's queue by cancel(): wakes its reader at once
 
 
 @dataclass(frozen=True)
@@ -43,18 +51,32 @@ class PipelineConfig:
     num_layers: int
     gateway_id: str = ""
     first_token_timeout_s: float = 600.0  # a long prompt on a slow CPU may take minutes
-    token_timeout_s: float = 120.0
+    stall_timeout_s: float = STALL_TIMEOUT_S  # between two tokens; then the request resumes on another route
     check_every_s: float = 0.25
-    max_retries: int = 8  # resubmissions of a preempted request
-    chain_wait_s: float = 30.0  # how long a resubmission waits for a complete chain (a stage reloading)
+    max_retries: int = 8  # resubmissions of a request (preempted, or its route broke)
+    chain_wait_s: float = 30.0  # how long a resubmission waits for a complete chain (a stage reloading or dead)
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
     routing: Literal["load", "round-robin"] = "load"  # how a request's replicas are chosen (scheduler.routing)
 
     def __post_init__(self) -> None:
-        if self.num_layers < 1 or self.first_token_timeout_s <= 0 or self.token_timeout_s <= 0:
+        if self.num_layers < 1 or self.first_token_timeout_s <= 0 or self.stall_timeout_s <= 0 or self.check_every_s <= 0:
             raise ValueError("num_layers and timeouts must be positive")
+        if self.max_retries < 0 or self.chain_wait_s < 0:
+            raise ValueError("max_retries and chain_wait_s must not be negative")
         if self.routing not in POLICIES:
             raise ValueError(f"routing must be one of {', '.join(POLICIES)}, got {self.routing!r}")
+
+
+@dataclass
+class _Request:
+    """What cancel() needs of a running request: the id of its current try, and why it was ended."""
+
+    attempt: str | None = None
+    error: ParallaxError | None = None
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 class NatsPipeline:
@@ -63,7 +85,9 @@ class NatsPipeline:
         self.gateway_id = config.gateway_id or uuid.uuid4().hex[:12]
         self.subject = subjects.gateway(self.gateway_id)
         self.registry = Registry()
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, asyncio.Queue] = {}  # by the id of a request's current try
+        self._requests: dict[str, _Request] = {}  # by the client's request id
+        self._background: set[asyncio.Task] = set()
         self._reassembler = chunks.Reassembler()
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -100,26 +124,57 @@ class NatsPipeline:
         return missing_ranges(self._ranges(), self.config.num_layers)
 
     async def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenOut]:
-        """Stream tokens; a request a stage preempted (KV full) or could not serve from its prefix
-        cache is resubmitted with the tokens so far, up to ``max_retries`` times, with what is left of
-        its max_tokens and min_tokens (:meth:`SamplingParams.rest`). The last token carries the last
-        stage's ``finish``."""
+        """Stream tokens. A request whose route breaks (a stage preempted it or could not serve it
+        from its prefix cache, a stage on its route died or went silent) is resubmitted with the
+        tokens so far, up to ``max_retries`` times, with what is left of its max_tokens and
+        min_tokens (:meth:`SamplingParams.rest`): the caller sees one unbroken stream. The last
+        token carries the last stage's ``finish``."""
+        request = _Request()
+        self._requests[rid] = request
         generated: list[int] = []
         prefix_cache = True
-        for attempt in range(self.config.max_retries + 1):
-            sub_rid = rid if attempt == 0 else f"{rid}~{attempt}"
-            try:
-                async for event in self._attempt(sub_rid, prompt_ids + generated, params.rest(len(generated)), prefix_cache):
-                    yield event.model_copy(update={"rid": rid, "index": len(generated)})
-                    generated.append(event.token)
-                return
-            except Retry as r:
-                log.info("request %s: %s; resubmitting with %d tokens so far", rid, r, len(generated))
-                prefix_cache = prefix_cache and r.code != "prefix_miss"
-                await self._wait_for_chain(self.config.chain_wait_s)
-        raise StageFailed(f"request {rid} was preempted {self.config.max_retries + 1} times; the cluster is out of KV memory")
+        try:
+            for attempt in range(self.config.max_retries + 1):
+                request.attempt = rid if attempt == 0 else f"{rid}~{attempt}"
+                try:
+                    async for event in self._attempt(request, prompt_ids + generated, params.rest(len(generated)), prefix_cache):
+                        yield event.model_copy(update={"rid": rid, "index": len(generated)})
+                        generated.append(event.token)
+                    return
+                except Retry as r:
+                    log.info("request %s: %s; resubmitting with %d tokens so far", rid, r, len(generated))
+                    prefix_cache = prefix_cache and r.code != "prefix_miss"
+                    await self._wait_for_chain(self.config.chain_wait_s, request)
+                except HopLost as lost:
+                    log.warning("request %s: %s; resuming on live replicas with %d tokens so far", rid, lost, len(generated))
+                    await self._wait_for_chain(self.config.chain_wait_s, request)
+                    if missing := self.missing():
+                        ranges = ", ".join(f"{a}:{b}" for a, b in missing)
+                        raise StageFailed(f"{lost}, and no stage served layers {ranges} again within "
+                                          f"{self.config.chain_wait_s:g} s") from None
+            raise StageFailed(f"request {rid} was interrupted {self.config.max_retries + 1} times (preempted or its stages "
+                              "died); the cluster is out of KV memory or unstable")
+        finally:
+            self._requests.pop(rid, None)
 
-    async def _attempt(self, rid: str, prompt_ids: list[int], params: SamplingParams, prefix_cache: bool) -> AsyncIterator[TokenOut]:
+    def cancel(self, rid: str, error: ParallaxError) -> bool:
+        """End the running request ``rid``: every stage releases it now and its stream raises
+        ``error`` at once. False when no request ``rid`` is running here."""
+        request = self._requests.get(rid)
+        if request is None:
+            return False
+        if request.error is None:
+            request.error = error
+            if request.attempt is not None:
+                if (queue := self._streams.get(request.attempt)) is not None:
+                    queue.put_nowait(_CANCELLED)
+                self._spawn(self._release(request.attempt))
+        return True
+
+    async def _attempt(self, request: _Request, prompt_ids: list[int], params: SamplingParams,
+                       prefix_cache: bool) -> AsyncIterator[TokenOut]:
+        request.check()
+        rid = request.attempt
         hops = choose_route(self.registry.serving(self.config.model), self.config.num_layers, self.config.routing, self.routes)
         if hops is None:
             raise ChainUnavailable(self.config.model, self.missing())
@@ -132,24 +187,36 @@ class NatsPipeline:
         try:
             await self._send(rid, prompt_ids, params, chain, prefix_cache, route)
             while not finished:
-                event = await self._next(queue, chain, route, first)
+                event = await self._next(queue, chain, route, first, request)
                 first, finished = False, event.finish is not None
                 yield event
         finally:
             self.routes.release(hops)
             self._streams.pop(rid, None)
-            if not finished and not self.nc.is_closed:
-                await self.nc.publish(subjects.release(self.config.model), encode(Release(rids=(rid,))))
+            if not finished:
+                await self._release(rid)
 
     # --- internals ---------------------------------------------------------------------------------
-    async def _wait_for_chain(self, limit_s: float) -> None:
+    async def _wait_for_chain(self, limit_s: float, request: _Request) -> None:
         """Return once a complete chain is registered, or after ``limit_s`` (the caller then fails
-        with the missing ranges)."""
+        with the missing ranges); raises the request's error when it is cancelled meanwhile."""
         deadline = time.monotonic() + limit_s
         while find_chain(self._ranges(), self.config.num_layers) is None and time.monotonic() < deadline:
+            request.check()
             self._changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(1.0, max(0.0, deadline - time.monotonic())))
+                await asyncio.wait_for(self._changed.wait(), min(self.config.check_every_s, max(0.0, deadline - time.monotonic())))
+        request.check()
+
+    async def _release(self, rid: str) -> None:
+        """Tell every stage to drop ``rid`` (a broadcast: each frees its KV at its next step)."""
+        if not self.nc.is_closed:
+            await self.nc.publish(subjects.release(self.config.model), encode(Release(rids=(rid,))))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _ranges(self) -> list[tuple[int, int]]:
         return [n.layers for n in self.registry.serving(self.config.model)]
@@ -164,29 +231,38 @@ class NatsPipeline:
         payload = encode(Forward(items=(item,), dtype="int32", shape=(len(prompt_ids),)), ids)
         await chunks.publish(self.nc, subjects.node(self.config.model, *chain[0], route[0]), payload)
 
-    async def _next(self, queue: asyncio.Queue, chain: list[tuple[int, int]], route: tuple[str, ...], first: bool) -> TokenOut:
-        limit = self.config.first_token_timeout_s if first else self.config.token_timeout_s
+    async def _next(self, queue: asyncio.Queue, chain: list[tuple[int, int]], route: tuple[str, ...], first: bool,
+                    request: _Request) -> TokenOut:
+        """The next token of the current try. Raises :class:`HopLost` when a stage of ``route`` is
+        gone or no token came for ``stall_timeout_s`` after the first one, :class:`StageFailed` when
+        the first token takes longer than ``first_token_timeout_s`` (a prompt may take minutes)."""
+        limit = self.config.first_token_timeout_s if first else self.config.stall_timeout_s
         deadline = time.monotonic() + limit
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), self.config.check_every_s)
             except asyncio.TimeoutError:
+                request.check()
                 self._check_alive(chain, route)
                 if time.monotonic() > deadline:
-                    raise StageFailed(f"no token from the pipeline within {limit:.0f} s") from None
+                    if first:
+                        raise StageFailed(f"no token from the pipeline within {limit:.0f} s") from None
+                    raise HopLost(f"no token from route {' -> '.join(route)} for {limit:g} s") from None
                 continue
+            if event is _CANCELLED:
+                request.check()
             if isinstance(event, ErrorMsg):
                 raise (Retry(event.message, event.code) if event.code in RETRYABLE else StageFailed(event.message))
             return event
 
     def _check_alive(self, chain: list[tuple[int, int]], route: tuple[str, ...]) -> None:
-        """Fail the request when a replica it is pinned to left the registry or its range."""
+        """Raise :class:`HopLost` when a replica the request is pinned to left the registry or its range."""
         nodes = {n.node_id: n for n in self.registry.serving(self.config.model)}
         for node_id, (a, b) in zip(route, chain):
             if node_id not in nodes:
-                raise StageFailed(f"stage {node_id} serving layers {a}:{b} stopped while serving the request")
+                raise HopLost(f"stage {node_id} serving layers {a}:{b} stopped while serving the request")
             if nodes[node_id].layers != (a, b):
-                raise StageFailed(f"stage {node_id} stopped serving layers {a}:{b} while serving the request")
+                raise HopLost(f"stage {node_id} stopped serving layers {a}:{b} while serving the request")
 
     async def _on_reply(self, msg: Msg) -> None:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import AsyncIterator, Protocol
 
+from parallax.broker.errors import ParallaxError
 from parallax.broker.wire import SamplingParams, TokenOut
 
 
@@ -20,8 +21,13 @@ class Pipeline(Protocol):
         """Stream the generated tokens of one request; the last one has ``finish`` set.
 
         Raises ``ChainUnavailable`` before the first token when no full chain exists and
-        ``StageFailed`` when a stage errors or vanishes (within a bounded time, never a hang).
-        Closing the iterator early (``aclose()``, e.g. a stop string or a client disconnect)
-        releases the request on every stage.
+        ``StageFailed`` when a stage errors, or vanishes and no replica takes over in time (within
+        a bounded time, never a hang). Closing the iterator early (``aclose()``, e.g. a stop string
+        or a client disconnect) releases the request on every stage.
         """
+        ...
+
+    def cancel(self, rid: str, error: ParallaxError) -> bool:
+        """End the running request ``rid`` (an abort, a deadline): every stage releases it at once
+        and its iterator raises ``error``. False when no request ``rid`` is running."""
         ...

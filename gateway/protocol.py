@@ -104,6 +104,8 @@ class GenerationRequest(_Request):
     min_tokens: MinTokens | None = None
     ignore_eos: bool | None = None
     repetition_penalty: RepetitionPenalty | None = None
+    # seconds from arrival until the request is released and ends with an error (the gateway's default when None)
+    timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])

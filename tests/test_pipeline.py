@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import replace
 
 import nats
 import orjson
@@ -180,17 +181,20 @@ async def test_malformed_messages_do_not_kill_a_stage(nats_url, tiny, references
         assert await c.generate(PROMPTS[1], max_tokens=40) == references[1]
 
 
-async def test_stage_dying_mid_request_fails_fast(nats_url, tiny):
+async def test_stage_dying_mid_request_fails_fast_without_a_replica(nats_url, tiny):
+    """The only replica of 3:6 dies: the request waits ``chain_wait_s`` for another one, then fails."""
     async with cluster(nats_url, tiny, "tiny", LAYERS, [(0, 3), (3, 6)]) as c:
+        wait_s = 1.0
+        c.pipeline.config = replace(c.pipeline.config, chain_wait_s=wait_s)
         stream = c.pipeline.generate(uuid.uuid4().hex, [1, 2, 3], SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True))
         await stream.__anext__()
         victim = next(n for n in c.stages if n.startswith("s3-6"))
         await c.kill_stage(victim)
         started = time.monotonic()
-        with pytest.raises(StageFailed, match="stopped"):
+        with pytest.raises(StageFailed, match=f"{victim} serving layers 3:6 stopped.*no stage served layers 3:6 again within 1 s"):
             async for _ in stream:
                 pass
-        assert time.monotonic() - started < DEAD_NODE_NOTICED_S  # the README's bound
+        assert time.monotonic() - started < DEAD_NODE_NOTICED_S + wait_s  # the README's bound
 
 
 async def test_abandoned_request_is_released(nats_url, tiny):
