@@ -19,6 +19,7 @@ from parallax.broker.tasks import stop_task
 from parallax.broker.registry import Assignment, NodeInfo, State, assign_key
 
 from .backend import Backend
+from .compute import ComputeThread
 from .engine import EngineConfig
 from .worker import NodeFacts, StageWorker, WorkerConfig, _close, node_info
 
@@ -29,9 +30,11 @@ LoadFn = Callable[[int, int], Backend]  # (start, end) -> a loaded backend (runs
 
 class AutoStage:
     def __init__(self, model: str, num_layers: int, device: str, dtype: str, load: LoadFn,
-                 engine_config: Callable[[Backend], EngineConfig], config: WorkerConfig, facts: NodeFacts):
+                 engine_config: Callable[[Backend], EngineConfig], config: WorkerConfig, facts: NodeFacts,
+                 compute: ComputeThread | None = None):
         self.model, self.num_layers, self.device, self.dtype = model, num_layers, device, dtype
         self.load, self.engine_config, self.config, self.facts = load, engine_config, config, facts
+        self.compute = compute or ComputeThread()  # loads, KV pools and steps of every range it serves
         self.worker: StageWorker | None = None
         self.state: State = "waiting"
         self.progress: float | None = None  # while loading: the fraction of the weights downloaded
@@ -86,7 +89,7 @@ class AutoStage:
         log.info("stage %s: loading layers %d:%d (plan %d)", self.config.node_id, *wanted, a.epoch)
         await self._set_state("loading")
         try:
-            worker = await asyncio.to_thread(self._build, *wanted)
+            worker = await self.compute.run(self._build, *wanted)
         except Exception as e:  # a bad assignment must not kill the stage: it stays as it was
             log.error("stage %s could not load layers %d:%d: %s", self.config.node_id, *wanted, e)
             await self._set_state("waiting" if self.worker is None else "serving")
@@ -102,7 +105,7 @@ class AutoStage:
             backend = self.load(start, end)
         finally:
             self.progress = None
-        return StageWorker(backend, self.config, self.engine_config(backend), self.facts)
+        return StageWorker(backend, self.config, self.engine_config(backend), self.facts, self.compute)
 
     def downloaded(self, fraction: float) -> None:
         """From the loading thread, the fraction of the weights downloaded: the next heartbeat shows

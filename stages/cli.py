@@ -11,6 +11,7 @@ import signal
 from parallax.broker.cli import run_command
 from parallax.broker.errors import UsageError
 
+from .compute import ComputeThread
 from .engine import EngineConfig
 from .models import QUANTIZE_TYPES
 from .worker import NodeFacts, StageWorker, WorkerConfig
@@ -130,8 +131,9 @@ async def serve(args: argparse.Namespace) -> None:
                            check=architecture)
     device = default_device(backend_name, args.device)
     check_quantize(source.path, args.quantize, device, backend_name)
-    facts = await asyncio.to_thread(node_facts, source.path, args.dtype, device, offered, layers is not None,
-                                    args.quantize, backend_name)
+    compute = ComputeThread()  # every torch/numba computation of this process (stages/compute.py)
+    facts = await compute.run(node_facts, source.path, args.dtype, device, offered, layers is not None,
+                              args.quantize, backend_name)
     config = worker_config(args)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -148,11 +150,11 @@ async def serve(args: argparse.Namespace) -> None:
 
         stage = AutoStage(source.name, facts.profile.num_layers, device, args.dtype,
                           lambda start, end: load(start, end, stage.downloaded), lambda b: engine_config(args, b),
-                          config, facts)
+                          config, facts, compute)
         await stage.run(stop)
         return
-    loaded = await asyncio.to_thread(load, *layers)
-    await StageWorker(loaded, config, engine_config(args, loaded), facts).run(stop)
+    loaded = await compute.run(load, *layers)
+    await (await compute.run(StageWorker, loaded, config, engine_config(args, loaded), facts, compute)).run(stop)
 
 
 def default_device(backend: str, device: str | None) -> str:

@@ -18,7 +18,6 @@ import statistics
 import time
 import uuid
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import orjson
@@ -37,6 +36,7 @@ from parallax.broker.wire import ErrorMsg, Forward, Release, encode
 from parallax.broker.registry import HEARTBEAT_INTERVAL_S, Load, ModelProfile, NodeInfo, State
 
 from .backend import Backend
+from .compute import ComputeThread
 from .engine import Engine, EngineConfig, Outgoing, Stats
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,9 @@ def node_info(node_id: str, model: str, num_layers: int, device: str, dtype: str
 
 class StageWorker:
     def __init__(self, backend: Backend, config: WorkerConfig, engine_config: EngineConfig | None = None,
-                 facts: NodeFacts = NodeFacts()):
+                 facts: NodeFacts = NodeFacts(), compute: ComputeThread | None = None):
+        """Build it in ``compute``'s thread (its engine allocates the KV pool there), or in any thread when
+        it makes its own."""
         self.backend, self.config, self.facts = backend, config, facts
         self.spec = backend.spec
         self.engine = Engine(backend, config.node_id, engine_config)
@@ -95,7 +97,8 @@ class StageWorker:
         self._step_ms: float | None = None
         self._subs: list[Subscription] = []
         self._loop_task: asyncio.Task | None = None
-        self._thread: ThreadPoolExecutor | None = None  # the one thread every step runs in
+        self.compute = compute or ComputeThread()  # the stage's one compute thread (stages/compute.py)
+        self._owns_compute = compute is None
         self.nc: NATS | None = None
 
     def describe(self, state: State = "serving") -> NodeInfo:
@@ -118,6 +121,8 @@ class StageWorker:
                 await self.detach("the stage is shutting down")
         finally:
             await _close(nc)
+            if self._owns_compute:
+                self.compute.close()
 
     async def attach(self, nc: NATS) -> None:
         """Start serving on ``nc``."""
@@ -125,7 +130,6 @@ class StageWorker:
         self.engine.fit_payload(nc.max_payload)
         await self._subscribe()
         self._stopping = False
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parallax-engine")
         self._loop_task = asyncio.create_task(self._engine_loop())
         log.info("stage %s serving layers %d:%d of %s", self.config.node_id, self.spec.start, self.spec.end, self.spec.model)
 
@@ -140,8 +144,6 @@ class StageWorker:
             self._wake.set()
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
-            self._thread.shutdown(wait=False)
-            self._thread = None
         if self.nc is not None and not self.nc.is_closed:
             await self._publish(self.engine.evacuate(f"stage {self.config.node_id} left layers "
                                                      f"{self.spec.start}:{self.spec.end}: {reason}"))
@@ -200,18 +202,15 @@ class StageWorker:
         }
 
     async def _engine_loop(self) -> None:
-        """Steps run one after another in one dedicated thread, never in the event loop's default
-        pool: the numba/OpenMP kernels keep one team of worker threads per calling thread, and a
-        step in another thread than the last one would wake a second team while the first one
-        still spins (measured: two teams burning CPU on a 2-core machine)."""
-        loop = asyncio.get_running_loop()
+        """Steps run one after another in the stage's compute thread (``stages.compute``), never in the
+        event loop's default pool: OpenMP keeps a team of worker threads per calling thread."""
         while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
             while self.engine.has_work() and not self._stopping:
                 started = time.perf_counter()
                 try:
-                    outgoing = await loop.run_in_executor(self._thread, self.engine.step)
+                    outgoing = await self.compute.run(self.engine.step)
                 except Exception:  # the engine already guards the backend; this is a last resort
                     log.exception("engine step failed")
                     continue

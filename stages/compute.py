@@ -1,0 +1,30 @@
+"""The one thread of a stage process that runs its compute: loading (kernel tuning, warm-up), the KV
+pool's allocation and every engine step.
+
+OpenMP (libgomp, under torch and numba) keeps a team of worker threads per thread that starts
+parallel regions, and when its threads outnumber the CPUs it throttles their spinning to ~100 spins,
+so every parallel region has to wake sleeping workers. A stage that loaded in one thread and stepped
+in another had two teams: one SmolLM2 Q4_1 decode step took 20-24 ms instead of 10.3 (2-core AMD EPYC,
+avx512_bf16, 2 threads). So everything torch or numba computes in a stage runs here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class ComputeThread:
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parallax-compute")
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in the compute thread, awaited from the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
