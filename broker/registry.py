@@ -21,6 +21,7 @@ HEARTBEAT_TTL_S = 3.5  # a watcher's own check, in case an expiry marker is miss
 # scheduler takes a dead leader's lock. Its last heartbeat (up to one interval before it died) + the
 # TTL + one interval of slack for a busy machine. The README and the tests state this bound.
 DEAD_NODE_NOTICED_S = KEY_TTL_S + 2 * HEARTBEAT_INTERVAL_S
+DRAIN_TIMEOUT_S = 60.0  # SIGTERM: how long a stage with no replica lets its running requests finish
 Kind = Literal["stage", "gateway", "scheduler"]
 State = Literal["waiting", "loading", "serving", "leaving"]
 

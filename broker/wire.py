@@ -141,7 +141,7 @@ class Tokens(_Strict):
     items: tuple[TokenOut, ...] = Field(min_length=1)
 
 
-ErrorCode = Literal["bad_request", "internal", "preempted", "prefix_miss", "no_memory"]
+ErrorCode = Literal["bad_request", "internal", "preempted", "prefix_miss", "no_memory", "draining"]
 RETRYABLE: frozenset[str] = frozenset({"preempted", "prefix_miss"})  # the gateway resubmits these
 
 

@@ -3,7 +3,8 @@
 Every child gets ``PR_SET_PDEATHSIG=SIGTERM`` (Linux), so it dies when the process that spawned it
 dies, even by SIGKILL. Spawn from the main thread: Linux ties the signal to the spawning *thread*.
 Children run in their own session, so a Ctrl-C in the terminal reaches only the parent, which then
-stops them in order (SIGTERM, a grace period, then SIGKILL).
+stops them in order (SIGTERM, a grace period, then SIGKILL). The grace period covers a stage's
+drain (SIGTERM: running requests finish first, up to ``DRAIN_TIMEOUT_S``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
+from parallax.broker.registry import DRAIN_TIMEOUT_S
 from parallax.broker.server import pdeathsig_preexec
 
-STOP_GRACE_S = 5.0
+STOP_GRACE_S = DRAIN_TIMEOUT_S + 10.0  # a draining stage's longest wait, then its exit
 
 
 @dataclass

@@ -10,6 +10,7 @@ import signal
 
 from parallax.broker.cli import run_command
 from parallax.broker.errors import UsageError
+from parallax.broker.registry import DRAIN_TIMEOUT_S
 
 from .compute import ComputeThread
 from .engine import EngineConfig
@@ -52,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--debug-delay-ms", type=float, default=0.0, metavar="MS",
                    help="sleep MS after every engine step: a slow node on purpose (routing tests and benchmarks)")
+    p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S, metavar="S",
+                   help="on SIGTERM/SIGINT, stop taking new requests and let running ones finish here for up to S "
+                        "seconds when no other stage serves this range (else hand them back at once); a second "
+                        "signal hands everything back and exits (default %(default)g)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -135,10 +140,10 @@ async def serve(args: argparse.Namespace) -> None:
     facts = await compute.run(node_facts, source.path, args.dtype, device, offered, layers is not None,
                               args.quantize, backend_name)
     config = worker_config(args)
-    stop = asyncio.Event()
+    drain, stop = asyncio.Event(), asyncio.Event()  # the first signal drains, a second one stops at once
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda: (stop if drain.is_set() else drain).set())
     backend = backend_class(backend_name)
 
     def load(start: int, end: int, progress=None):
@@ -151,10 +156,10 @@ async def serve(args: argparse.Namespace) -> None:
         stage = AutoStage(source.name, facts.profile.num_layers, device, args.dtype,
                           lambda start, end: load(start, end, stage.downloaded), lambda b: engine_config(args, b),
                           config, facts, compute)
-        await stage.run(stop)
+        await stage.run(drain)  # a placed stage hands its requests back at once: the scheduler re-places its range
         return
     loaded = await compute.run(load, *layers)
-    await (await compute.run(StageWorker, loaded, config, engine_config(args, loaded), facts, compute)).run(stop)
+    await (await compute.run(StageWorker, loaded, config, engine_config(args, loaded), facts, compute)).run(stop, drain=drain)
 
 
 def default_device(backend: str, device: str | None) -> str:
@@ -170,7 +175,7 @@ def default_device(backend: str, device: str | None) -> str:
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
     named = {} if args.node_id is None else {"node_id": args.node_id}
-    return WorkerConfig(nats_url=args.nats, debug_delay_ms=args.debug_delay_ms, **named)
+    return WorkerConfig(nats_url=args.nats, debug_delay_ms=args.debug_delay_ms, drain_timeout_s=args.drain_timeout, **named)
 
 
 def check_quantize(path, quantize: str | None, device: str, backend: str = "torch") -> None:

@@ -97,6 +97,7 @@ class Engine:
         self._inbox: deque[tuple[Forward | Release, memoryview]] = deque()
         self._released: OrderedDict[str, None] = OrderedDict()
         self.chunk_tokens = self.config.chunk_tokens
+        self.draining: str | None = None  # set (the reason) while the stage drains: new requests are refused
 
     # --- called from the NATS side -------------------------------------------------------------
     def submit(self, header: Forward | Release, data: memoryview = memoryview(b"")) -> None:
@@ -104,6 +105,11 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self._inbox) or any(s.inbox or s.pending for s in self.seqs.values())
+
+    @property
+    def idle(self) -> bool:
+        """No request is held, waiting or on its way in."""
+        return not self.seqs and not self.waiting and not self._inbox
 
     @property
     def queued(self) -> int:
@@ -146,6 +152,8 @@ class Engine:
                 return self._fail(item.rid, seq.reply, f"request {item.rid} already exists on this stage", out)
             seq.inbox.append(work)
             seq.touched = time.monotonic()
+        elif item.meta is not None and item.rid not in self.waiting and self.draining is not None:
+            self._fail(item.rid, item.meta.reply, self.draining, out, "draining")
         elif item.meta is not None or item.rid in self.waiting:
             self.waiting.setdefault(item.rid, []).append(work)
         else:

@@ -7,11 +7,18 @@ and to the stats request. Its :class:`NodeInfo` goes to the registry
 answered (when they carry a reply subject), never fatal. :meth:`attach`/:meth:`detach` start and
 stop serving on a connection someone else owns (a stage the scheduler moves to another range);
 :meth:`run` does it all for a stage with a fixed range.
+
+Drain (:meth:`run`'s ``drain``, SIGTERM): the stage refuses new requests at once (code ``draining``:
+the gateway fails them with the reason); when another live stage serves the same range, its running
+requests are handed back at once (they resume on that replica), otherwise they finish here, for up to
+``drain_timeout_s``, after which the rest are handed back. ``stop`` (a second signal) hands everything
+back at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import statistics
@@ -26,20 +33,22 @@ import psutil
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.kv import KeyValue
 
 from parallax import __version__
 from parallax.broker import chunks, subjects
 from parallax.broker.connection import connect
 from parallax.broker.errors import WireError
-from parallax.broker.kv import Presence, nodes_bucket
+from parallax.broker.kv import Presence, nodes_bucket, parse_node, snapshot
 from parallax.broker.wire import ErrorMsg, Forward, Release, encode
-from parallax.broker.registry import HEARTBEAT_INTERVAL_S, Load, ModelProfile, NodeInfo, State
+from parallax.broker.registry import DRAIN_TIMEOUT_S, HEARTBEAT_INTERVAL_S, Load, ModelProfile, NodeInfo, State
 
 from .backend import Backend
 from .compute import ComputeThread
 from .engine import Engine, EngineConfig, Outgoing, Stats
 
 log = logging.getLogger(__name__)
+DRAIN_POLL_S = 0.5  # while draining, how often the registry is read for a replica of this range
 
 
 @dataclass(frozen=True)
@@ -48,10 +57,13 @@ class WorkerConfig:
     node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
     debug_delay_ms: float = 0.0  # sleep after every step: a slow node on purpose, for routing tests
+    drain_timeout_s: float = DRAIN_TIMEOUT_S  # a drain lets running requests finish here for this long at most
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0:
             raise ValueError("heartbeat_s must be positive")
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must not be negative")
         if self.debug_delay_ms < 0:
             raise ValueError("debug_delay_ms must not be negative")
         subjects.token(self.node_id)
@@ -108,8 +120,10 @@ class StageWorker:
         return node_info(self.config.node_id, s.model, s.num_layers, s.device, s.dtype, self.facts, state,
                          (s.start, s.end), load, layer_ms, self.backend.kernels)
 
-    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-        """Serve until ``stop`` is set, registered in the KV registry; a clean exit deletes the key."""
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None,
+                  drain: asyncio.Event | None = None) -> None:
+        """Serve until ``stop`` is set (running requests are handed back at once) or ``drain`` is set
+        (see :meth:`drain`), registered in the KV registry; a clean exit deletes the key."""
         nc = await connect(self.config.nats_url, name=f"parallax-stage-{self.config.node_id}")
         try:
             kv = await nodes_bucket(nc)
@@ -117,12 +131,54 @@ class StageWorker:
             async with Presence(kv, self.describe, self.config.heartbeat_s):
                 if ready is not None:
                     ready.set()
-                await stop.wait()
+                await _first_set(stop, drain)
+                if drain is not None and drain.is_set() and not stop.is_set():
+                    await self.drain(kv, stop)
                 await self.detach("the stage is shutting down")
         finally:
             await _close(nc)
             if self._owns_compute:
                 self.compute.close()
+
+    async def drain(self, kv: KeyValue, hurry: asyncio.Event) -> None:
+        """Refuse new requests; return once the running ones can be handed back (another live stage
+        serves this range), have finished, ``drain_timeout_s`` is over or ``hurry`` is set. Running
+        requests keep this stage registered as serving, so their gateways keep waiting for them."""
+        s, loop = self.spec, asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout_s
+        draining = False
+        while not self.engine.idle and not hurry.is_set():
+            if (replica := await self._replica(kv)) is not None:
+                log.info("draining: stage %s also serves layers %d:%d; handing %d requests back", replica, s.start, s.end,
+                         len(self.engine.seqs))
+                return
+            if not draining:
+                self.engine.draining = (f"stage {self.config.node_id} is shutting down and takes no new requests "
+                                        f"for layers {s.start}:{s.end} (no other stage serves them)")
+                draining = True
+                log.info("draining: letting %d requests finish (at most %g s)", len(self.engine.seqs),
+                         self.config.drain_timeout_s)
+                continue  # check again: a replica may have come while no new request was refused
+            if (left := deadline - loop.time()) <= 0:
+                log.warning("drain timeout: handing %d requests back", len(self.engine.seqs))
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(hurry.wait(), min(DRAIN_POLL_S, left))
+
+    async def _replica(self, kv: KeyValue) -> str | None:
+        """Another live stage serving this stage's model and range, by node id, if any."""
+        s = self.spec
+        try:
+            values = await snapshot(kv)
+        except Exception as e:  # the registry unreachable: nobody to hand requests to
+            log.warning("draining: cannot read the registry: %s: %s", type(e).__name__, e)
+            return None
+        for value in values.values():
+            node = parse_node(value)
+            if (node is not None and node.serves and node.node_id != self.config.node_id and node.model == s.model
+                    and node.layers == (s.start, s.end)):
+                return node.node_id
+        return None
 
     async def attach(self, nc: NATS) -> None:
         """Start serving on ``nc``."""
@@ -225,6 +281,16 @@ class StageWorker:
     async def _publish(self, outgoing: Outgoing) -> None:
         for subject, payload in outgoing:
             await chunks.publish(self.nc, subject, payload)
+
+
+async def _first_set(*events: asyncio.Event | None) -> None:
+    """Wait until one of ``events`` is set."""
+    waits = [asyncio.create_task(e.wait()) for e in events if e is not None]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
 
 
 async def _close(nc: NATS) -> None:
