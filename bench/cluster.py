@@ -21,7 +21,7 @@ from parallax.broker.server import free_port
 from parallax.procs import ProcessGroup, pid_alive
 
 READY_TIMEOUT_S = 300.0
-STOP_GRACE_S = 20.0  # `parallax up` itself gives its children 5 s before SIGKILL
+STOP_GRACE_S = 20.0  # stopped when no request runs: `parallax up`'s stages exit at once (their drain waits only for running requests)
 POLL_S = 0.5
 
 
