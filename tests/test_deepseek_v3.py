@@ -17,9 +17,9 @@ from parallax.broker.errors import UnsupportedModel
 from parallax.stages.kv import KVPool, Rows
 from parallax.stages.models import architecture
 from parallax.stages.models.deepseek_v3 import DeepseekMoE, MLAttention
-from parallax.stages.torch_backend import TorchBackend, load_stage_model
+from parallax.stages.torch_backend import TorchBackend
 from tests.cluster import reference_greedy
-from tests.test_moe import assert_as_close_as_transformers_to_itself, run_stages
+from tests.test_moe import assert_as_close_as_transformers_to_itself, load, pools, run_stages
 
 CPU = torch.device("cpu")
 VOCAB = 512
@@ -67,14 +67,6 @@ def make_deepseek(path: Path, name: str) -> Path:
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepseek")
     return {name: make_deepseek(root / name, name) for name in CONFIGS}
-
-
-def load(path: Path, start: int, end: int, dtype=torch.float32, quantize=None):
-    return load_stage_model(path, json.loads((path / "config.json").read_text()), start, end, dtype, CPU, quantize)
-
-
-def pools(stages, dtype=torch.float32):
-    return [KVPool(len(s.layers), *s.args.kv_dims[:2], 8, 4, dtype, CPU, s.args.kv_dims[2]) for s in stages]
 
 
 def reference(path: Path):

@@ -87,7 +87,8 @@ def run_stages(stages, pools, x, pos, all_logits=True):
 
 
 def pools(stages, dtype=torch.float32):
-    return [KVPool(len(s.layers), s.args.kv_heads, s.args.dim_head, 8, 4, dtype, CPU) for s in stages]
+    """One KV pool per stage model, shaped by what its architecture caches (``ModelArgs.kv_dims``)."""
+    return [KVPool(len(s.layers), *s.args.kv_dims[:2], 8, 4, dtype, CPU, s.args.kv_dims[2]) for s in stages]
 
 
 @torch.inference_mode()
