@@ -19,7 +19,7 @@ from parallax.stages.models import architecture
 from parallax.stages.models.deepseek_v3 import DeepseekMoE, MLAttention
 from parallax.stages.torch_backend import TorchBackend
 from tests.cluster import reference_greedy
-from tests.test_moe import assert_as_close_as_transformers_to_itself, load, pools, run_stages
+from tests.test_moe import assert_as_close_as_transformers_to_itself, greedy_through, load, pools, run_stages
 
 CPU = torch.device("cpu")
 VOCAB = 512
@@ -106,12 +106,7 @@ def test_greedy_tokens_match_transformers(models, name, split):
     path, prompt, new = models[name], [3, 17, 250, 9, 77, 401, 12], 10
     want = reference_greedy(path, prompt, new)
     served = [load(path, a, b) for a, b in SPLITS[name][split - 1]]
-    caches, got = pools(served), []
-    logits = run_stages(served, caches, torch.tensor(prompt), 0, all_logits=False)
-    for pos in range(len(prompt), len(prompt) + new):
-        got.append(int(logits[-1].argmax()))
-        logits = run_stages(served, caches, torch.tensor(got[-1:]), pos, all_logits=False)
-    assert got == want
+    assert greedy_through(served, prompt, new) == want
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

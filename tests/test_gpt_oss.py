@@ -24,7 +24,7 @@ from parallax.stages.models.gpt_oss import Expert, GptOssMoE, SinkAttention
 from parallax.stages.mxfp4 import MXFP4Matrix
 from parallax.stages.torch_backend import load_stage_model
 from tests.cluster import reference_greedy
-from tests.test_moe import assert_as_close_as_transformers_to_itself, pools, reference_logits, run_stages
+from tests.test_moe import assert_as_close_as_transformers_to_itself, greedy_through, pools, reference_logits, run_stages
 
 CPU = torch.device("cpu")
 VOCAB, WINDOW = 512, 5  # prompts of 16 and more: longer than the window, which spans two blocks of 4
@@ -122,12 +122,7 @@ def test_greedy_tokens_match_transformers(folders, split):
     prompt, new = [3, 17, 250, 9, 77, 401, 12], 10  # 7 + 10 positions: the window slides
     want = reference_greedy(folders["float"], prompt, new)
     served = [load(folders["float"], a, b) for a, b in SPLITS[split - 1]]
-    caches, got = pools(served), []
-    out = run_stages(served, caches, torch.tensor(prompt), 0, all_logits=False)
-    for pos in range(len(prompt), len(prompt) + new):
-        got.append(int(out[-1].argmax()))
-        out = run_stages(served, caches, torch.tensor(got[-1:]), pos, all_logits=False)
-    assert got == want
+    assert greedy_through(served, prompt, new) == want
 
 
 def test_sinks_and_windows_change_the_logits(folders):

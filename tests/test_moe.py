@@ -86,6 +86,16 @@ def run_stages(stages, pools, x, pos, all_logits=True):
     return x
 
 
+def greedy_through(stages, prompt: list[int], new: int) -> list[int]:
+    """Greedy tokens through the stage models in order: the prompt in one step, then one token a step."""
+    caches, got = pools(stages), []
+    logits = run_stages(stages, caches, torch.tensor(prompt), 0, all_logits=False)
+    for pos in range(len(prompt), len(prompt) + new):
+        got.append(int(logits[-1].argmax()))
+        logits = run_stages(stages, caches, torch.tensor(got[-1:]), pos, all_logits=False)
+    return got
+
+
 def pools(stages, dtype=torch.float32):
     """One KV pool per stage model, shaped by what its architecture caches (``ModelArgs.kv_dims``)."""
     return [KVPool(len(s.layers), *s.args.kv_dims[:2], 8, 4, dtype, CPU, s.args.kv_dims[2]) for s in stages]
@@ -164,12 +174,7 @@ def test_greedy_tokens_match_transformers(models, name, split):
     path, prompt, new = models[name], [3, 17, 250, 9, 77, 401, 12], 10
     want = reference_greedy(path, prompt, new)
     served = [load(path, a, b) for a, b in SPLITS[name][split - 1]]
-    caches, got = pools(served), []
-    logits = run_stages(served, caches, torch.tensor(prompt), 0, all_logits=False)
-    for pos in range(len(prompt), len(prompt) + new):
-        got.append(int(logits[-1].argmax()))
-        logits = run_stages(served, caches, torch.tensor(got[-1:]), pos, all_logits=False)
-    assert got == want
+    assert greedy_through(served, prompt, new) == want
 
 
 @pytest.fixture(scope="module")
