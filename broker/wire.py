@@ -34,6 +34,17 @@ MinTokens = Annotated[int, Field(ge=0)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0)]
 Finish = Literal["stop", "length"]  # why the last stage ended a request
 NodeId = Annotated[str, Field(min_length=1)]
+GrammarKind = Literal["json_object", "json_schema", "regex", "ebnf"]
+
+
+class Grammar(_Strict):
+    """Structured output: the last stage masks every token the grammar does not allow (the stage
+    compiles ``spec`` once and caches it by text). ``spec``: the JSON schema as JSON text, the regex,
+    or the grammar in the library's EBNF; empty for ``json_object`` (any JSON object)."""
+
+    kind: GrammarKind
+    spec: str = ""
+    replay: int = Field(0, ge=0)  # the prompt's last ``replay`` ids were generated under this grammar (a resumed request)
 
 
 class SamplingParams(_Strict):
@@ -49,6 +60,7 @@ class SamplingParams(_Strict):
     ignore_eos: bool = False
     repetition_penalty: RepetitionPenalty = 1.0
     stop_token_ids: tuple[int, ...] = ()
+    grammar: Grammar | None = None  # structured output, enforced by the last stage
 
     @field_validator("min_tokens")
     @classmethod
@@ -72,6 +84,8 @@ class SamplingParams(_Strict):
         if not done:
             return self
         rest = {"max_tokens": self.max_tokens - done, "min_tokens": max(0, self.min_tokens - done)}
+        if self.grammar is not None:
+            rest["grammar"] = self.grammar.model_copy(update={"replay": self.grammar.replay + done})
         return SamplingParams.model_validate(self.model_dump() | rest)  # validated: done < max_tokens
 
 

@@ -32,11 +32,14 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
-from parallax.broker.errors import ChainUnavailable, ParallaxError, RequestCancelled, RequestTimedOut, StageFailed
-from parallax.broker.wire import SamplingParams, TokenOut
+from parallax.broker.errors import (
+    ChainUnavailable, GrammarError, ParallaxError, RequestCancelled, RequestTimedOut, StageFailed,
+)
+from parallax.broker.wire import Grammar, SamplingParams, TokenOut
 
 from .detok import IncrementalDetokenizer, StopStrings
 from .pipeline import Pipeline
+from . import structured
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -403,13 +406,13 @@ class _Gateway:
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         self._check_model(body.model)
         prompt_ids = await run_in_threadpool(self._encode_chat, body.messages)
-        job = self._job(body, prompt_ids, "chatcmpl", "messages")
+        job = self._job(body, prompt_ids, "chatcmpl", "messages", await self._grammar(body))
         return await self._serve(job, _ChatFormat(job), body.stream)
 
     async def completions(self, body: CompletionRequest) -> Response:
         self._check_model(body.model)
         prompt_ids = await run_in_threadpool(self._encode_prompt, body.prompt_value())
-        job = self._job(body, prompt_ids, "cmpl", "prompt")
+        job = self._job(body, prompt_ids, "cmpl", "prompt", await self._grammar(body))
         return await self._serve(job, _CompletionFormat(job), body.stream)
 
     async def abort(self, request_id: str) -> Response:
@@ -458,7 +461,21 @@ class _Gateway:
             raise APIError(400, message, code="invalid_token_id", param="prompt")
         return list(prompt)
 
-    def _job(self, req: GenerationRequest, prompt_ids: list[int], prefix: str, prompt_param: str) -> _Job:
+    @staticmethod
+    async def _grammar(req: GenerationRequest) -> Grammar | None:
+        """The request's structured-output grammar, checked (a 400 names what is wrong with it)."""
+        try:
+            grammar = req.grammar()
+            if grammar is None:
+                return None
+            if req.min_tokens:
+                raise GrammarError("min_tokens cannot be combined with structured outputs")
+            return await run_in_threadpool(structured.check, grammar)
+        except GrammarError as exc:
+            raise APIError(400, _one_line(str(exc)), code="invalid_grammar") from None
+
+    def _job(self, req: GenerationRequest, prompt_ids: list[int], prefix: str, prompt_param: str,
+             grammar: Grammar | None = None) -> _Job:
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param=prompt_param)
         max_tokens = self._max_tokens(len(prompt_ids), req.requested_max_tokens(), prompt_param)
@@ -466,6 +483,8 @@ class _Gateway:
             params = req.sampling(max_tokens, self._model.eos_token_ids)
         except ValidationError as exc:
             raise _validation_error(exc.errors()) from None
+        if grammar is not None:
+            params = params.model_copy(update={"grammar": grammar})
         return _Job(
             id=f"{prefix}-{uuid.uuid4().hex}",
             model=self._model.name,

@@ -37,6 +37,8 @@ from parallax.broker.wire import (
     TopP,
 )
 
+from .structured import StructuredRequest
+
 TokenId = Annotated[int, Field(ge=0)]
 
 
@@ -87,8 +89,8 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class GenerationRequest(_Request):
-    """Fields shared by chat and text completions (OpenAI + vLLM extra sampling params)."""
+class GenerationRequest(StructuredRequest):
+    """Fields shared by chat and text completions (OpenAI + vLLM extra sampling params, structured outputs)."""
 
     model: str | None = None
     max_tokens: MaxTokens | None = None

@@ -26,6 +26,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import orjson
 import psutil
@@ -46,6 +47,7 @@ from parallax.broker.registry import DRAIN_TIMEOUT_S, HEARTBEAT_INTERVAL_S, Load
 from .backend import Backend
 from .compute import ComputeThread
 from .engine import Engine, EngineConfig, Outgoing, Stats
+from .grammar import Grammars
 
 log = logging.getLogger(__name__)
 DRAIN_POLL_S = 0.5  # while draining, how often the registry is read for a replica of this range
@@ -58,6 +60,7 @@ class WorkerConfig:
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
     debug_delay_ms: float = 0.0  # sleep after every step: a slow node on purpose, for routing tests
     drain_timeout_s: float = DRAIN_TIMEOUT_S  # a drain lets running requests finish here for this long at most
+    tokenizer_path: Path | None = None  # the model folder: its tokenizer compiles structured-output grammars (None: refused)
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0:
@@ -101,7 +104,8 @@ class StageWorker:
         it makes its own."""
         self.backend, self.config, self.facts = backend, config, facts
         self.spec = backend.spec
-        self.engine = Engine(backend, config.node_id, engine_config)
+        grammars = None if config.tokenizer_path is None else Grammars(config.tokenizer_path, self.spec.vocab_size)
+        self.engine = Engine(backend, config.node_id, engine_config, grammars)
         self._wake = asyncio.Event()
         self._stopping = False
         self._reassembler = chunks.Reassembler()
