@@ -38,8 +38,10 @@ from parallax.broker.errors import (
 from parallax.broker.wire import Grammar, SamplingParams, TokenOut
 
 from .detok import IncrementalDetokenizer, StopStrings
-from .pipeline import Pipeline
 from . import structured
+from .chat import encode_chat, template_text
+from .pipeline import Pipeline
+from .tools import ToolFormat, ToolStream, format_of, parse_all, tool_grammar
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -47,7 +49,6 @@ from .protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatMessage,
     Completion,
     CompletionChoice,
     CompletionChunk,
@@ -329,19 +330,40 @@ class _Format(ABC):
 
 
 class _ChatFormat(_Format):
+    """Chat chunks; with ``tools`` (the template's call format) the text is parsed into tool calls."""
+
     _chunk_type = ChatCompletionChunk
+
+    def __init__(self, job: _Job, tools: ToolFormat | None = None, parallel: bool = True) -> None:
+        super().__init__(job)
+        self._tools, self._parallel = tools, parallel
+        self._stream = ToolStream(tools, parallel) if tools is not None else None
 
     def opening(self) -> list[str]:
         return [self._chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])]
 
     def text(self, text: str) -> str:
-        return self._chunk([ChatChunkChoice(delta=DeltaMessage(content=text))])
+        text = self._stream.feed(text) if self._stream is not None else text
+        return self._chunk([ChatChunkChoice(delta=DeltaMessage(content=text))]) if text else ""
 
     def finish(self, reason: FinishReason) -> str:
-        return self._chunk([ChatChunkChoice(delta=DeltaMessage(), finish_reason=reason)])
+        chunks = ""
+        if self._stream is not None:
+            rest = self._stream.finish()
+            chunks = self._chunk([ChatChunkChoice(delta=DeltaMessage(content=rest.content))]) if rest.content else ""
+            if rest.calls:
+                chunks += self._chunk([ChatChunkChoice(delta=DeltaMessage(tool_calls=rest.calls))])
+                reason = "tool_calls"
+        return chunks + self._chunk([ChatChunkChoice(delta=DeltaMessage(), finish_reason=reason)])
 
     def complete(self, text: str, reason: FinishReason, usage: Usage) -> BaseModel:
-        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=reason)
+        message = AssistantMessage(content=text)
+        if self._tools is not None:
+            parsed = parse_all(self._tools, text, self._parallel)
+            if parsed.calls:
+                message = AssistantMessage(content=parsed.content or None, tool_calls=parsed.calls)
+                reason = "tool_calls"
+        choice = ChatChoice(message=message, finish_reason=reason)
         return ChatCompletion(**self._head(), choices=[choice], usage=usage)
 
 
@@ -380,8 +402,8 @@ async def _events(generation: _Generation, fmt: _Format, job: _Job) -> AsyncGene
         for chunk in fmt.opening():
             yield chunk
         async for delta in generation.deltas():
-            if delta.text:
-                yield fmt.text(delta.text)
+            if delta.text and (chunk := fmt.text(delta.text)):
+                yield chunk
             if delta.finish is not None:
                 yield fmt.finish(delta.finish)
         if job.include_usage:
@@ -405,9 +427,10 @@ class _Gateway:
     # ---- endpoints
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         self._check_model(body.model)
-        prompt_ids = await run_in_threadpool(self._encode_chat, body.messages)
-        job = self._job(body, prompt_ids, "chatcmpl", "messages", await self._grammar(body))
-        return await self._serve(job, _ChatFormat(job), body.stream)
+        tools = self._tool_format(body)
+        prompt_ids = await run_in_threadpool(self._encode_chat, body)
+        job = self._job(body, prompt_ids, "chatcmpl", "messages", await self._grammar(body, tools))
+        return await self._serve(job, _ChatFormat(job, tools, body.parallel_tool_calls is not False), body.stream)
 
     async def completions(self, body: CompletionRequest) -> Response:
         self._check_model(body.model)
@@ -438,18 +461,23 @@ class _Gateway:
             message = f"The model `{name}` does not exist; this gateway serves `{self._model.name}`."
             raise APIError(404, message, "NotFoundError", "model_not_found", "model")
 
-    def _encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    def _tool_format(self, body: ChatCompletionRequest) -> ToolFormat | None:
+        """The call format of the template when the request uses tools (None: no tools, or tool_choice none)."""
         try:
-            text = self._tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=False
-            )
+            if body.template_tools() is None:
+                return None
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param="tool_choice") from None
+        fmt = format_of(template_text(self._tokenizer))
+        if fmt is None:
+            raise APIError(400, f"the chat template of `{self._model.name}` does not take tools", param="tools")
+        return fmt
+
+    def _encode_chat(self, body: ChatCompletionRequest) -> list[int]:
+        try:
+            return encode_chat(self._tokenizer, body.messages, body.template_tools())
         except jinja2.TemplateError as exc:
-            raise APIError(
-                400, _one_line(f"cannot apply the chat template: {exc}"), param="messages"
-            ) from None
-        # The template already wrote every special token (BOS included) the model expects.
-        return list(self._tokenizer.encode(str(text), add_special_tokens=False))
+            raise APIError(400, _one_line(f"cannot apply the chat template: {exc}"), param="messages") from None
 
     def _encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -462,10 +490,16 @@ class _Gateway:
         return list(prompt)
 
     @staticmethod
-    async def _grammar(req: GenerationRequest) -> Grammar | None:
-        """The request's structured-output grammar, checked (a 400 names what is wrong with it)."""
+    async def _grammar(req: GenerationRequest, tools: ToolFormat | None = None) -> Grammar | None:
+        """The request's structured-output grammar (or its forced tool call's), checked (a 400 names
+        what is wrong with it)."""
         try:
             grammar = req.grammar()
+            if tools is not None and isinstance(req, ChatCompletionRequest):
+                forced = await run_in_threadpool(tool_grammar, tools, req)
+                if forced is not None and grammar is not None:
+                    raise GrammarError("a required or named tool_choice cannot be combined with structured outputs")
+                grammar = grammar or forced
             if grammar is None:
                 return None
             if req.min_tokens:
