@@ -12,7 +12,7 @@ from math import prod
 from typing import Annotated, Literal, Union
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import WireError
 
@@ -25,13 +25,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The smallest positive temperature, top_p and repetition penalty. The sampler works in float32: logits
+# divided by a smaller temperature or penalty overflow to inf, a smaller top_p rounds to 0 and drops
+# every token; either way its softmax gives NaN.
+MIN_POSITIVE = 1e-5
+
+
+def _greedy_or_usable(temperature: float) -> float:
+    if 0.0 < temperature < MIN_POSITIVE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_POSITIVE:g}, got {temperature:g}")
+    return temperature
+
+
 # The bounds of every sampling parameter, written once: the gateway's request models use them too.
-Temperature = Annotated[float, Field(ge=0.0)]  # 0: greedy
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+Temperature = Annotated[float, Field(ge=0.0, allow_inf_nan=False), AfterValidator(_greedy_or_usable)]  # 0: greedy
+TopP = Annotated[float, Field(ge=MIN_POSITIVE, le=1.0, allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=-1)]  # -1 or 0: off
 MaxTokens = Annotated[int, Field(ge=1)]
 MinTokens = Annotated[int, Field(ge=0)]
-RepetitionPenalty = Annotated[float, Field(gt=0.0)]
+RepetitionPenalty = Annotated[float, Field(ge=MIN_POSITIVE, allow_inf_nan=False)]
 Finish = Literal["stop", "length"]  # why the last stage ended a request
 NodeId = Annotated[str, Field(min_length=1)]
 GrammarKind = Literal["json_object", "json_schema", "regex", "ebnf"]

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, cast
@@ -43,6 +43,7 @@ from .chat import encode_chat, template_text
 from .pipeline import Pipeline
 from .tools import ToolFormat, ToolStream, format_of, parse_all, tool_grammar
 from .protocol import (
+    AbortResult,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -58,6 +59,7 @@ from .protocol import (
     ErrorResponse,
     FinishReason,
     GenerationRequest,
+    Health,
     ModelCard,
     ModelList,
     Usage,
@@ -80,13 +82,16 @@ class APIError(Exception):
         type_: str = "BadRequestError",
         code: str | None = None,
         param: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.info = ErrorInfo(message=message, type=type_, param=param, code=code)
+        self.headers = headers  # e.g. the `Allow` of a 405
 
     def response(self) -> JSONResponse:
-        return JSONResponse(ErrorResponse(error=self.info).model_dump(mode="json"), status_code=self.status)
+        body = ErrorResponse(error=self.info).model_dump(mode="json")
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
     def sse(self) -> str:
         return f"data: {ErrorResponse(error=self.info).model_dump_json()}\n\n"
@@ -144,7 +149,7 @@ def _validation_error(errors: Sequence[Any]) -> APIError:
 def _http_error(exc: StarletteHTTPException) -> APIError:
     kinds = {404: "NotFoundError", 405: "MethodNotAllowedError"}
     type_ = kinds.get(exc.status_code, "BadRequestError" if exc.status_code < 500 else "InternalServerError")
-    return APIError(exc.status_code, str(exc.detail), type_)
+    return APIError(exc.status_code, str(exc.detail), type_, headers=exc.headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -444,7 +449,7 @@ class _Gateway:
         if not self._pipeline.cancel(request_id, RequestCancelled(f"request {request_id} was aborted")):
             message = f"no running request `{request_id}` on this gateway"
             raise APIError(404, message, "NotFoundError", "request_not_found", "request_id")
-        return JSONResponse({"id": request_id, "object": "request.abort", "aborted": True})
+        return JSONResponse(AbortResult(id=request_id).model_dump(mode="json"))
 
     async def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self._model.name, max_model_len=self._model.max_context)])
@@ -453,7 +458,7 @@ class _Gateway:
         missing = self._pipeline.missing()
         if missing:
             return _api_error(ChainUnavailable(self._model.name, missing)).response()
-        return JSONResponse({"status": "ok"})
+        return JSONResponse(Health().model_dump(mode="json"))
 
     # ---- request -> job
     def _check_model(self, name: str | None) -> None:
@@ -582,9 +587,49 @@ def create_app(
     app = FastAPI(title="Parallax-NATS gateway")
     app.add_middleware(_CatchAll)
     _install_error_handlers(app)
-    app.add_api_route("/v1/chat/completions", gateway.chat_completions, methods=["POST"], response_model=None)
-    app.add_api_route("/v1/completions", gateway.completions, methods=["POST"], response_model=None)
-    app.add_api_route("/v1/requests/{request_id}/abort", gateway.abort, methods=["POST"], response_model=None)
+    generation = (400, 404, 499, 502, 503, 504)
+    app.add_api_route("/v1/chat/completions", gateway.chat_completions, methods=["POST"], response_model=None,
+                      responses=_documented(ChatCompletion, generation))
+    app.add_api_route("/v1/completions", gateway.completions, methods=["POST"], response_model=None,
+                      responses=_documented(Completion, generation))
+    app.add_api_route("/v1/requests/{request_id}/abort", gateway.abort, methods=["POST"], response_model=None,
+                      responses=_documented(AbortResult, (404,)))
     app.add_api_route("/v1/models", gateway.models, methods=["GET"])
-    app.add_api_route("/health", gateway.health, methods=["GET"], response_model=None)
+    app.add_api_route("/health", gateway.health, methods=["GET"], response_model=None,
+                      responses=_documented(Health, (503,)))
+    app.openapi = _without_422(app.openapi)
     return app
+
+
+# ---------------------------------------------------------------------------------------- OpenAPI
+_ERRORS = {
+    400: "invalid request: a bad field, an unknown token id, a prompt too long for the context",
+    404: "unknown model, or no such running request",
+    499: "the request was aborted (POST /v1/requests/{id}/abort)",
+    502: "a pipeline stage failed",
+    503: "no complete chain of stages serves the model",
+    504: "the request ran past its timeout",
+}
+
+
+def _documented(ok: type[BaseModel], errors: Sequence[int]) -> dict[int | str, dict[str, Any]]:
+    """The responses of a route for /openapi.json: ``ok`` on 200 (JSON, or SSE events when the body
+    asks for ``stream``) and OpenAI error JSON for each of ``errors``."""
+    responses: dict[int | str, dict[str, Any]] = {200: {"model": ok}}
+    if ok in (ChatCompletion, Completion):
+        responses[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+    return responses | {code: {"model": ErrorResponse, "description": _ERRORS[code]} for code in errors}
+
+
+def _without_422(generate: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """FastAPI documents a 422 for every route with a body or parameters; invalid requests get a 400
+    here (OpenAI's status), documented with each route."""
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        return schema
+
+    return openapi

@@ -315,3 +315,13 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class AbortResult(BaseModel):
+    id: str
+    object: Literal["request.abort"] = "request.abort"
+    aborted: Literal[True] = True
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"

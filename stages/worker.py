@@ -28,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import orjson
 import psutil
 
@@ -41,7 +42,7 @@ from parallax.broker import chunks, subjects
 from parallax.broker.connection import connect
 from parallax.broker.errors import WireError
 from parallax.broker.kv import Presence, nodes_bucket, parse_node, snapshot
-from parallax.broker.wire import ErrorMsg, Forward, Release, encode
+from parallax.broker.wire import ErrorMsg, Forward, Message, Release, encode
 from parallax.broker.registry import DRAIN_TIMEOUT_S, HEARTBEAT_INTERVAL_S, Load, ModelProfile, NodeInfo, State
 
 from .backend import Backend
@@ -219,6 +220,7 @@ class StageWorker:
         await nc.flush()
 
     async def _on_work(self, msg: Msg) -> None:
+        header = None
         try:
             received = self._reassembler.receive(msg.data, msg.headers)
             if received is None:
@@ -226,15 +228,35 @@ class StageWorker:
             header, data = received
             if not isinstance(header, (Forward, Release)):
                 raise WireError(f"a stage takes fwd or release messages, not {header.kind!r}")
+            if isinstance(header, Forward):
+                self._check_ids(header, data)
         except WireError as e:
             log.warning("dropped malformed message on %s: %s", msg.subject, e)
-            if msg.reply:
-                await self.nc.publish(msg.reply, encode(ErrorMsg(message=f"malformed message: {e}", node=self.config.node_id)))
+            await self._refuse(msg.reply, header, f"malformed message: {e}")
             return
         if isinstance(header, Forward) and header.sent is not None:
             self._hops_ms.append(max(0.0, (time.time() - header.sent) * 1000))
         self.engine.submit(header, data)
         self._wake.set()
+
+    def _check_ids(self, header: Forward, data: memoryview) -> None:
+        """A first stage's token ids must be in the vocabulary: the embedding of any other id fails the
+        whole batch, requests of other clients included."""
+        if not (self.spec.first and header.dtype == "int32"):
+            return  # a wrong dtype or shape is the engine's to refuse (it answers the request)
+        ids = np.frombuffer(data, dtype="<i4")  # [T]
+        if ids.size and not (0 <= int(ids.min()) and int(ids.max()) < self.spec.vocab_size):
+            raise WireError(f"token ids must be in 0..{self.spec.vocab_size - 1}, got {int(ids.min())}..{int(ids.max())}")
+
+    async def _refuse(self, reply: str | None, header: Message | None, message: str) -> None:
+        """Answer a message the stage dropped: on its reply subject, and to the gateway of every
+        request it starts (which would otherwise wait for tokens in vain)."""
+        node = self.config.node_id
+        if reply:
+            await self.nc.publish(reply, encode(ErrorMsg(message=message, node=node)))
+        for item in header.items if isinstance(header, Forward) else ():
+            if item.meta is not None:
+                await self.nc.publish(item.meta.reply, encode(ErrorMsg(rid=item.rid, message=message, node=node)))
 
     async def _on_stats(self, msg: Msg) -> None:
         """Counters for benchmarks and operators; ``{"reset": true}`` zeroes them after answering."""
