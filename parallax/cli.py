@@ -2,10 +2,12 @@
 
     parallax up --model smollm2-135m --stages 2 --port 8000
     parallax status --nats nats://127.0.0.1:4222 [--model M] [--json]
+    parallax metrics --nats nats://127.0.0.1:4222
 
 ``up`` runs a whole pipeline on this machine: an embedded nats-server (or ``--nats URL``), one stage
 process per layer range and an OpenAI-compatible gateway, and stops all of them on Ctrl-C/SIGTERM.
 ``status`` prints the cluster registry (nodes, layer coverage, leader; see :mod:`parallax.status`).
+``metrics`` prints every stage's Prometheus series, asked over NATS (:mod:`parallax.watch`).
 Exit codes as every command (:mod:`parallax.broker.errors`): 0 after a clean stop, 1 when something
 fails while running (a child process exits), 2 when it cannot start (bad input, NATS unreachable).
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from parallax.broker.cli import fail
 from parallax.broker.errors import ParallaxError, UsageError
 from parallax.stages.models import QUANTIZE_TYPES, already_quantized
+from parallax.watch import add_wait
 
 DTYPES = ("float32", "bfloat16", "float16")
 READY_TIMEOUT_S = 300.0
@@ -89,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--model", help="only this model's nodes and coverage")
     status.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     status.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to connect and read")
+    add_wait(commands.add_parser("metrics", help="print every stage's Prometheus metrics, asked over NATS"))
     return parser
 
 
@@ -241,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             from parallax.status import run_status
 
             return run_status(args)
+        if args.command == "metrics":
+            from parallax.watch import run_metrics
+
+            return run_metrics(args)
         return run_up(args)
     except ParallaxError as exc:
         return fail("parallax", exc)

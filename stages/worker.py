@@ -46,6 +46,7 @@ from parallax.broker.registry import DRAIN_TIMEOUT_S, HEARTBEAT_INTERVAL_S, Load
 from .backend import Backend
 from .compute import ComputeThread
 from .engine import Engine, EngineConfig, Outgoing, Stats
+from .metrics import StageMetrics, serving
 
 log = logging.getLogger(__name__)
 DRAIN_POLL_S = 0.5  # while draining, how often the registry is read for a replica of this range
@@ -102,6 +103,8 @@ class StageWorker:
         self.backend, self.config, self.facts = backend, config, facts
         self.spec = backend.spec
         self.engine = Engine(backend, config.node_id, engine_config)
+        self.metrics = StageMetrics(self.engine)
+        self.engine.observers.append(self.metrics.step)
         self._wake = asyncio.Event()
         self._stopping = False
         self._reassembler = chunks.Reassembler()
@@ -187,11 +190,13 @@ class StageWorker:
         await self._subscribe()
         self._stopping = False
         self._loop_task = asyncio.create_task(self._engine_loop())
+        serving(self.metrics, True)
         log.info("stage %s serving layers %d:%d of %s", self.config.node_id, self.spec.start, self.spec.end, self.spec.model)
 
     async def detach(self, reason: str) -> None:
         """Stop serving: no new work, the step in progress completes, running requests are handed
         back to their gateways as ``preempted`` (they resume on another chain)."""
+        serving(self.metrics, False)
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs.clear()
@@ -211,10 +216,12 @@ class StageWorker:
             await nc.subscribe(subjects.node(s.model, s.start, s.end, self.config.node_id), cb=self._on_work),
             await nc.subscribe(subjects.release(s.model), cb=self._on_work),
             await nc.subscribe(subjects.STATS, cb=self._on_stats),
+            await nc.subscribe(subjects.METRICS, cb=self._on_metrics),
         ]
         await nc.flush()
 
     async def _on_work(self, msg: Msg) -> None:
+        self.metrics.received(len(msg.data))
         try:
             received = self._reassembler.receive(msg.data, msg.headers)
             if received is None:
@@ -228,7 +235,9 @@ class StageWorker:
                 await self.nc.publish(msg.reply, encode(ErrorMsg(message=f"malformed message: {e}", node=self.config.node_id)))
             return
         if isinstance(header, Forward) and header.sent is not None:
-            self._hops_ms.append(max(0.0, (time.time() - header.sent) * 1000))
+            hop = max(0.0, time.time() - header.sent)
+            self._hops_ms.append(hop * 1000)
+            self.metrics.hop(hop)
         self.engine.submit(header, data)
         self._wake.set()
 
@@ -241,8 +250,14 @@ class StageWorker:
         except (orjson.JSONDecodeError, AttributeError):
             reset = False
         if reset:
+            self.metrics.absorb(self.engine.stats)
             self.engine.stats = Stats()
             self._hops_ms.clear()
+
+    async def _on_metrics(self, msg: Msg) -> None:
+        """This stage's series in the Prometheus text format (``parallax metrics``, ``/metrics?cluster=1``)."""
+        if msg.reply:
+            await self.nc.publish(msg.reply, self.metrics.exposition())
 
     def stats(self) -> dict:
         e, s, hops = self.engine, self.engine.stats, sorted(self._hops_ms)
@@ -280,6 +295,7 @@ class StageWorker:
 
     async def _publish(self, outgoing: Outgoing) -> None:
         for subject, payload in outgoing:
+            self.metrics.sent(len(payload))
             await chunks.publish(self.nc, subject, payload)
 
 
