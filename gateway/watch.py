@@ -6,6 +6,10 @@
                       plus the served model and the join command
     GET /metrics      Prometheus; with ``?cluster=1`` every stage's series too, gathered over NATS
 
+and a trace context per request: the W3C ``traceparent`` header of the HTTP request (else a new
+trace), which the pipeline sends on in the NATS headers of the request's messages; the response
+names the gateway's span in its own ``traceparent`` header.
+
 :func:`add_watch_routes` adds them to an app made by :func:`~parallax.gateway.app.create_app`.
 """
 
@@ -22,11 +26,12 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from nats.aio.client import Client as NATS
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from parallax.broker import subjects
-from parallax.broker.observe import GATHER_S, gather
+from parallax.broker.observe import GATHER_S, TraceContext, current_trace, gather
 from parallax.broker.kv import nodes_bucket, snapshot
 from parallax.broker.registry import Registry
 from parallax.status import build_status
@@ -62,8 +67,36 @@ async def stage_expositions(nc: NATS | None, wait_s: float = GATHER_S, expected:
     return await gather(nc, subjects.METRICS, wait_s=wait_s, expected=expected)
 
 
+class TraceMiddleware:
+    """ASGI middleware: the request's trace context (``traceparent``, else a new trace) is
+    :data:`~parallax.broker.observe.current_trace` while it is served, and its response says it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = dict(scope.get("headers") or []).get(b"traceparent", b"").decode("latin-1")
+        parent = TraceContext.parse(sent)
+        ctx = parent.child() if parent is not None else TraceContext.new()
+
+        async def traced_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"traceparent", ctx.traceparent.encode())]}
+            await send(message)
+
+        token = current_trace.set(ctx)
+        try:
+            await self.app(scope, receive, traced_send)
+        finally:
+            current_trace.reset(token)
+
+
 def add_watch_routes(app: FastAPI, watch: Watch) -> None:
     metrics: GatewayMetrics = app.state.metrics
+    app.add_middleware(TraceMiddleware)
 
     async def prometheus(request: Request) -> Response:
         own = metrics.exposition()

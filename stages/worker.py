@@ -47,6 +47,7 @@ from .backend import Backend
 from .compute import ComputeThread
 from .engine import Engine, EngineConfig, Outgoing, Stats
 from .metrics import StageMetrics, serving
+from .trace import TraceRecorder
 
 log = logging.getLogger(__name__)
 DRAIN_POLL_S = 0.5  # while draining, how often the registry is read for a replica of this range
@@ -104,7 +105,8 @@ class StageWorker:
         self.spec = backend.spec
         self.engine = Engine(backend, config.node_id, engine_config)
         self.metrics = StageMetrics(self.engine)
-        self.engine.observers.append(self.metrics.step)
+        self.tracer = TraceRecorder()
+        self.engine.observers += [self.metrics.step, self.tracer.step]
         self._wake = asyncio.Event()
         self._stopping = False
         self._reassembler = chunks.Reassembler()
@@ -217,6 +219,7 @@ class StageWorker:
             await nc.subscribe(subjects.release(s.model), cb=self._on_work),
             await nc.subscribe(subjects.STATS, cb=self._on_stats),
             await nc.subscribe(subjects.METRICS, cb=self._on_metrics),
+            await nc.subscribe(subjects.TRACE, cb=self._on_trace),
         ]
         await nc.flush()
 
@@ -234,10 +237,15 @@ class StageWorker:
             if msg.reply:
                 await self.nc.publish(msg.reply, encode(ErrorMsg(message=f"malformed message: {e}", node=self.config.node_id)))
             return
-        if isinstance(header, Forward) and header.sent is not None:
-            hop = max(0.0, time.time() - header.sent)
-            self._hops_ms.append(hop * 1000)
-            self.metrics.hop(hop)
+        now = time.time()
+        if isinstance(header, Forward):
+            self.tracer.received(header, msg.headers, now)
+            if header.sent is not None:
+                hop = max(0.0, now - header.sent)
+                self._hops_ms.append(hop * 1000)
+                self.metrics.hop(hop)
+        else:
+            self.tracer.forget(header.rids)
         self.engine.submit(header, data)
         self._wake.set()
 
@@ -258,6 +266,13 @@ class StageWorker:
         """This stage's series in the Prometheus text format (``parallax metrics``, ``/metrics?cluster=1``)."""
         if msg.reply:
             await self.nc.publish(msg.reply, self.metrics.exposition())
+
+    async def _on_trace(self, msg: Msg) -> None:
+        """This stage's spans of one request (``parallax trace``)."""
+        if msg.reply:
+            s = self.spec
+            stage = {"node_id": self.config.node_id, "model": s.model, "start": s.start, "end": s.end}
+            await self.nc.publish(msg.reply, self.tracer.answer(msg.data, stage))
 
     def stats(self) -> dict:
         e, s, hops = self.engine, self.engine.stats, sorted(self._hops_ms)
@@ -296,7 +311,10 @@ class StageWorker:
     async def _publish(self, outgoing: Outgoing) -> None:
         for subject, payload in outgoing:
             self.metrics.sent(len(payload))
-            await chunks.publish(self.nc, subject, payload)
+            rids, headers = self.tracer.outgoing(payload)
+            started = time.time()
+            await chunks.publish(self.nc, subject, payload, headers)
+            self.tracer.sent(rids, started, time.time())
 
 
 async def _first_set(*events: asyncio.Event | None) -> None:
