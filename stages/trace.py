@@ -11,16 +11,18 @@ as a child span, on the messages it sends on. Per request it records:
     send     publishing the message that carries the request's output (forward rows or tokens)
 
 The worker answers ``parallax.trace`` requests (``{"id": <request id or trace id>}``) with
-:meth:`TraceRecorder.answer`. The engine's step observer runs in the compute thread; a lock keeps
+:meth:`TraceRecorder.answer`; ``export`` also sends every span elsewhere (OpenTelemetry:
+:mod:`parallax.stages.otel`). The engine's step observer runs in the compute thread; a lock keeps
 the ring consistent for the event loop that reads it.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import orjson
@@ -28,6 +30,7 @@ import orjson
 from parallax.broker.observe import TraceContext, parse_trace_header, trace_header
 from parallax.broker.wire import MAGIC, Forward
 
+log = logging.getLogger(__name__)
 SPAN_RING = 20_000  # spans kept per stage (a 100-token request on a stage: ~300)
 TRACED_REQUESTS = 10_000  # request ids whose trace context a stage remembers
 _LEN = struct.Struct(">I")
@@ -43,8 +46,15 @@ class Span:
     rows: int = 0  # compute: the request's rows in the step
 
 
+# Sends one span elsewhere: (the span, the trace context its request came with, the stage's labels).
+SpanExport = Callable[[Span, TraceContext, Mapping[str, str]], None]
+
+
 class TraceRecorder:
-    def __init__(self, capacity: int = SPAN_RING, remember: int = TRACED_REQUESTS):
+    def __init__(self, labels: Mapping[str, str] | None = None, export: SpanExport | None = None,
+                 capacity: int = SPAN_RING, remember: int = TRACED_REQUESTS):
+        self.labels = dict(labels or {})  # who records (model, layers, node): for an export
+        self.export = export
         self._spans: deque[Span] = deque(maxlen=capacity)
         self._lock = threading.Lock()
         self._traces: OrderedDict[str, TraceContext] = OrderedDict()
@@ -57,7 +67,7 @@ class TraceRecorder:
             self._traces[rid] = ctx
             self._traces.move_to_end(rid)
         while len(self._traces) > self._remember:
-            self._traces.popitem(last=False)
+            self._arrived.pop(self._traces.popitem(last=False)[0], None)
         spans = []
         for item in header.items:
             ctx = self._traces.get(item.rid)
@@ -115,9 +125,19 @@ class TraceRecorder:
         return orjson.dumps(stage | {"spans": [asdict(s) for s in self.spans(wanted)]})
 
     def _add(self, spans: list[Span]) -> None:
-        if spans:
-            with self._lock:
-                self._spans.extend(spans)
+        if not spans:
+            return
+        with self._lock:
+            self._spans.extend(spans)
+        if self.export is None:
+            return
+        try:
+            for span in spans:
+                if (ctx := self._traces.get(span.rid)) is not None:
+                    self.export(span, ctx, self.labels)
+        except Exception as e:  # an exporter's failure must not fail a step: stop exporting
+            log.warning("span export failed, exporting no more: %s: %s", type(e).__name__, e)
+            self.export = None
 
 
 def message_rids(payload: bytes) -> tuple[str, list[str]]:

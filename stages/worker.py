@@ -47,7 +47,7 @@ from .backend import Backend
 from .compute import ComputeThread
 from .engine import Engine, EngineConfig, Outgoing, Stats
 from .metrics import StageMetrics, serving
-from .trace import TraceRecorder
+from .trace import SpanExport, TraceRecorder
 
 log = logging.getLogger(__name__)
 DRAIN_POLL_S = 0.5  # while draining, how often the registry is read for a replica of this range
@@ -60,6 +60,7 @@ class WorkerConfig:
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
     debug_delay_ms: float = 0.0  # sleep after every step: a slow node on purpose, for routing tests
     drain_timeout_s: float = DRAIN_TIMEOUT_S  # a drain lets running requests finish here for this long at most
+    export_spans: SpanExport | None = None  # also send every trace span here (OpenTelemetry: stages/otel.py)
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0:
@@ -105,7 +106,8 @@ class StageWorker:
         self.spec = backend.spec
         self.engine = Engine(backend, config.node_id, engine_config)
         self.metrics = StageMetrics(self.engine)
-        self.tracer = TraceRecorder()
+        labels = {"model": self.spec.model, "layers": f"{self.spec.start}:{self.spec.end}", "node": config.node_id}
+        self.tracer = TraceRecorder(labels, config.export_spans)
         self.engine.observers += [self.metrics.step, self.tracer.step]
         self._wake = asyncio.Event()
         self._stopping = False

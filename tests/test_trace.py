@@ -121,3 +121,33 @@ async def test_traceparent_values_and_the_header():
     assert parse_trace_header(trace_header({"r1": a, "r2~1": b})) == {"r1": a, "r2~1": b}
     assert parse_trace_header({"Px-Trace": "r1=bad,=x,r2=" + PARENT}) == {"r2": TraceContext.parse(PARENT)}
     assert trace_header({}) == {} and parse_trace_header(None) == {}
+
+
+async def test_spans_go_to_opentelemetry_as_children_of_the_sending_span(gw: Served):
+    pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from parallax.stages.otel import OtelSpans, from_env
+
+    assert from_env({}) is None  # off without an endpoint
+    exporting = from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"})
+    assert isinstance(exporting, OtelSpans)
+    exporting.close()  # nothing recorded: nothing sent
+    memory = InMemorySpanExporter()
+    sink = OtelSpans(memory)
+    workers = [w for _, _, w in gw.cluster.stages.values()]
+    try:
+        for worker in workers:
+            worker.tracer.export = sink
+        rid = (await complete(gw, {"traceparent": PARENT})).json()["id"]
+    finally:
+        for worker in workers:
+            worker.tracer.export = None
+        sink.close()
+    spans = memory.get_finished_spans()
+    assert spans and {s.context.trace_id for s in spans} == {int(TRACE_ID, 16)}
+    assert {s.attributes["parallax.rid"] for s in spans} == {rid}
+    assert {s.name for s in spans} == {"hop", "queue", "compute", "send"}
+    assert {s.attributes["parallax.layers"] for s in spans} == {"0:3", f"3:{LAYERS}"}
+    assert all(s.parent is not None and s.parent.is_remote and s.end_time >= s.start_time for s in spans)
+    assert sum(s.attributes.get("parallax.rows", 0) for s in spans) == 2 * (len(PROMPT) + TOKENS - 1)
