@@ -118,6 +118,9 @@ def render_trace(wanted: str, stages: list[dict], every_span: bool = False) -> s
                      str(sum(sp["rows"] for sp in by_kind["compute"])), *means, f"{first * 1000:.1f}",
                      f"{last * 1000:.1f}"])
     lines += table(rows, TRACE_COLUMNS)
+    for s in stages:
+        if s.get("dropped"):
+            lines.append(f"{s.get('node_id')}: its {s['dropped']} earliest spans did not fit in one answer")
     if every_span:
         lines.append("")
         for s, span in sorted(spans, key=lambda pair: pair[1]["start"]):

@@ -113,16 +113,25 @@ class TraceRecorder:
             spans = list(self._spans)
         return [s for s in spans if s.rid == wanted or s.rid.startswith(wanted + "~") or s.trace_id == wanted]
 
-    def answer(self, query: bytes, stage: dict) -> bytes:
+    def answer(self, query: bytes, stage: dict, limit: int) -> bytes:
         """The reply to a ``parallax.trace`` request: ``stage`` (who answers) plus the matching spans,
-        or an error for a malformed query."""
+        the latest that fit in ``limit`` bytes (``dropped``: how many earlier ones did not), or an
+        error for a malformed query."""
         try:
             wanted = orjson.loads(query).get("id")
         except (orjson.JSONDecodeError, AttributeError):
             wanted = None
         if not isinstance(wanted, str) or not wanted:
             return orjson.dumps(stage | {"error": 'a trace query is {"id": "<request id or trace id>"}'})
-        return orjson.dumps(stage | {"spans": [asdict(s) for s in self.spans(wanted)]})
+        spans = [asdict(s) for s in self.spans(wanted)]
+        body = orjson.dumps(stage | {"spans": spans, "dropped": 0})
+        dropped = 0
+        while len(body) > limit and spans:
+            keep = min(len(spans) - 1, len(spans) * limit // len(body) - 1)  # about what fits, then check
+            dropped += len(spans) - max(0, keep)
+            spans = spans[len(spans) - max(0, keep):]
+            body = orjson.dumps(stage | {"spans": spans, "dropped": dropped})
+        return body
 
     def _add(self, spans: list[Span]) -> None:
         if not spans:

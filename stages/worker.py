@@ -2,7 +2,8 @@
 
 Subscribes to its own subject for its layer range (the gateway pins every hop of a request to one
 replica, so replicas share work through the gateway's routing), to the model's release broadcast
-and to the stats request. Its :class:`NodeInfo` goes to the registry
+and to the stats, metrics and trace requests (``parallax.stats``, ``parallax.metrics``,
+``parallax.trace``; see :mod:`.metrics` and :mod:`.trace`). Its :class:`NodeInfo` goes to the registry
 (JetStream KV, :mod:`parallax.broker.kv`) every heartbeat. Malformed messages are logged and
 answered (when they carry a reply subject), never fatal. :meth:`attach`/:meth:`detach` start and
 stop serving on a connection someone else owns (a stage the scheduler moves to another range);
@@ -274,7 +275,7 @@ class StageWorker:
         if msg.reply:
             s = self.spec
             stage = {"node_id": self.config.node_id, "model": s.model, "start": s.start, "end": s.end}
-            await self.nc.publish(msg.reply, self.tracer.answer(msg.data, stage))
+            await self.nc.publish(msg.reply, self.tracer.answer(msg.data, stage, chunks.chunk_limit(self.nc.max_payload)))
 
     def stats(self) -> dict:
         e, s, hops = self.engine, self.engine.stats, sorted(self._hops_ms)

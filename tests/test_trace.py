@@ -151,3 +151,22 @@ async def test_spans_go_to_opentelemetry_as_children_of_the_sending_span(gw: Ser
     assert {s.attributes["parallax.layers"] for s in spans} == {"0:3", f"3:{LAYERS}"}
     assert all(s.parent is not None and s.parent.is_remote and s.end_time >= s.start_time for s in spans)
     assert sum(s.attributes.get("parallax.rows", 0) for s in spans) == 2 * (len(PROMPT) + TOKENS - 1)
+
+
+async def test_an_answer_too_large_for_one_message_keeps_the_latest_spans():
+    from parallax.broker.wire import Forward, ForwardItem
+    from parallax.stages.trace import TraceRecorder
+
+    recorder = TraceRecorder(capacity=5000)
+    ctx = TraceContext.parse(PARENT)
+    header = Forward(items=(ForwardItem(rid="r", pos=0, n=1),), dtype="int32", shape=(1,), sent=1.0)
+    recorder.received(header, trace_header({"r": ctx}), now=1.5)
+    for step in range(2000):
+        recorder.step([("r", 1), ("untraced", 1)], started=2.0 + step, seconds=0.5)
+    whole = orjson.loads(recorder.answer(b'{"id": "r"}', {"node_id": "n"}, limit=10 << 20))
+    assert whole["dropped"] == 0 and len(whole["spans"]) == 2002  # hop, queue, 2000 compute
+    assert {s["rid"] for s in whole["spans"]} == {"r"}
+    body = recorder.answer(b'{"id": "r"}', {"node_id": "n"}, limit=20_000)
+    cut = orjson.loads(body)
+    assert len(body) <= 20_000 and cut["dropped"] > 0 and cut["dropped"] + len(cut["spans"]) == 2002
+    assert cut["spans"][-1] == whole["spans"][-1]  # the latest are kept
