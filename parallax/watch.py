@@ -29,8 +29,9 @@ T = TypeVar("T")
 
 def add_wait(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats", metavar="URL", default="nats://127.0.0.1:4222", help="NATS server")
-    parser.add_argument("--wait", type=float, default=1.0, metavar="S",
-                        help="seconds to wait for the stages' answers (default %(default)g)")
+    parser.add_argument("--wait", type=float, default=2.0, metavar="S",
+                        help="seconds to wait for the stages' answers, at most: it ends once every stage the "
+                             "registry lists as serving has answered (default %(default)g)")
 
 
 async def _with_nats(url: str, timeout_s: float, work: Callable[[NATS], Awaitable[T]]) -> T:
@@ -49,6 +50,19 @@ async def _with_nats(url: str, timeout_s: float, work: Callable[[NATS], Awaitabl
         connection_log.setLevel(level)
 
 
+async def ask_stages(nc: NATS, subject: str, payload: bytes, wait_s: float) -> list[bytes]:
+    """Every stage's answer to ``payload`` on ``subject``: until each stage the registry lists as
+    serving has answered, or ``wait_s``."""
+    from parallax.broker.kv import nodes_bucket, parse_node, snapshot
+
+    try:
+        records = await snapshot(await nodes_bucket(nc))
+        expected = sum(1 for v in records.values() if (n := parse_node(v)) is not None and n.serves)
+    except Exception:  # noqa: BLE001 -- no registry (no JetStream): wait the whole window
+        expected = None
+    return await gather(nc, subject, payload, wait_s=wait_s, expected=expected or None)
+
+
 def _check_wait(args: argparse.Namespace) -> None:
     if not 0 < args.wait <= 60:
         raise UsageError(f"--wait must be in (0, 60] seconds, got {args.wait}")
@@ -59,7 +73,7 @@ def run_metrics(args: argparse.Namespace) -> int:
     from parallax.gateway.metrics import merge_expositions
 
     _check_wait(args)
-    texts = asyncio.run(_with_nats(args.nats, 5.0, lambda nc: gather(nc, subjects.METRICS, wait_s=args.wait)))
+    texts = asyncio.run(_with_nats(args.nats, 5.0, lambda nc: ask_stages(nc, subjects.METRICS, b"", args.wait)))
     if not texts:
         print(f"# no stage answered on {subjects.METRICS} within {args.wait:g} s", file=sys.stderr)
         return 0
@@ -72,7 +86,7 @@ def run_trace(args: argparse.Namespace) -> int:
 
     _check_wait(args)
     query = orjson.dumps({"id": args.id})
-    replies = asyncio.run(_with_nats(args.nats, 5.0, lambda nc: gather(nc, subjects.TRACE, query, wait_s=args.wait)))
+    replies = asyncio.run(_with_nats(args.nats, 5.0, lambda nc: ask_stages(nc, subjects.TRACE, query, args.wait)))
     stages = [r for r in map(_json, replies) if isinstance(r, dict)]
     traced = [s for s in stages if s.get("spans")]
     if not traced:

@@ -12,11 +12,14 @@ import sys
 from pathlib import Path
 
 import httpx
+import nats
 import pytest
 import pytest_asyncio
 
+from parallax.broker import subjects
 from parallax.broker.server import free_port
 from parallax.stages.metrics import metrics_port
+from parallax.watch import ask_stages
 from tests.conftest import start_nats_server
 from tests.watchkit import LAYERS, MODEL, Served, samples, served, tiny_model, value
 
@@ -143,8 +146,15 @@ async def test_metrics_port_and_the_command_show_every_stage(gw: Served, nats_mo
     served_nodes = {dict(ls).get("node") for (name, ls) in samples(text) if name == "parallax:stage_kv_blocks_total"}
     assert served_nodes == set(gw.cluster.stages)
 
-    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "parallax.cli", "metrics", "--nats", nats_module,
-                                                    "--wait", "2"], capture_output=True, text=True, timeout=60)
+    nc = await nats.connect(nats_module)
+    try:  # ends once every serving stage answered, long before its window
+        answers = await asyncio.wait_for(ask_stages(nc, subjects.METRICS, b"", wait_s=600), 60)
+    finally:
+        await nc.close()
+    assert len(answers) == len(gw.cluster.stages)
+
+    command = [sys.executable, "-m", "parallax.cli", "metrics", "--nats", nats_module]
+    done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     printed = samples(done.stdout)
     for node in gw.cluster.stages:
