@@ -27,7 +27,6 @@ from tests.watchkit import LAYERS, MODEL, Served, served, tiny_model
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "web.png"
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +127,14 @@ async def test_a_browser_sees_both_stages_and_chats_with_a_streamed_answer(gw: S
             await answer.wait_for(timeout=60_000)
             raw, chunks = await answer.get_attribute("data-raw"), int(await answer.get_attribute("data-chunks"))
             await page.screenshot(path=str(tmp_path / "web.png"), full_page=True)
+            rendered = await page.evaluate(r"md.render('# Title\n**bold** and `x<y` [a](https://e.org) [b](javascript:x)"
+                                           r"\n\n```py\n<b>hi</b>\n```\n- one\n- two\n<img src=x onerror=alert(1)>')")
         finally:
             await browser.close()
+    assert rendered == (  # markdown rendered, every piece of model text escaped, no javascript: link
+        '<h3>Title</h3><p><strong>bold</strong> and <code>x&lt;y</code> <a href="https://e.org" target="_blank" '
+        'rel="noopener noreferrer">a</a> [b](javascript:x)</p><pre><code class="language-py">&lt;b&gt;hi&lt;/b&gt;</code>'
+        '</pre><ul><li>one</li><li>two</li></ul><p>&lt;img src=x onerror=alert(1)&gt;</p>')
     assert (tmp_path / "web.png").stat().st_size > 10_000
     body = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 12, "temperature": 0}
     expected = (await gw.client.post("/v1/chat/completions", json=body)).json()["choices"][0]["message"]["content"]
