@@ -40,6 +40,7 @@ from parallax.broker.wire import Grammar, SamplingParams, TokenOut
 from .detok import IncrementalDetokenizer, StopStrings
 from . import structured
 from .chat import encode_chat, template_text
+from .metrics import GatewayMetrics, RequestTimer
 from .pipeline import Pipeline
 from .tools import ToolFormat, ToolStream, format_of, parse_all, tool_grammar
 from .protocol import (
@@ -227,9 +228,12 @@ class _Generation:
     """One running request: pipeline tokens in, text deltas out, with stop strings applied."""
 
     def __init__(
-        self, tokens: AsyncGenerator[TokenOut, None], job: _Job, tokenizer: PreTrainedTokenizerBase
+        self, tokens: AsyncGenerator[TokenOut, None], job: _Job, tokenizer: PreTrainedTokenizerBase,
+        timer: RequestTimer,
     ) -> None:
         self._tokens = tokens
+        self._timer = timer
+        self._finish: FinishReason | None = None
         self._params = job.params
         self._detok = IncrementalDetokenizer(tokenizer, job.prompt_ids)
         self._stops = StopStrings(job.stops)
@@ -239,15 +243,17 @@ class _Generation:
         self.completion_tokens = 0
 
     @classmethod
-    async def start(cls, pipeline: Pipeline, job: _Job, tokenizer: PreTrainedTokenizerBase) -> _Generation:
+    async def start(cls, pipeline: Pipeline, job: _Job, tokenizer: PreTrainedTokenizerBase,
+                    metrics: GatewayMetrics) -> _Generation:
         """Start the request and wait for its first token, so that early errors become HTTP errors."""
         tokens = cast(AsyncGenerator[TokenOut, None], pipeline.generate(job.id, job.prompt_ids, job.params))
-        generation = cls(tokens, job, tokenizer)
+        generation = cls(tokens, job, tokenizer, metrics.request(len(job.prompt_ids)))
         if job.timeout_s is not None:
             error = RequestTimedOut(f"request {job.id} ran past its timeout of {job.timeout_s:g} s")
             generation._deadline = asyncio.get_running_loop().call_later(job.timeout_s, pipeline.cancel, job.id, error)
         try:
             generation._first = await anext(tokens, None)
+            generation._arrived(generation._first)
         except BaseException:
             await generation.close()
             raise
@@ -259,12 +265,14 @@ class _Generation:
         while token is not None:
             delta = self._step(token)
             if delta.finish is not None:
+                self._finish = delta.finish
                 await self.close()
                 yield delta
                 return
             if delta.text:
                 yield delta
             token = await self._next()
+        self._finish = "stop"
         await self.close()  # the pipeline ended without a finish flag: treat it as a stop
         yield _Delta(self._stops.feed(self._detok.flush(), final=True)[0], "stop")
 
@@ -274,8 +282,13 @@ class _Generation:
         # the iterator is closed with aclose(). The pipeline never hangs, so this wait is bounded.
         with anyio.CancelScope(shield=True):
             token = await anext(self._tokens, None)
+            self._arrived(token)
         await anyio.lowlevel.checkpoint()  # deliver a cancellation that arrived while shielded
         return token
+
+    def _arrived(self, token: TokenOut | None) -> None:
+        if token is not None:
+            self._timer.token()
 
     def _step(self, token: TokenOut) -> _Delta:
         """The stage decides ``finish`` (stop token, max_tokens, context); the gateway adds only
@@ -294,6 +307,7 @@ class _Generation:
         if self._closed:
             return
         self._closed = True
+        self._timer.end(self._finish)
         if self._deadline is not None:
             self._deadline.cancel()
         with anyio.CancelScope(shield=True):
@@ -423,8 +437,9 @@ async def _events(generation: _Generation, fmt: _Format, job: _Job) -> AsyncGene
 # ---------------------------------------------------------------------------------------- gateway
 class _Gateway:
     def __init__(self, pipeline: Pipeline, tokenizer: PreTrainedTokenizerBase, model: _ModelInfo,
-                 request_timeout_s: float | None) -> None:
+                 request_timeout_s: float | None, metrics: GatewayMetrics) -> None:
         self._pipeline = pipeline
+        self._metrics = metrics
         self._tokenizer = tokenizer
         self._model = model
         self._request_timeout_s = request_timeout_s
@@ -555,7 +570,7 @@ class _Gateway:
 
     # ---- job -> response
     async def _serve(self, job: _Job, fmt: _Format, stream: bool) -> Response:
-        generation = await _Generation.start(self._pipeline, job, self._tokenizer)
+        generation = await _Generation.start(self._pipeline, job, self._tokenizer, self._metrics)
         if stream:
             return _EventStream(_events(generation, fmt, job))
         pieces: list[str] = []
@@ -583,8 +598,10 @@ def create_app(
     if request_timeout_s is not None and not request_timeout_s > 0:
         raise ValueError(f"request_timeout_s must be positive, got {request_timeout_s}")
     model = _ModelInfo(model_name, max_context, tuple(eos_token_ids))
-    gateway = _Gateway(pipeline, tokenizer, model, request_timeout_s)
+    metrics = GatewayMetrics(model_name)
+    gateway = _Gateway(pipeline, tokenizer, model, request_timeout_s, metrics)
     app = FastAPI(title="Parallax-NATS gateway")
+    app.state.metrics = metrics  # /metrics (gateway/watch.py) serves it
     app.add_middleware(_CatchAll)
     _install_error_handlers(app)
     generation = (400, 404, 499, 502, 503, 504)

@@ -65,6 +65,7 @@ def build(args: argparse.Namespace):
 
 async def serve(args: argparse.Namespace) -> None:
     from .app import create_app
+    from .watch import Watch, add_watch_routes
 
     source, facts, tokenizer, eos = await asyncio.to_thread(build, args)
     nc = await connect(args.nats, name="parallax-gateway")
@@ -73,6 +74,7 @@ async def serve(args: argparse.Namespace) -> None:
     pipeline = NatsPipeline(nc, pipeline_config)
     await pipeline.start()
     app = create_app(pipeline, tokenizer, source.name, facts.max_positions, eos, args.request_timeout)
+    add_watch_routes(app, Watch(nc, pipeline.registry))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower()))
     log.info("gateway for %s on http://%s:%d (NATS %s, routing %s)", source.name, args.host, args.port, args.nats, args.routing)
     try:

@@ -33,6 +33,7 @@ from parallax.broker import chunks, subjects
 from parallax.broker.errors import ChainUnavailable, HopLost, ParallaxError, Retry, StageFailed, WireError
 from parallax.broker.wire import RETRYABLE, ErrorMsg, Forward, ForwardItem, Release, RequestMeta, SamplingParams, TokenOut, Tokens, encode
 from parallax.broker.kv import Presence, nodes_bucket, watch_nodes
+from parallax.broker.observe import TraceContext, current_trace, trace_header
 from parallax.broker.tasks import stop_task
 from parallax.broker.registry import DEAD_NODE_NOTICED_S, HEARTBEAT_INTERVAL_S, Load, NodeInfo, Registry
 from parallax.scheduler.routing import POLICIES, RouteState, choose_route, find_chain, missing_ranges
@@ -73,6 +74,7 @@ class _Request:
 
     attempt: str | None = None
     error: ParallaxError | None = None
+    trace: TraceContext | None = None  # every try's messages name it (stages record their spans under it)
 
     def check(self) -> None:
         if self.error is not None:
@@ -129,7 +131,7 @@ class NatsPipeline:
         tokens so far, up to ``max_retries`` times, with what is left of its max_tokens and
         min_tokens (:meth:`SamplingParams.rest`): the caller sees one unbroken stream. The last
         token carries the last stage's ``finish``."""
-        request = _Request()
+        request = _Request(trace=current_trace.get() or TraceContext.new())  # W3C traceparent of the HTTP request
         self._requests[rid] = request
         generated: list[int] = []
         prefix_cache = True
@@ -185,7 +187,7 @@ class NatsPipeline:
         self.routes.acquire(hops)
         finished, first = False, True
         try:
-            await self._send(rid, prompt_ids, params, chain, prefix_cache, route)
+            await self._send(rid, prompt_ids, params, chain, prefix_cache, route, request.trace)
             while not finished:
                 event = await self._next(queue, chain, route, first, request)
                 first, finished = False, event.finish is not None
@@ -222,14 +224,15 @@ class NatsPipeline:
         return [n.layers for n in self.registry.serving(self.config.model)]
 
     async def _send(self, rid: str, prompt_ids: list[int], params: SamplingParams, chain: list[tuple[int, int]],
-                    prefix_cache: bool, route: tuple[str, ...]) -> None:
+                    prefix_cache: bool, route: tuple[str, ...], trace: TraceContext | None = None) -> None:
         """Publish the prompt to the first node of ``route``, the whole route pinned in the meta."""
         meta = RequestMeta(reply=self.subject, chain=tuple(chain), route=route, sampling=params,
                            prompt_ids=tuple(prompt_ids), prefix_cache=prefix_cache)
         item = ForwardItem(rid=rid, pos=0, n=len(prompt_ids), meta=meta)
         ids = np.asarray(prompt_ids, dtype="<i4").tobytes()
         payload = encode(Forward(items=(item,), dtype="int32", shape=(len(prompt_ids),)), ids)
-        await chunks.publish(self.nc, subjects.node(self.config.model, *chain[0], route[0]), payload)
+        headers = trace_header({rid: trace.child()}) if trace is not None else None
+        await chunks.publish(self.nc, subjects.node(self.config.model, *chain[0], route[0]), payload, headers)
 
     async def _next(self, queue: asyncio.Queue, chain: list[tuple[int, int]], route: tuple[str, ...], first: bool,
                     request: _Request) -> TokenOut:

@@ -2,10 +2,15 @@
 
     parallax up --model smollm2-135m --stages 2 --port 8000
     parallax status --nats nats://127.0.0.1:4222 [--model M] [--json]
+    parallax metrics --nats nats://127.0.0.1:4222
+    parallax trace REQUEST_ID --nats nats://127.0.0.1:4222
+    parallax evict NODE --nats nats://127.0.0.1:4222
 
 ``up`` runs a whole pipeline on this machine: an embedded nats-server (or ``--nats URL``), one stage
 process per layer range and an OpenAI-compatible gateway, and stops all of them on Ctrl-C/SIGTERM.
 ``status`` prints the cluster registry (nodes, layer coverage, leader; see :mod:`parallax.status`).
+``metrics`` prints every stage's Prometheus series, asked over NATS; ``trace`` a request's hops and
+their times; ``evict`` deletes a ghost's record (:mod:`parallax.watch`).
 Exit codes as every command (:mod:`parallax.broker.errors`): 0 after a clean stop, 1 when something
 fails while running (a child process exits), 2 when it cannot start (bad input, NATS unreachable).
 """
@@ -24,8 +29,10 @@ from dataclasses import dataclass
 from parallax.broker.cli import fail
 from parallax.broker.errors import ParallaxError, UsageError
 from parallax.stages.models import QUANTIZE_TYPES, already_quantized
+from parallax.watch import add_wait, run_evict, run_metrics, run_trace
 
 DTYPES = ("float32", "bfloat16", "float16")
+WATCH_COMMANDS = {"metrics": run_metrics, "trace": run_trace, "evict": run_evict}
 READY_TIMEOUT_S = 300.0
 POLL_S = 0.5
 
@@ -89,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--model", help="only this model's nodes and coverage")
     status.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     status.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to connect and read")
+    add_wait(commands.add_parser("metrics", help="print every stage's Prometheus metrics, asked over NATS"))
+    trace = commands.add_parser("trace", help="a request's hops and their times, asked of every stage over NATS")
+    trace.add_argument("id", help="the request's id (the `id` of its response) or its W3C trace id")
+    add_wait(trace)
+    trace.add_argument("--spans", action="store_true", help="also print every span in time order")
+    trace.add_argument("--json", action="store_true", help="print the stages' answers as JSON")
+    evict = commands.add_parser("evict", help="delete a ghost's record (its heartbeat stopped) from the registry")
+    evict.add_argument("node", help="the node id, as `parallax status` shows it")
+    evict.add_argument("--nats", metavar="URL", default="nats://127.0.0.1:4222", help="NATS server")
+    evict.add_argument("--force", action="store_true", help="also when the node still heartbeats (it comes back)")
     return parser
 
 
@@ -241,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             from parallax.status import run_status
 
             return run_status(args)
+        if args.command in WATCH_COMMANDS:
+            return WATCH_COMMANDS[args.command](args)
         return run_up(args)
     except ParallaxError as exc:
         return fail("parallax", exc)

@@ -78,6 +78,7 @@ def build_status(snapshot: Mapping[str, bytes], model: str | None = None, now: f
         assignment = assignments.get(n.node_id) if n.kind == "stage" else None
         d["assignment"] = assignment.model_dump(mode="json") if assignment is not None else None
         d["health"] = health(n, now, stale_s)
+        d["age_s"] = round(max(0.0, now - n.updated), 1)  # since its last heartbeat, by its own clock
         d["weight_bytes"] = weight_bytes(n)
         node_dicts.append(d)
 
@@ -230,6 +231,7 @@ def render_table(status: Mapping[str, Any]) -> str:
         lines.append("")
         lines += [coverage_line(name, m) for name, m in status["models"].items()]
     lines += kernel_lines(status["nodes"])
+    lines += ghost_lines(status["nodes"])
     lines.append("")
     lines.append(f"leader scheduler: {status['leader']}" if status["leader"] else NO_SCHEDULER)
     if status.get("invalid"):
@@ -242,6 +244,16 @@ def kernel_lines(nodes: Iterable[Mapping[str, Any]]) -> list[str]:
     lines = [f"kernels {d['node_id']}: " + ", ".join(f"{op} {name}" for op, name in sorted(d["kernels"].items()))
              for d in nodes if d.get("kernels")]
     return [""] + lines if lines else []
+
+
+def ghost_lines(nodes: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The records whose heartbeat stopped (health ``stale``: a key that should have expired), and how
+    to remove them."""
+    ghosts = [f"{d['node_id']} ({d['kind']}, {d.get('age_s', 0):.0f} s)" for d in nodes if d.get("health") == "stale"]
+    if not ghosts:
+        return []
+    return ["", f"GHOSTS: no heartbeat for over {STALE_S:g} s: {', '.join(ghosts)}; "
+                "`parallax evict NODE` removes one"]
 
 
 def render_json(status: Mapping[str, Any]) -> str:

@@ -15,6 +15,8 @@ from parallax.broker.registry import DRAIN_TIMEOUT_S
 
 from .compute import ComputeThread
 from .engine import EngineConfig
+from . import otel
+from .metrics import metrics_port
 from .models import QUANTIZE_TYPES
 from .worker import NodeFacts, StageWorker, WorkerConfig
 
@@ -58,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on SIGTERM/SIGINT, stop taking new requests and let running ones finish here for up to S "
                         "seconds when no other stage serves this range (else hand them back at once); a second "
                         "signal hands everything back and exits (default %(default)g)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="also serve this stage's Prometheus metrics on http://0.0.0.0:PORT/metrics (they are always "
+                        "answered over NATS: `parallax metrics`, the gateway's /metrics?cluster=1)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -127,6 +132,8 @@ async def serve(args: argparse.Namespace) -> None:
     from .models import architecture
 
     backend_name = resolve_backend(args.backend)
+    if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
+        raise UsageError(f"--metrics-port must be in 1..65535, got {args.metrics_port}")
     layers = parse_layers(args.layers) if args.layers is not None else None
     offered = parse_size(args.memory) if args.memory is not None else None
     if args.threads is not None:
@@ -151,16 +158,18 @@ async def serve(args: argparse.Namespace) -> None:
         fetch_layers(source, start, end, progress)  # an HF id's shards of these layers, unless cached
         return backend.load(source.path, source.name, start, end, args.dtype, device, args.quantize)
 
-    if layers is None:
-        from .auto import AutoStage
+    with metrics_port(args.metrics_port):  # a port in use: OSError, exit 2
+        if layers is None:
+            from .auto import AutoStage
 
-        stage = AutoStage(source.name, facts.profile.num_layers, device, args.dtype,
-                          lambda start, end: load(start, end, stage.downloaded), lambda b: engine_config(args, b),
-                          config, facts, compute)
-        await stage.run(drain)  # a placed stage hands its requests back at once: the scheduler re-places its range
-        return
-    loaded = await compute.run(load, *layers)
-    await (await compute.run(StageWorker, loaded, config, engine_config(args, loaded), facts, compute)).run(stop, drain=drain)
+            stage = AutoStage(source.name, facts.profile.num_layers, device, args.dtype,
+                              lambda start, end: load(start, end, stage.downloaded), lambda b: engine_config(args, b),
+                              config, facts, compute)
+            await stage.run(drain)  # a placed stage hands its requests back at once: the scheduler re-places its range
+            return
+        loaded = await compute.run(load, *layers)
+        worker = await compute.run(StageWorker, loaded, config, engine_config(args, loaded), facts, compute)
+        await worker.run(stop, drain=drain)
 
 
 def default_device(backend: str, device: str | None) -> str:
@@ -177,7 +186,7 @@ def default_device(backend: str, device: str | None) -> str:
 def worker_config(args: argparse.Namespace, tokenizer_path: Path | None = None) -> WorkerConfig:
     named = {} if args.node_id is None else {"node_id": args.node_id}
     return WorkerConfig(nats_url=args.nats, debug_delay_ms=args.debug_delay_ms, drain_timeout_s=args.drain_timeout,
-                        tokenizer_path=tokenizer_path, **named)
+                        tokenizer_path=tokenizer_path, export_spans=otel.from_env(), **named)
 
 
 def check_quantize(path, quantize: str | None, device: str, backend: str = "torch") -> None:

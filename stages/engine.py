@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
 
 from parallax.broker import subjects
@@ -31,6 +32,8 @@ from .grammar import Constraint, Grammars
 
 log = logging.getLogger(__name__)
 Outgoing = list[tuple[str, bytes]]
+# Told of every forward that ran: (rid, rows) per item, wall clock when it started, its seconds (metrics, traces).
+StepObserver = Callable[[Seq[tuple[str, int]], float, float], None]
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class Engine:
         self._released: OrderedDict[str, None] = OrderedDict()
         self.chunk_tokens = self.config.chunk_tokens
         self.draining: str | None = None  # set (the reason) while the stage drains: new requests are refused
+        self.observers: list[StepObserver] = []
 
     # --- called from the NATS side -------------------------------------------------------------
     def submit(self, header: Forward | Release, data: memoryview = memoryview(b"")) -> None:
@@ -316,7 +320,7 @@ class Engine:
     def _run(self, batch: list[tuple[Sequence, Work]]) -> Outgoing:
         items = [StepItem(w.item.rid, w.item.pos, w.item.n, w.data, w.dtype, self._sample_spec(s, w), tuple(s.table),
                           prompt=w.item.pos < len(s.meta.prompt_ids)) for s, w in batch]
-        started = time.perf_counter()
+        started, wall = time.perf_counter(), time.time()
         try:
             result = self.backend.run(items)
         except Exception as e:  # a bad batch must not kill the stage: fail its requests, keep serving
@@ -325,7 +329,10 @@ class Engine:
             for s, _ in batch:
                 self._fail(s.rid, s.reply, f"stage {self._range} failed: {type(e).__name__}: {e}", out, "internal")
             return out
-        self.stats.busy_s += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.stats.busy_s += seconds
+        for observe in self.observers:
+            observe([(w.item.rid, w.item.n) for _, w in batch], wall, seconds)
         self.stats.steps += 1
         self.stats.rows += sum(w.item.n for _, w in batch)
         for s, w in batch:

@@ -2,7 +2,8 @@
 
 Subscribes to its own subject for its layer range (the gateway pins every hop of a request to one
 replica, so replicas share work through the gateway's routing), to the model's release broadcast
-and to the stats request. Its :class:`NodeInfo` goes to the registry
+and to the stats, metrics and trace requests (``parallax.stats``, ``parallax.metrics``,
+``parallax.trace``; see :mod:`.metrics` and :mod:`.trace`). Its :class:`NodeInfo` goes to the registry
 (JetStream KV, :mod:`parallax.broker.kv`) every heartbeat. Malformed messages are logged and
 answered (when they carry a reply subject), never fatal. :meth:`attach`/:meth:`detach` start and
 stop serving on a connection someone else owns (a stage the scheduler moves to another range);
@@ -49,6 +50,8 @@ from .backend import Backend
 from .compute import ComputeThread
 from .engine import Engine, EngineConfig, Outgoing, Stats
 from .grammar import Grammars
+from .metrics import StageMetrics, serving
+from .trace import SpanExport, TraceRecorder
 
 log = logging.getLogger(__name__)
 DRAIN_POLL_S = 0.5  # while draining, how often the registry is read for a replica of this range
@@ -62,6 +65,7 @@ class WorkerConfig:
     debug_delay_ms: float = 0.0  # sleep after every step: a slow node on purpose, for routing tests
     drain_timeout_s: float = DRAIN_TIMEOUT_S  # a drain lets running requests finish here for this long at most
     tokenizer_path: Path | None = None  # the model folder: its tokenizer compiles structured-output grammars (None: refused)
+    export_spans: SpanExport | None = None  # also send every trace span here (OpenTelemetry: stages/otel.py)
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0:
@@ -107,6 +111,11 @@ class StageWorker:
         self.spec = backend.spec
         grammars = None if config.tokenizer_path is None else Grammars(config.tokenizer_path, self.spec.vocab_size)
         self.engine = Engine(backend, config.node_id, engine_config, grammars)
+        self.engine = Engine(backend, config.node_id, engine_config)
+        self.metrics = StageMetrics(self.engine)
+        labels = {"model": self.spec.model, "layers": f"{self.spec.start}:{self.spec.end}", "node": config.node_id}
+        self.tracer = TraceRecorder(labels, config.export_spans)
+        self.engine.observers += [self.metrics.step, self.tracer.step]
         self._wake = asyncio.Event()
         self._stopping = False
         self._reassembler = chunks.Reassembler()
@@ -192,11 +201,13 @@ class StageWorker:
         await self._subscribe()
         self._stopping = False
         self._loop_task = asyncio.create_task(self._engine_loop())
+        serving(self.metrics, True)
         log.info("stage %s serving layers %d:%d of %s", self.config.node_id, self.spec.start, self.spec.end, self.spec.model)
 
     async def detach(self, reason: str) -> None:
         """Stop serving: no new work, the step in progress completes, running requests are handed
         back to their gateways as ``preempted`` (they resume on another chain)."""
+        serving(self.metrics, False)
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs.clear()
@@ -216,11 +227,14 @@ class StageWorker:
             await nc.subscribe(subjects.node(s.model, s.start, s.end, self.config.node_id), cb=self._on_work),
             await nc.subscribe(subjects.release(s.model), cb=self._on_work),
             await nc.subscribe(subjects.STATS, cb=self._on_stats),
+            await nc.subscribe(subjects.METRICS, cb=self._on_metrics),
+            await nc.subscribe(subjects.TRACE, cb=self._on_trace),
         ]
         await nc.flush()
 
     async def _on_work(self, msg: Msg) -> None:
         header = None
+        self.metrics.received(len(msg.data))
         try:
             received = self._reassembler.receive(msg.data, msg.headers)
             if received is None:
@@ -234,8 +248,15 @@ class StageWorker:
             log.warning("dropped malformed message on %s: %s", msg.subject, e)
             await self._refuse(msg.reply, header, f"malformed message: {e}")
             return
-        if isinstance(header, Forward) and header.sent is not None:
-            self._hops_ms.append(max(0.0, (time.time() - header.sent) * 1000))
+        now = time.time()
+        if isinstance(header, Forward):
+            self.tracer.received(header, msg.headers, now)
+            if header.sent is not None:
+                hop = max(0.0, now - header.sent)
+                self._hops_ms.append(hop * 1000)
+                self.metrics.hop(hop)
+        else:
+            self.tracer.forget(header.rids)
         self.engine.submit(header, data)
         self._wake.set()
 
@@ -267,8 +288,21 @@ class StageWorker:
         except (orjson.JSONDecodeError, AttributeError):
             reset = False
         if reset:
+            self.metrics.absorb(self.engine.stats)
             self.engine.stats = Stats()
             self._hops_ms.clear()
+
+    async def _on_metrics(self, msg: Msg) -> None:
+        """This stage's series in the Prometheus text format (``parallax metrics``, ``/metrics?cluster=1``)."""
+        if msg.reply:
+            await self.nc.publish(msg.reply, self.metrics.exposition())
+
+    async def _on_trace(self, msg: Msg) -> None:
+        """This stage's spans of one request (``parallax trace``)."""
+        if msg.reply:
+            s = self.spec
+            stage = {"node_id": self.config.node_id, "model": s.model, "start": s.start, "end": s.end}
+            await self.nc.publish(msg.reply, self.tracer.answer(msg.data, stage, chunks.chunk_limit(self.nc.max_payload)))
 
     def stats(self) -> dict:
         e, s, hops = self.engine, self.engine.stats, sorted(self._hops_ms)
@@ -306,7 +340,11 @@ class StageWorker:
 
     async def _publish(self, outgoing: Outgoing) -> None:
         for subject, payload in outgoing:
-            await chunks.publish(self.nc, subject, payload)
+            self.metrics.sent(len(payload))
+            rids, headers = self.tracer.outgoing(payload)
+            started = time.time()
+            await chunks.publish(self.nc, subject, payload, headers)
+            self.tracer.sent(rids, started, time.time())
 
 
 async def _first_set(*events: asyncio.Event | None) -> None:
