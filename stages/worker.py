@@ -111,7 +111,6 @@ class StageWorker:
         self.spec = backend.spec
         grammars = None if config.tokenizer_path is None else Grammars(config.tokenizer_path, self.spec.vocab_size)
         self.engine = Engine(backend, config.node_id, engine_config, grammars)
-        self.engine = Engine(backend, config.node_id, engine_config)
         self.metrics = StageMetrics(self.engine)
         labels = {"model": self.spec.model, "layers": f"{self.spec.start}:{self.spec.end}", "node": config.node_id}
         self.tracer = TraceRecorder(labels, config.export_spans)
