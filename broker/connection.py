@@ -192,10 +192,21 @@ async def connect(options: NatsOptions, name: str, first_connect_s: float = FIRS
             connecting.cancel()
     if connecting.done() and not connecting.cancelled():
         if (error := connecting.exception()) is None:
-            return connecting.result()
+            return await _tls_as_asked(connecting.result(), options)
         last[:] = [error]
     refusal = refused.result() if refused.done() else last[0] if last and refuses(last[0]) else None
     if refusal is not None:
         raise NatsUnreachable(f"NATS at {url} refused this client ({type(refusal).__name__}: {refusal})")
     reason = "TimeoutError" if not connecting.done() or connecting.cancelled() else type(last[0]).__name__
     raise NatsUnreachable(f"cannot reach NATS at {url} within {first_connect_s:.0f} s ({reason})")
+
+
+async def _tls_as_asked(nc: NATS, options: NatsOptions) -> NATS:
+    """nats-py upgrades to TLS only when the server asks for it, whatever the client holds: with TLS
+    flags given, a server that does not ask would get plaintext. Refuse it (``_server_info``: the
+    server's INFO, which nats-py 2.16 has no public accessor for)."""
+    if options.uses_tls and not nc._server_info.get("tls_required"):
+        await nc.close()
+        raise NatsUnreachable(f"NATS at {options.url} does not require TLS, but TLS flags were given: "
+                              "refusing a plaintext connection")
+    return nc

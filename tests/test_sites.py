@@ -146,7 +146,7 @@ authorization {{ users = [ {{ nkey: {public} }} ] }}
         server.stop()
 
 
-async def test_connect_uses_tls_and_nkey_and_a_refusal_ends_at_once(secure_server):
+async def test_connect_uses_tls_and_nkey_refuses_plaintext_and_a_refusal_ends_at_once(secure_server):
     server, tls, seed = secure_server
     good = NatsOptions(server.url, nkey=seed, tls_ca=tls["ca"], tls_cert=tls["client"], tls_key=tls["client_key"])
     nc = await connect(good, name="test")  # the server takes nothing but TLS with a client certificate
@@ -163,6 +163,12 @@ async def test_connect_uses_tls_and_nkey_and_a_refusal_ends_at_once(secure_serve
         with pytest.raises(NatsUnreachable, match="refused this client"):
             await connect(bad, name="test", first_connect_s=120)
         assert loop.time() - started < 60  # it did not wait out first_connect_s: a refusal is final
+    plain = start_nats_server(jetstream=False)
+    try:
+        with pytest.raises(NatsUnreachable, match="does not require TLS"):  # no silent plaintext
+            await connect(NatsOptions(plain.url, tls_ca=tls["ca"]), name="test")
+    finally:
+        plain.stop()
 
 
 def test_parallax_commands_take_the_flags_and_up_passes_them_on(tmp_path, capsys):
