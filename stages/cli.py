@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 import platform
 import signal
+from pathlib import Path
 
 from parallax.broker.cli import add_nats_args, nats_options, run_command
 from parallax.broker.errors import UsageError
@@ -125,7 +126,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     from .models import architecture
 
-    config = worker_config(args)  # bad connection flags fail before anything loads
+    nats_options(args)  # bad connection flags fail before anything loads (worker_config builds them again)
     backend_name = resolve_backend(args.backend)
     layers = parse_layers(args.layers) if args.layers is not None else None
     offered = parse_size(args.memory) if args.memory is not None else None
@@ -140,6 +141,7 @@ async def serve(args: argparse.Namespace) -> None:
     compute = ComputeThread()  # every torch/numba computation of this process (stages/compute.py)
     facts = await compute.run(node_facts, source.path, args.dtype, device, offered, layers is not None,
                               args.quantize, backend_name)
+    config = worker_config(args, source.path)
     drain, stop = asyncio.Event(), asyncio.Event()  # the first signal drains, a second one stops at once
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -173,9 +175,10 @@ def default_device(backend: str, device: str | None) -> str:
     return device or torch_default()
 
 
-def worker_config(args: argparse.Namespace) -> WorkerConfig:
+def worker_config(args: argparse.Namespace, tokenizer_path: Path | None = None) -> WorkerConfig:
     named = {} if args.node_id is None else {"node_id": args.node_id}
-    return WorkerConfig(nats=nats_options(args), debug_delay_ms=args.debug_delay_ms, drain_timeout_s=args.drain_timeout, **named)
+    return WorkerConfig(nats=nats_options(args), debug_delay_ms=args.debug_delay_ms, drain_timeout_s=args.drain_timeout,
+                        tokenizer_path=tokenizer_path, **named)
 
 
 def check_quantize(path, quantize: str | None, device: str, backend: str = "torch") -> None:
