@@ -143,6 +143,7 @@ async def throughput(requests: int, concurrency: int, max_tokens: int) -> None:
     import openai
     from transformers import AutoTokenizer
 
+    from parallax.broker.connection import NatsOptions
     from parallax.broker.model import eos_token_ids
     from parallax.broker.server import EmbeddedServer, ServerConfig, free_port
     from parallax.gateway.app import create_app
@@ -156,7 +157,7 @@ async def throughput(requests: int, concurrency: int, max_tokens: int) -> None:
     stop, ready = asyncio.Event(), asyncio.Event()
     try:
         backend = await asyncio.to_thread(TorchBackend.load, path, "smollm2-135m", 0, 30, "float32", "cpu")
-        config = WorkerConfig(nats_url=server.url, node_id=f"bench-{uuid.uuid4().hex[:6]}", tokenizer_path=path)
+        config = WorkerConfig(nats=NatsOptions(server.url), node_id=f"bench-{uuid.uuid4().hex[:6]}", tokenizer_path=path)
         worker = StageWorker(backend, config, EngineConfig(kv_blocks=2048))
         task = asyncio.create_task(worker.run(stop, ready))
         await asyncio.wait_for(ready.wait(), 60)

@@ -49,6 +49,7 @@ class Watch:
     nc: NATS | None
     registry: Registry | None = None  # the gateway's live view: how many stages should answer
     nats_url: str = ""  # the NATS server the gateway uses (the join command names it)
+    js_domain: str | None = None  # the JetStream domain of the registry bucket (None: the server's own)
     gather_s: float = GATHER_S  # how long /metrics?cluster=1 waits for the stages' answers (less once all did)
 
     def stages(self) -> int | None:
@@ -112,7 +113,7 @@ def add_watch_routes(app: FastAPI, watch: Watch) -> None:
         nonlocal bucket
         records: dict[str, bytes] = {}
         if watch.nc is not None and watch.nc.is_connected:
-            bucket = bucket or await nodes_bucket(watch.nc)
+            bucket = bucket or await nodes_bucket(watch.nc, watch.js_domain)
             records = await snapshot(bucket)
         status = build_status(records)
         status["served_model"] = metrics.model_name

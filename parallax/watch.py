@@ -21,6 +21,8 @@ from typing import TypeVar
 from nats.aio.client import Client as NATS
 
 from parallax.broker import subjects
+from parallax.broker.cli import add_nats_args, nats_options
+from parallax.broker.connection import NatsOptions
 from parallax.broker.errors import ParallaxError, RegistryError, UsageError
 from parallax.broker.observe import gather
 
@@ -28,20 +30,20 @@ T = TypeVar("T")
 
 
 def add_wait(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nats", metavar="URL", default="nats://127.0.0.1:4222", help="NATS server")
+    add_nats_args(parser)
     parser.add_argument("--wait", type=float, default=2.0, metavar="S",
                         help="seconds to wait for the stages' answers, at most: it ends once every stage the "
                              "registry lists as serving has answered (default %(default)g)")
 
 
-async def _with_nats(url: str, timeout_s: float, work: Callable[[NATS], Awaitable[T]]) -> T:
+async def _with_nats(options: NatsOptions, timeout_s: float, work: Callable[[NATS], Awaitable[T]]) -> T:
     from parallax.broker.connection import connect
 
     connection_log = logging.getLogger("parallax.broker.connection")
     level = connection_log.level
     connection_log.setLevel(logging.ERROR)  # no per-attempt or on-close warnings: an error is the one line
     try:
-        nc = await connect(url, name="parallax-cli", first_connect_s=timeout_s)
+        nc = await connect(options, name="parallax-cli", first_connect_s=timeout_s)
         try:
             return await work(nc)
         finally:
@@ -50,13 +52,13 @@ async def _with_nats(url: str, timeout_s: float, work: Callable[[NATS], Awaitabl
         connection_log.setLevel(level)
 
 
-async def ask_stages(nc: NATS, subject: str, payload: bytes, wait_s: float) -> list[bytes]:
+async def ask_stages(nc: NATS, subject: str, payload: bytes, wait_s: float, js_domain: str | None = None) -> list[bytes]:
     """Every stage's answer to ``payload`` on ``subject``: until each stage the registry lists as
     serving has answered, or ``wait_s``."""
     from parallax.broker.kv import nodes_bucket, parse_node, snapshot
 
     try:
-        records = await snapshot(await nodes_bucket(nc))
+        records = await snapshot(await nodes_bucket(nc, js_domain))
         expected = sum(1 for v in records.values() if (n := parse_node(v)) is not None and n.serves)
     except Exception:  # noqa: BLE001 -- no registry (no JetStream): wait the whole window
         expected = None
@@ -73,7 +75,7 @@ def run_metrics(args: argparse.Namespace) -> int:
     from parallax.gateway.metrics import merge_expositions
 
     _check_wait(args)
-    texts = asyncio.run(_with_nats(args.nats, 5.0, lambda nc: ask_stages(nc, subjects.METRICS, b"", args.wait)))
+    texts = asyncio.run(_with_nats(nats_options(args), 5.0, lambda nc: ask_stages(nc, subjects.METRICS, b"", args.wait, args.js_domain)))
     if not texts:
         print(f"# no stage answered on {subjects.METRICS} within {args.wait:g} s", file=sys.stderr)
         return 0
@@ -86,7 +88,7 @@ def run_trace(args: argparse.Namespace) -> int:
 
     _check_wait(args)
     query = orjson.dumps({"id": args.id})
-    replies = asyncio.run(_with_nats(args.nats, 5.0, lambda nc: ask_stages(nc, subjects.TRACE, query, args.wait)))
+    replies = asyncio.run(_with_nats(nats_options(args), 5.0, lambda nc: ask_stages(nc, subjects.TRACE, query, args.wait, args.js_domain)))
     stages = [r for r in map(_json, replies) if isinstance(r, dict)]
     traced = [s for s in stages if s.get("spans")]
     if not traced:
@@ -151,14 +153,15 @@ def _mean_ms(spans: list[dict], passes: int) -> str:
     return f"{sum(sp['end'] - sp['start'] for sp in spans) * 1000 / max(1, passes or len(spans)):.2f}"
 
 
-async def evict(nc: NATS, node_id: str, force: bool = False, now: float | None = None) -> list[str]:
+async def evict(nc: NATS, node_id: str, force: bool = False, js_domain: str | None = None,
+                now: float | None = None) -> list[str]:
     """Delete every record of ``node_id`` (``stage.``/``gateway.``/``scheduler.<id>``); the keys deleted.
     UsageError when there is none, or when it still heartbeats (unless ``force``)."""
     from parallax.broker.kv import KINDS, nodes_bucket, parse_node, snapshot
     from parallax.broker.registry import node_key
     from parallax.status import STALE_S
 
-    kv = await nodes_bucket(nc)
+    kv = await nodes_bucket(nc, js_domain)
     records = await snapshot(kv)
     keys = [key for key in (node_key(kind, node_id) for kind in KINDS) if key in records]
     if not keys:
@@ -179,6 +182,6 @@ async def evict(nc: NATS, node_id: str, force: bool = False, now: float | None =
 
 
 def run_evict(args: argparse.Namespace) -> int:
-    keys = asyncio.run(_with_nats(args.nats, 5.0, lambda nc: evict(nc, args.node, args.force)))
+    keys = asyncio.run(_with_nats(nats_options(args), 5.0, lambda nc: evict(nc, args.node, args.force, args.js_domain)))
     print(f"evicted {', '.join(keys)}")
     return 0

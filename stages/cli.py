@@ -9,7 +9,7 @@ import platform
 import signal
 from pathlib import Path
 
-from parallax.broker.cli import run_command
+from parallax.broker.cli import add_nats_args, nats_options, run_command
 from parallax.broker.errors import UsageError
 from parallax.broker.registry import DRAIN_TIMEOUT_S
 
@@ -30,7 +30,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="half-open global layer range, e.g. 0:15 (default: ask a parallax-scheduler for one)")
     p.add_argument("--memory", default=None, metavar="SIZE",
                    help="memory this node offers for weights + KV cache, e.g. 8GiB (default: 80%% of free memory)")
-    p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS server URL")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="activation and KV cache dtype (weights stay as stored: bf16/fp16 as is, GGUF as its blocks)")
     p.add_argument("--quantize", choices=QUANTIZE_TYPES, default=None,
@@ -64,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also serve this stage's Prometheus metrics on http://0.0.0.0:PORT/metrics (they are always "
                         "answered over NATS: `parallax metrics`, the gateway's /metrics?cluster=1)")
     p.add_argument("--log-level", default="INFO")
+    add_nats_args(p)
     return p.parse_args(argv)
 
 
@@ -131,6 +131,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     from .models import architecture
 
+    nats_options(args)  # bad connection flags fail before anything loads (worker_config builds them again)
     backend_name = resolve_backend(args.backend)
     if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
         raise UsageError(f"--metrics-port must be in 1..65535, got {args.metrics_port}")
@@ -185,7 +186,7 @@ def default_device(backend: str, device: str | None) -> str:
 
 def worker_config(args: argparse.Namespace, tokenizer_path: Path | None = None) -> WorkerConfig:
     named = {} if args.node_id is None else {"node_id": args.node_id}
-    return WorkerConfig(nats_url=args.nats, debug_delay_ms=args.debug_delay_ms, drain_timeout_s=args.drain_timeout,
+    return WorkerConfig(nats=nats_options(args), debug_delay_ms=args.debug_delay_ms, drain_timeout_s=args.drain_timeout,
                         tokenizer_path=tokenizer_path, export_spans=otel.from_env(), **named)
 
 
