@@ -5,6 +5,7 @@
     parallax.<model>.release                   broadcast: drop the KV/state of finished or aborted requests
     parallax.gateway.<gateway>                 tokens and errors for the requests of one gateway
     parallax.stats                             request: every stage answers with its counters ({"reset": true} zeroes them)
+    parallax.stage.<node>                      request: one stage's counters (its nats.micro endpoint, stages/micro.py)
 
 Who is alive and what it serves is not a subject: it is the JetStream KV bucket ``parallax-nodes``
 (:mod:`parallax.broker.kv`). Layer indices are global and half-open (``a:b`` serves layers a..b-1).
@@ -35,3 +36,7 @@ def release(model: str) -> str:
 
 def gateway(gateway_id: str) -> str:
     return f"{PREFIX}.gateway.{token(gateway_id)}"
+
+
+def stage(node_id: str) -> str:
+    return f"{PREFIX}.stage.{token(node_id)}"

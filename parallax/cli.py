@@ -2,10 +2,12 @@
 
     parallax up --model smollm2-135m --stages 2 --port 8000
     parallax status --nats nats://127.0.0.1:4222 [--model M] [--json]
+    parallax auth init DIR [--host NAME ...] [--force]
 
 ``up`` runs a whole pipeline on this machine: an embedded nats-server (or ``--nats URL``), one stage
 process per layer range and an OpenAI-compatible gateway, and stops all of them on Ctrl-C/SIGTERM.
 ``status`` prints the cluster registry (nodes, layer coverage, leader; see :mod:`parallax.status`).
+``auth init`` writes an nkey per role, their subject permissions and TLS certificates (:mod:`parallax.auth`).
 Exit codes as every command (:mod:`parallax.broker.errors`): 0 after a clean stop, 1 when something
 fails while running (a child process exits), 2 when it cannot start (bad input, NATS unreachable).
 """
@@ -22,6 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from parallax.broker.cli import fail
+from parallax.auth import add_parser as add_auth_parser
 from parallax.broker.errors import ParallaxError, UsageError
 from parallax.stages.models import QUANTIZE_TYPES, already_quantized
 
@@ -89,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--model", help="only this model's nodes and coverage")
     status.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     status.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to connect and read")
+    add_auth_parser(commands)
     return parser
 
 
@@ -241,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             from parallax.status import run_status
 
             return run_status(args)
+        if args.command == "auth":
+            from parallax.auth import run_auth
+
+            return run_auth(args)
         return run_up(args)
     except ParallaxError as exc:
         return fail("parallax", exc)
