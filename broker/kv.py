@@ -35,9 +35,10 @@ KINDS = ("stage", "gateway", "scheduler")
 DELETED = ("DEL", "PURGE")
 
 
-async def nodes_bucket(nc: NATS, timeout_s: float = 5.0) -> KeyValue:
-    """The ``parallax-nodes`` bucket, created on first use (several nodes may race to create it)."""
-    js = nc.jetstream(timeout=timeout_s)
+async def nodes_bucket(nc: NATS, domain: str | None = None, timeout_s: float = 5.0) -> KeyValue:
+    """The ``parallax-nodes`` bucket in JetStream domain ``domain`` (None: the server's own), created on
+    first use (several nodes may race to create it)."""
+    js = nc.jetstream(timeout=timeout_s, domain=domain)
     try:
         return await js.key_value(NODES_BUCKET)
     except js_errors.BucketNotFoundError:

@@ -57,6 +57,7 @@ class PipelineConfig:
     chain_wait_s: float = 30.0  # how long a resubmission waits for a complete chain (a stage reloading or dead)
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
     routing: Literal["load", "round-robin"] = "load"  # how a request's replicas are chosen (scheduler.routing)
+    js_domain: str | None = None  # the JetStream domain of the registry bucket (None: the server's own)
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.first_token_timeout_s <= 0 or self.stall_timeout_s <= 0 or self.check_every_s <= 0:
@@ -98,7 +99,7 @@ class NatsPipeline:
         """Subscribe to replies, load the registry (returns once the current nodes are known) and
         register this gateway."""
         await self.nc.subscribe(self.subject, cb=self._on_reply)
-        kv = await nodes_bucket(self.nc)
+        kv = await nodes_bucket(self.nc, self.config.js_domain)
         ready = asyncio.Event()
         self._tasks.append(asyncio.create_task(watch_nodes(kv, self.registry, self._changed.set, ready)))
         await asyncio.wait_for(ready.wait(), 10)

@@ -22,6 +22,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from parallax.broker.cli import nats_options
+from parallax.broker.connection import NatsOptions
 from parallax.broker.errors import RegistryError, UsageError
 from parallax.broker.registry import LEADER_KEY, Assignment, NodeInfo
 from parallax.scheduler.graph import disjoint_chains, find_chain, missing_ranges
@@ -251,7 +253,7 @@ def render_json(status: Mapping[str, Any]) -> str:
 
 
 # --- NATS part -----------------------------------------------------------------------------------
-async def fetch_snapshot(url: str, timeout_s: float = 5.0) -> dict[str, bytes]:
+async def fetch_snapshot(options: NatsOptions, timeout_s: float = 5.0) -> dict[str, bytes]:
     """Every live key of ``parallax-nodes`` and its value. Raises ``NatsUnreachable``, ``NoJetStream``
     or :class:`RegistryError`."""
     import nats.errors
@@ -259,9 +261,10 @@ async def fetch_snapshot(url: str, timeout_s: float = 5.0) -> dict[str, bytes]:
     from parallax.broker.connection import connect
     from parallax.broker.kv import nodes_bucket, snapshot
 
-    nc = await connect(url, name="parallax-status", first_connect_s=timeout_s)
+    url = options.url
+    nc = await connect(options, name="parallax-status", first_connect_s=timeout_s)
     try:
-        kv = await nodes_bucket(nc, timeout_s=timeout_s)  # NoJetStream passes through
+        kv = await nodes_bucket(nc, options.js_domain, timeout_s=timeout_s)  # NoJetStream passes through
         return await asyncio.wait_for(snapshot(kv), timeout_s * 2)
     except asyncio.TimeoutError:  # nats.errors.TimeoutError is one too
         raise RegistryError(f"NATS at {url} did not answer within {timeout_s * 2:.0f} s") from None
@@ -283,7 +286,7 @@ def run_status(args: argparse.Namespace) -> int:
     level = connection_log.level
     connection_log.setLevel(logging.ERROR)  # no per-attempt warnings: the error is the one line
     try:
-        snap = asyncio.run(fetch_snapshot(args.nats, args.timeout))
+        snap = asyncio.run(fetch_snapshot(nats_options(args), args.timeout))
     finally:
         connection_log.setLevel(level)
     status = build_status(snap, model=args.model)

@@ -47,9 +47,9 @@ class AutoStage:
                          progress=self.progress if self.state == "loading" else None)
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-        nc = await connect(self.config.nats_url, name=f"parallax-stage-{self.config.node_id}")
+        nc = await connect(self.config.nats, name=f"parallax-stage-{self.config.node_id}")
         try:
-            kv = await nodes_bucket(nc)
+            kv = await nodes_bucket(nc, self.config.nats.js_domain)
             async with Presence(kv, self.describe, self.config.heartbeat_s) as presence:
                 self._presence = presence
                 log.info("stage %s waiting for a layer assignment (key %s)", self.config.node_id, assign_key(self.config.node_id))

@@ -8,7 +8,7 @@ import importlib.util
 import platform
 import signal
 
-from parallax.broker.cli import run_command
+from parallax.broker.cli import add_nats_args, nats_options, run_command
 from parallax.broker.errors import UsageError
 from parallax.broker.registry import DRAIN_TIMEOUT_S
 
@@ -27,7 +27,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="half-open global layer range, e.g. 0:15 (default: ask a parallax-scheduler for one)")
     p.add_argument("--memory", default=None, metavar="SIZE",
                    help="memory this node offers for weights + KV cache, e.g. 8GiB (default: 80%% of free memory)")
-    p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS server URL")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="activation and KV cache dtype (weights stay as stored: bf16/fp16 as is, GGUF as its blocks)")
     p.add_argument("--quantize", choices=QUANTIZE_TYPES, default=None,
@@ -58,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "seconds when no other stage serves this range (else hand them back at once); a second "
                         "signal hands everything back and exits (default %(default)g)")
     p.add_argument("--log-level", default="INFO")
+    add_nats_args(p)
     return p.parse_args(argv)
 
 
@@ -125,6 +125,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     from .models import architecture
 
+    config = worker_config(args)  # bad connection flags fail before anything loads
     backend_name = resolve_backend(args.backend)
     layers = parse_layers(args.layers) if args.layers is not None else None
     offered = parse_size(args.memory) if args.memory is not None else None
@@ -139,7 +140,6 @@ async def serve(args: argparse.Namespace) -> None:
     compute = ComputeThread()  # every torch/numba computation of this process (stages/compute.py)
     facts = await compute.run(node_facts, source.path, args.dtype, device, offered, layers is not None,
                               args.quantize, backend_name)
-    config = worker_config(args)
     drain, stop = asyncio.Event(), asyncio.Event()  # the first signal drains, a second one stops at once
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -175,7 +175,7 @@ def default_device(backend: str, device: str | None) -> str:
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
     named = {} if args.node_id is None else {"node_id": args.node_id}
-    return WorkerConfig(nats_url=args.nats, debug_delay_ms=args.debug_delay_ms, drain_timeout_s=args.drain_timeout, **named)
+    return WorkerConfig(nats=nats_options(args), debug_delay_ms=args.debug_delay_ms, drain_timeout_s=args.drain_timeout, **named)
 
 
 def check_quantize(path, quantize: str | None, device: str, backend: str = "torch") -> None:

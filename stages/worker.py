@@ -37,7 +37,7 @@ from nats.js.kv import KeyValue
 
 from parallax import __version__
 from parallax.broker import chunks, subjects
-from parallax.broker.connection import connect
+from parallax.broker.connection import NatsOptions, connect
 from parallax.broker.errors import WireError
 from parallax.broker.kv import Presence, nodes_bucket, parse_node, snapshot
 from parallax.broker.wire import ErrorMsg, Forward, Release, encode
@@ -54,7 +54,7 @@ DRAIN_POLL_S = 0.5  # while draining, how often the registry is read for a repli
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats: NatsOptions = NatsOptions()
     node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
     debug_delay_ms: float = 0.0  # sleep after every step: a slow node on purpose, for routing tests
@@ -126,9 +126,9 @@ class StageWorker:
                   drain: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set (running requests are handed back at once) or ``drain`` is set
         (see :meth:`drain`), registered in the KV registry; a clean exit deletes the key."""
-        nc = await connect(self.config.nats_url, name=f"parallax-stage-{self.config.node_id}")
+        nc = await connect(self.config.nats, name=f"parallax-stage-{self.config.node_id}")
         try:
-            kv = await nodes_bucket(nc)
+            kv = await nodes_bucket(nc, self.config.nats.js_domain)
             await self.attach(nc)
             async with Presence(kv, self.describe, self.config.heartbeat_s):
                 if ready is not None:

@@ -16,6 +16,7 @@ from dataclasses import replace
 import nats
 import pytest
 
+from parallax.broker.connection import NatsOptions
 from parallax.broker.errors import ChainUnavailable, StageFailed
 from parallax.broker.wire import SamplingParams
 from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
@@ -40,7 +41,7 @@ async def add_drainable(c: Cluster, start: int, end: int, drain_timeout_s: float
     cluster's close stops it as any other."""
     backend = await asyncio.to_thread(TorchBackend.load, c.path, c.model, start, end, "float32", "cpu")
     node_id = f"d{start}-{end}-{uuid.uuid4().hex[:6]}"
-    config = WorkerConfig(nats_url=c.url, node_id=node_id, heartbeat_s=0.2, debug_delay_ms=debug_delay_ms,
+    config = WorkerConfig(nats=NatsOptions(c.url), node_id=node_id, heartbeat_s=0.2, debug_delay_ms=debug_delay_ms,
                           drain_timeout_s=drain_timeout_s)
     worker = StageWorker(backend, config, EngineConfig(kv_blocks=512))
     stop, drain, ready = asyncio.Event(), asyncio.Event(), asyncio.Event()
