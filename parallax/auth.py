@@ -3,6 +3,8 @@
     DIR/<role>.nk                       the role's nkey seed (0600): ``--nkey DIR/stage.nk``
     DIR/auth.conf                       ``authorization { users = [...] }``: each role's public nkey and
                                         subject permissions (``include`` it in nats-server's config)
+    DIR/leaf-seed.conf                  the leaf role's seed as a config variable (0600), for a leaf site's
+                                        ``remotes [{ nkey: $PARALLAX_LEAF_SEED }]``
     DIR/tls.conf, DIR/mtls.conf         the client listener's ``tls { }`` block: server certificate only, or
                                         also requiring a client certificate signed by the CA (mutual TLS)
     DIR/ca.pem                          the CA every process trusts: ``--tls-ca DIR/ca.pem``
@@ -148,6 +150,7 @@ def init(plan: AuthPlan) -> list[Path]:
     written = [_write(plan.directory / f"{role}.nk", new_seed(), private=True) for role in ROLES]
     conf = render_auth_conf({role: public_key(plan.directory / f"{role}.nk") for role in ROLES})
     written.append(_write(plan.directory / "auth.conf", conf))
+    written.append(_write(plan.directory / "leaf-seed.conf", render_leaf_seed(plan.directory / "leaf.nk"), private=True))
     written += write_certificates(plan.directory, plan.names)
     written.append(_write(plan.directory / "tls.conf", render_tls_conf(plan.directory, verify=False)))
     written.append(_write(plan.directory / "mtls.conf", render_tls_conf(plan.directory, verify=True)))
@@ -201,6 +204,14 @@ def render_auth_conf(public_keys: dict[str, str]) -> str:
             "#   include ./auth/auth.conf      (a path relative to the including file)\n"
             "# A connection without one of these nkeys is refused.\n"
             "authorization {\n  users = [\n" + ",\n".join(users) + "\n  ]\n}\n")
+
+
+def render_leaf_seed(seed_file: Path) -> str:
+    """nats-server takes a leaf remote's nkey as an inline seed: this variable keeps it out of the site's config."""
+    seed = seed_file.read_text().strip()
+    return ("# The leaf role's seed (secret). A leaf site's config: include auth/leaf-seed.conf, then\n"
+            "#   leafnodes { remotes [{ url: \"tls://hub:7422\", nkey: $PARALLAX_LEAF_SEED, tls { ... } }] }\n"
+            f"PARALLAX_LEAF_SEED: {json.dumps(seed)}\n")
 
 
 def render_tls_conf(directory: Path, verify: bool) -> str:

@@ -6,8 +6,12 @@ and a gateway, in this process) serving a greedy completion with auth and TLS on
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import shlex
 import ssl
 import stat
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from parallax.broker.connection import NatsOptions, connect
 from parallax.broker.errors import NatsUnreachable
 from parallax.broker.kv import CasBucket, Presence, nodes_bucket
 from parallax.broker.registry import LEADER_KEY, NodeInfo, assign_key
+from parallax.broker.server import nats_server_binary
 from parallax.broker.wire import SamplingParams
 from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
 from parallax.stages.engine import EngineConfig
@@ -33,6 +38,7 @@ from parallax.stages.worker import StageWorker, WorkerConfig
 from tests.cluster import make_tiny_model, reference_greedy
 from tests.conftest import start_nats_server
 
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 HOSTS = ("parallax-hub.example", "10.1.2.3")
 DENIED_S = 0.5  # how long a JetStream write waits for the ack a denied publish never gets
 
@@ -140,6 +146,50 @@ def test_init_refuses_an_existing_directory_without_force(auth_dir: Path, tmp_pa
     assert cli.main(["auth", "init", str(target), "--force"]) == 0
     assert (target / "stage.nk").read_bytes() != seed
     assert cli.main(["auth", "init", str(tmp_path / "bad"), "--host", "a b"]) == 2
+
+
+# --- deploy/ ------------------------------------------------------------------------------------------
+def test_deploy_configs_are_valid_with_auth_inits_output(auth_dir: Path):
+    """Every nats-server config in deploy/ parses (``nats-server -t``) with auth/ from auth init next to it."""
+    root = auth_dir.parent
+    configs = sorted(DEPLOY.glob("*.conf"))
+    assert {c.name for c in configs} >= {"nats-server.conf", "leaf-site.conf", "cluster.conf"}
+    for conf in configs:
+        text = conf.read_text().replace("/etc/parallax/", f"{root}/").replace("/var/lib/nats", str(root / "js"))
+        (root / conf.name).write_text(text)
+        done = subprocess.run([nats_server_binary(), "-t", "-c", str(root / conf.name)], capture_output=True, text=True,
+                              timeout=30, env={**os.environ, "PARALLAX_NATS_NAME": "nats-1"})
+        assert done.returncode == 0, (conf.name, done.stdout + done.stderr)
+
+
+def deploy_commands() -> list[list[str]]:
+    """The Parallax command lines of deploy/compose.yaml and deploy/systemd (their defaults filled in)."""
+    import yaml
+
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    lines = [s["command"] for s in compose["services"].values() if s["command"][0].startswith("parallax-")]
+    for unit in sorted((DEPLOY / "systemd").glob("parallax-*.service")):
+        text = unit.read_text()
+        env = dict(re.findall(r'^Environment="?(\w+)=(.*?)"?$', text, re.M))
+        exec_start = re.search(r"^ExecStart=(.*)$", text, re.M).group(1).replace("%i", "0:3")
+        words = shlex.split(re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], exec_start))
+        lines.append([Path(words[0]).name, *words[1:]])
+    return lines
+
+
+def test_deploy_command_lines_use_flags_the_commands_take(auth_dir: Path):
+    from parallax.broker.cli import nats_options
+    from parallax.gateway.cli import parse_args as gateway_args
+    from parallax.scheduler.cli import parse_args as scheduler_args
+    from parallax.stages.cli import parse_args as stage_args
+
+    parsers = {"parallax-stage": stage_args, "parallax-gateway": gateway_args, "parallax-scheduler": scheduler_args}
+    lines = deploy_commands()
+    assert {line[0] for line in lines} == set(parsers)
+    for line in lines:
+        args = parsers[line[0]]([word.replace("/etc/parallax/auth", str(auth_dir)) for word in line[1:]])
+        options = nats_options(args)  # the role's seed and the CA exist and are what they claim
+        assert options.nkey == auth_dir / f"{line[0].removeprefix('parallax-')}.nk" and options.tls_ca is not None, line
 
 
 # --- who may connect ---------------------------------------------------------------------------------
