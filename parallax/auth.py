@@ -10,6 +10,7 @@
     DIR/ca.pem                          the CA every process trusts: ``--tls-ca DIR/ca.pem``
     DIR/server-cert.pem, -key.pem       the servers' certificate (client listener, cluster routes, leaf links)
     DIR/<role>-cert.pem, -key.pem       a client certificate per role, for mutual TLS (``--tls-cert/--tls-key``)
+                                        (certificates: :mod:`parallax.certs`)
 
 Roles (:data:`ROLES`): ``stage``, ``gateway``, ``scheduler``, ``admin`` (the ``nats`` CLI) and ``leaf`` (the
 link of a leaf site's server to the hub). Permissions follow the data flow (:func:`permissions`). Private
@@ -19,8 +20,6 @@ keys and seeds are written 0600; the directory 0700.
 from __future__ import annotations
 
 import argparse
-import datetime
-import ipaddress
 import json
 import os
 from dataclasses import dataclass, field
@@ -34,8 +33,6 @@ from parallax.stages.micro import SERVICE as STAGE_SERVICE
 
 ROLES = ("stage", "gateway", "scheduler", "admin", "leaf")
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")  # always in the server certificate
-CA_DAYS = 3650
-CERT_DAYS = 825
 
 P = subjects.PREFIX
 _STREAM = f"KV_{NODES_BUCKET}"
@@ -45,7 +42,7 @@ RELEASE = f"{P}.*.release"  # subjects.release()
 GATEWAYS = f"{P}.gateway.*"  # subjects.gateway(): every gateway's replies
 STAGES = f"{P}.stage.*"  # subjects.stage(): a stage's nats.micro endpoint
 # Answers a stage connection may send to one request: one per worker on it (two while it moves to another
-# range). With a limit of 1 the server denied both answers of a connection subscribed twice.
+# range). With a limit of 1, nats-server 2.15 denied both answers of a connection subscribed twice.
 STAGE_ANSWERS = 4
 
 
@@ -55,14 +52,13 @@ def _js_api(*suffixes: str) -> list[str]:
 
 
 # What every service role needs of the registry bucket: find it (or create it when first up: account INFO
-# first), read keys
-# (direct get), list and watch them (ordered consumers: create, delete when the watch stops). Acks and
-# deliveries come to the connection's _INBOX.
+# first), read keys (direct get), list and watch them (ordered consumers: create, info, delete when the
+# watch stops, flow-control replies). Acks and deliveries come to the connection's _INBOX.
 REGISTRY_READ = _js_api(
     "INFO", f"STREAM.INFO.{_STREAM}", f"STREAM.CREATE.{_STREAM}", f"STREAM.MSG.GET.{_STREAM}",
     f"DIRECT.GET.{_STREAM}", f"DIRECT.GET.{_STREAM}.>",
     f"CONSUMER.CREATE.{_STREAM}", f"CONSUMER.CREATE.{_STREAM}.>", f"CONSUMER.INFO.{_STREAM}.*", f"CONSUMER.DELETE.{_STREAM}.*",
-) + [f"$JS.FC.{_STREAM}.>"]  # flow-control replies of a watch
+) + [f"$JS.FC.{_STREAM}.>"]
 
 
 def _kv_write(*keys: str) -> list[str]:
@@ -151,7 +147,10 @@ def init(plan: AuthPlan) -> list[Path]:
     conf = render_auth_conf({role: public_key(plan.directory / f"{role}.nk") for role in ROLES})
     written.append(_write(plan.directory / "auth.conf", conf))
     written.append(_write(plan.directory / "leaf-seed.conf", render_leaf_seed(plan.directory / "leaf.nk"), private=True))
-    written += write_certificates(plan.directory, plan.names)
+    from parallax.certs import pem_files
+
+    for name, data in pem_files(plan.names, ROLES).items():
+        written.append(_write(plan.directory / name, data, private=name.endswith("-key.pem")))
     written.append(_write(plan.directory / "tls.conf", render_tls_conf(plan.directory, verify=False)))
     written.append(_write(plan.directory / "mtls.conf", render_tls_conf(plan.directory, verify=True)))
     return written
@@ -160,11 +159,8 @@ def init(plan: AuthPlan) -> list[Path]:
 def _prepare(directory: Path, force: bool) -> None:
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"{directory} exists and is not a directory")
-    if directory.is_dir() and any(directory.iterdir()):
-        if not force:
-            raise UsageError(f"{directory} exists and is not empty; pass --force to replace its keys and certificates")
-        for role in ROLES:  # stale seeds are replaced, not kept alongside new public keys
-            (directory / f"{role}.nk").unlink(missing_ok=True)
+    if directory.is_dir() and any(directory.iterdir()) and not force:
+        raise UsageError(f"{directory} exists and is not empty; pass --force to replace its keys and certificates")
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
 
@@ -222,102 +218,6 @@ def render_tls_conf(directory: Path, verify: bool) -> str:
             f"  key_file: {json.dumps(str(directory / 'server-key.pem'))}\n"
             f"  ca_file: {json.dumps(str(directory / 'ca.pem'))}\n"
             f"  verify: {'true' if verify else 'false'}\n  timeout: 5\n}}\n")
-
-
-# --- certificates (the cryptography package) ------------------------------------------------------
-def write_certificates(directory: Path, names: tuple[str, ...]) -> list[Path]:
-    """A CA, a server certificate for ``names`` (server and client use: routes and leaf links dial out
-    with it too) and one client certificate per role, each with its own P-256 key."""
-    from cryptography.x509.oid import ExtendedKeyUsageOID
-
-    ca_key, ca_cert = _ca()
-    written = [_write(directory / "ca.pem", _pem(ca_cert)), _write(directory / "ca-key.pem", _key_pem(ca_key), private=True)]
-    usages = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
-    written += _issue(directory, "server", ca_key, ca_cert, "parallax-nats-server", names, usages)
-    for role in ROLES:
-        written += _issue(directory, role, ca_key, ca_cert, f"parallax-{role}", (), (ExtendedKeyUsageOID.CLIENT_AUTH,))
-    return written
-
-
-def _ca():
-    from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = _name("Parallax-NATS CA")
-    builder = _builder(name, name, key.public_key(), CA_DAYS)
-    builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-    builder = builder.add_extension(_usage(cert_sign=True), critical=True)
-    builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    return key, _sign(builder, key)
-
-
-def _issue(directory: Path, stem: str, ca_key, ca_cert, common_name: str, names: tuple[str, ...], usages) -> list[Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    builder = _builder(_name(common_name), ca_cert.subject, key.public_key(), CERT_DAYS)
-    builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-    builder = builder.add_extension(_usage(cert_sign=False), critical=True)
-    builder = builder.add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
-    builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-    if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
-    cert = _sign(builder, ca_key)
-    return [_write(directory / f"{stem}-cert.pem", _pem(cert)), _write(directory / f"{stem}-key.pem", _key_pem(key), private=True)]
-
-
-def _name(common_name: str):
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Parallax-NATS"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _builder(subject, issuer, public_key, days: int):
-    from cryptography import x509
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=days)))
-
-
-def _usage(cert_sign: bool):
-    from cryptography import x509
-
-    return x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                         key_agreement=not cert_sign, key_cert_sign=cert_sign, crl_sign=cert_sign,
-                         encipher_only=False, decipher_only=False)
-
-
-def _san(name: str):
-    from cryptography import x509
-
-    try:
-        return x509.IPAddress(ipaddress.ip_address(name))
-    except ValueError:
-        return x509.DNSName(name)
-
-
-def _sign(builder, key):
-    from cryptography.hazmat.primitives import hashes
-
-    return builder.sign(key, hashes.SHA256())
-
-
-def _pem(cert) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
 # --- the command -----------------------------------------------------------------------------------
