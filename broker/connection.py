@@ -162,6 +162,15 @@ def refuses(error: BaseException) -> bool:
     return isinstance(error, REFUSED) or "authorization violation" in str(error).lower()
 
 
+def error_line(error: BaseException) -> str:
+    """An asynchronous error as one log line. A permission violation (the server dropped a publish or
+    refused a subscription; the connection stays open) says so first."""
+    text = str(error) or type(error).__name__
+    if "permissions violation" in text.lower():
+        return f"permission denied: {text.removeprefix('nats: ')} (see this role's permissions in auth.conf)"
+    return text
+
+
 async def connect(options: NatsOptions, name: str, first_connect_s: float = FIRST_CONNECT_S, **extra) -> NATS:
     """Connect within ``first_connect_s``; once connected, reconnect forever (stages outlive blips).
     A server that refuses this client (credentials, TLS) ends the first connect at once."""
@@ -173,7 +182,7 @@ async def connect(options: NatsOptions, name: str, first_connect_s: float = FIRS
         last[:] = [e]
         if refuses(e) and not refused.done():
             refused.set_result(e)  # only the first connect waits on it
-        log.warning("NATS %s: %s", url, e or type(e).__name__)
+        log.warning("NATS %s: %s", url, error_line(e))
 
     async def on_disconnect() -> None:
         log.warning("NATS %s: disconnected, reconnecting", url)

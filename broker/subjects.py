@@ -7,6 +7,7 @@
     parallax.stats                             request: every stage answers with its counters ({"reset": true} zeroes them)
     parallax.metrics                           request: every stage answers with its Prometheus text exposition
     parallax.trace                             request {"id": ...}: every stage answers with its spans of that request
+    parallax.stage.<node>                      request: one stage's counters (its nats.micro endpoint, stages/micro.py)
 
 Who is alive and what it serves is not a subject: it is the JetStream KV bucket ``parallax-nodes``
 (:mod:`parallax.broker.kv`). Layer indices are global and half-open (``a:b`` serves layers a..b-1).
@@ -39,3 +40,7 @@ def release(model: str) -> str:
 
 def gateway(gateway_id: str) -> str:
     return f"{PREFIX}.gateway.{token(gateway_id)}"
+
+
+def stage(node_id: str) -> str:
+    return f"{PREFIX}.stage.{token(node_id)}"

@@ -5,8 +5,9 @@
     parallax metrics --nats nats://127.0.0.1:4222
     parallax trace REQUEST_ID --nats nats://127.0.0.1:4222
     parallax evict NODE --nats nats://127.0.0.1:4222
+    parallax auth init DIR [--host NAME ...] [--force]
 
-Both take the connection flags of every command (``--nats URL[,URL...]``, ``--creds``, ``--nkey``,
+Every command but ``auth`` takes the connection flags (``--nats URL[,URL...]``, ``--creds``, ``--nkey``,
 ``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--js-domain``); ``up`` passes them to its children.
 
 ``up`` runs a whole pipeline on this machine: an embedded nats-server (or ``--nats URL``), one stage
@@ -14,6 +15,7 @@ process per layer range and an OpenAI-compatible gateway, and stops all of them 
 ``status`` prints the cluster registry (nodes, layer coverage, leader; see :mod:`parallax.status`).
 ``metrics`` prints every stage's Prometheus series, asked over NATS; ``trace`` a request's hops and
 their times; ``evict`` deletes a ghost's record (:mod:`parallax.watch`).
+``auth init`` writes an nkey per role, their subject permissions and TLS certificates (:mod:`parallax.auth`).
 Exit codes as every command (:mod:`parallax.broker.errors`): 0 after a clean stop, 1 when something
 fails while running (a child process exits), 2 when it cannot start (bad input, NATS unreachable).
 """
@@ -29,6 +31,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, replace
 
+from parallax.auth import add_parser as add_auth_parser
 from parallax.broker.cli import add_nats_args, fail, nats_options
 from parallax.broker.connection import DEFAULT_URL, NatsOptions
 from parallax.broker.errors import ParallaxError, UsageError
@@ -110,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_nats_args(evict)
     evict.add_argument("--force", action="store_true", help="also when the node still heartbeats (it comes back)")
     add_nats_args(status)
+    add_auth_parser(commands)
     return parser
 
 
@@ -263,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_status(args)
         if args.command in WATCH_COMMANDS:
             return WATCH_COMMANDS[args.command](args)
+        if args.command == "auth":
+            from parallax.auth import run_auth
+
+            return run_auth(args)
         return run_up(args)
     except ParallaxError as exc:
         return fail("parallax", exc)

@@ -89,6 +89,8 @@ class Stats:
     busy_s: float = 0.0
     prefix_hit_tokens: int = 0
     preempted: int = 0
+    requests: int = 0  # requests admitted (each try of a resubmitted request counts)
+    errors: dict[str, int] = field(default_factory=dict)  # requests failed here, by error code (preempted included)
 
 
 class Engine:
@@ -250,6 +252,7 @@ class Engine:
         seq = Sequence(item.rid, meta, hop, table, length=cached, constraint=constraint)
         seq.registered = cached // self.blocks.block_size
         self.stats.prefix_hit_tokens += cached
+        self.stats.requests += 1
         if self.spec.first:
             seq.pending = works[0].data[cached * 4 :]
             works = works[1:]
@@ -457,6 +460,7 @@ class Engine:
 
     def _fail(self, rid: str, reply: str | None, message: str, out: Outgoing, code: ErrorCode = "bad_request") -> None:
         log.warning("request %s: %s", rid, message)
+        self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
         if reply:
             out.append((reply, encode(ErrorMsg(rid=rid, message=message, node=self.node_id, code=code))))
         self._release([rid], out, broadcast=True)

@@ -46,6 +46,7 @@ from parallax.broker.kv import Presence, nodes_bucket, parse_node, snapshot
 from parallax.broker.wire import ErrorMsg, Forward, Message, Release, encode
 from parallax.broker.registry import DRAIN_TIMEOUT_S, HEARTBEAT_INTERVAL_S, Load, ModelProfile, NodeInfo, State
 
+from . import micro
 from .backend import Backend
 from .compute import ComputeThread
 from .engine import Engine, EngineConfig, Outgoing, Stats
@@ -125,6 +126,7 @@ class StageWorker:
         self.compute = compute or ComputeThread()  # the stage's one compute thread (stages/compute.py)
         self._owns_compute = compute is None
         self.nc: NATS | None = None
+        self._service = None  # the nats.micro service while attached (stages/micro.py)
 
     def describe(self, state: State = "serving") -> NodeInfo:
         s, e = self.spec, self.engine
@@ -201,12 +203,15 @@ class StageWorker:
         self._stopping = False
         self._loop_task = asyncio.create_task(self._engine_loop())
         serving(self.metrics, True)
+        self._service = await micro.start(nc, self)
         log.info("stage %s serving layers %d:%d of %s", self.config.node_id, self.spec.start, self.spec.end, self.spec.model)
 
     async def detach(self, reason: str) -> None:
         """Stop serving: no new work, the step in progress completes, running requests are handed
         back to their gateways as ``preempted`` (they resume on another chain)."""
         serving(self.metrics, False)
+        await micro.stop(self._service)
+        self._service = None
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs.clear()
@@ -309,7 +314,8 @@ class StageWorker:
         return {
             "node_id": self.config.node_id, "model": self.spec.model, "start": self.spec.start, "end": self.spec.end,
             "steps": s.steps, "rows": s.rows, "busy_s": s.busy_s, "prefix_hit_tokens": s.prefix_hit_tokens,
-            "preempted": s.preempted, "running": len(e.seqs), "waiting": len(e.waiting),
+            "preempted": s.preempted, "requests": s.requests, "errors": dict(s.errors),
+            "running": len(e.seqs), "waiting": len(e.waiting),
             "hop_ms": _summary(hops),
             "kv": {"block_size": blocks.block_size, "blocks_total": blocks.num_blocks, "blocks_used": blocks.used,
                    "blocks_cached": blocks.cached, "budget_bytes": blocks.num_blocks * self.backend.kv_block_bytes(blocks.block_size)},
