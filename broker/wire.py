@@ -12,7 +12,10 @@ from math import prod
 from typing import Annotated, Literal, Union
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, ValidatorFunctionWrapHandler, field_validator,
+    model_validator,
+)
 
 from .errors import WireError
 
@@ -32,6 +35,9 @@ TopK = Annotated[int, Field(ge=-1)]  # -1 or 0: off
 MaxTokens = Annotated[int, Field(ge=1)]
 MinTokens = Annotated[int, Field(ge=0)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # frequency_penalty, presence_penalty (OpenAI's bounds)
+LogitBias = Annotated[float, Field(ge=-100.0, le=100.0)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]  # the most likely tokens reported besides the sampled one
 Finish = Literal["stop", "length"]  # why the last stage ended a request
 NodeId = Annotated[str, Field(min_length=1)]
 
@@ -48,7 +54,17 @@ class SamplingParams(_Strict):
     min_tokens: MinTokens = 0  # no stop (token or string) ends the output before this many tokens
     ignore_eos: bool = False
     repetition_penalty: RepetitionPenalty = 1.0
+    frequency_penalty: Penalty = 0.0  # subtracted per earlier occurrence of a token in the output
+    presence_penalty: Penalty = 0.0  # subtracted once from every token already in the output
+    logit_bias: tuple[tuple[Annotated[int, Field(ge=0)], LogitBias], ...] = ()  # (token id, added to its logit)
+    logprobs: TopLogprobs | None = None  # None: no logprobs; k: the sampled token's and the k most likely
     stop_token_ids: tuple[int, ...] = ()
+
+    @field_validator("logit_bias", mode="wrap")
+    @classmethod
+    def _bias_pairs(cls, bias: object, handler: ValidatorFunctionWrapHandler) -> tuple[tuple[int, float], ...]:
+        """OpenAI's ``{"token id": bias}`` as (id, bias) pairs in id order."""
+        return tuple(sorted(handler(list(bias.items()) if isinstance(bias, dict) else bias)))
 
     @field_validator("min_tokens")
     @classmethod
@@ -129,11 +145,19 @@ class Forward(_Strict):
         return prod(self.shape) * DTYPE_SIZES[self.dtype]
 
 
+class Logprobs(_Strict):
+    """Log-probabilities of the raw model (log_softmax of its logits, before any sampling parameter)."""
+
+    logprob: float  # of the sampled token
+    top: tuple[tuple[int, float], ...] = ()  # the k most likely (token id, logprob), most likely first
+
+
 class TokenOut(_Strict):
     rid: str
     token: int
     index: int  # 0 for the first generated token
     finish: Finish | None = None  # set on a request's last token: the gateway trusts it
+    logprobs: Logprobs | None = None  # only when the request asked (SamplingParams.logprobs)
 
 
 class Tokens(_Strict):

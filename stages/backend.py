@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from parallax.broker.wire import SamplingParams
+from parallax.broker.wire import Logprobs, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class SampleSpec:
     params: SamplingParams
     history: tuple[int, ...]  # prompt + generated ids; empty when there is no repetition penalty
     step: int  # index of the token being sampled (= tokens generated so far)
+    generated: tuple[int, ...] = ()  # the output so far; empty without frequency or presence penalty
 
     @property
     def banned(self) -> tuple[int, ...]:
@@ -65,6 +66,7 @@ class StepOutput:
     hidden: memoryview | None  # [T, D] rows in item order (not the last stage)
     row_bytes: int  # bytes per row of ``hidden``
     tokens: tuple[int, ...]  # one per item with a SampleSpec, in order (last stage)
+    logprobs: tuple[Logprobs | None, ...] = ()  # one per token when a request asked for them, else empty
 
 
 class Backend(Protocol):
