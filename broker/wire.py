@@ -37,9 +37,18 @@ MinTokens = Annotated[int, Field(ge=0)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # frequency_penalty, presence_penalty (OpenAI's bounds)
 LogitBias = Annotated[float, Field(ge=-100.0, le=100.0)]
-TopLogprobs = Annotated[int, Field(ge=0, le=20)]  # the most likely tokens reported besides the sampled one
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]
+TokenId = Annotated[int, Field(ge=0)]  # the most likely tokens reported besides the sampled one
 Finish = Literal["stop", "length"]  # why the last stage ended a request
 NodeId = Annotated[str, Field(min_length=1)]
+
+
+def _zero(value: float) -> bool:
+    return value == 0.0
+
+
+def _empty(value: tuple) -> bool:
+    return not value
 
 
 class SamplingParams(_Strict):
@@ -54,9 +63,11 @@ class SamplingParams(_Strict):
     min_tokens: MinTokens = 0  # no stop (token or string) ends the output before this many tokens
     ignore_eos: bool = False
     repetition_penalty: RepetitionPenalty = 1.0
-    frequency_penalty: Penalty = 0.0  # subtracted per earlier occurrence of a token in the output
-    presence_penalty: Penalty = 0.0  # subtracted once from every token already in the output
-    logit_bias: tuple[tuple[Annotated[int, Field(ge=0)], LogitBias], ...] = ()  # (token id, added to its logit)
+    # The next three are left out on the wire while unused (at their defaults), so that a stage of an
+    # earlier version still reads the message.
+    frequency_penalty: Penalty = Field(0.0, exclude_if=_zero)  # minus this per occurrence of the token in the output
+    presence_penalty: Penalty = Field(0.0, exclude_if=_zero)  # minus this once when the token is in the output
+    logit_bias: tuple[tuple[TokenId, LogitBias], ...] = Field((), exclude_if=_empty)  # (token id, added to its logit)
     logprobs: TopLogprobs | None = None  # None: no logprobs; k: the sampled token's and the k most likely
     stop_token_ids: tuple[int, ...] = ()
 

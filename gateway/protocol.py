@@ -34,12 +34,12 @@ from parallax.broker.wire import (
     RepetitionPenalty,
     SamplingParams,
     Temperature,
+    TokenId,
     TopK,
     TopLogprobs,
     TopP,
 )
 
-TokenId = Annotated[int, Field(ge=0)]
 MAX_CHOICES = 64  # n: choices of one request (each one holds its own KV while it runs)
 Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES)]
 LegacyLogprobs = Annotated[int, Field(ge=0, le=5)]  # completions' logprobs: OpenAI's bound

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import httpx
 import openai
@@ -76,8 +77,15 @@ def by_text(tokenizer) -> dict[str, int]:
     return {names.text(i): i for i in range(len(tokenizer))}
 
 
+@dataclass
+class Stack:
+    cluster: Cluster
+    client: openai.AsyncOpenAI
+    http: httpx.AsyncClient  # the same gateway app, for what the openai client does not send
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(tiny, tokenizer) -> AsyncIterator[tuple[Cluster, openai.AsyncOpenAI]]:
+async def stack(tiny, tokenizer) -> AsyncIterator[Stack]:
     server = start_nats_server()
     c = Cluster(server.url, tiny, "tiny", LAYERS)
     try:
@@ -85,9 +93,9 @@ async def stack(tiny, tokenizer) -> AsyncIterator[tuple[Cluster, openai.AsyncOpe
             await c.add_stage(a, b)
         await c.connect()
         app = create_app(c.pipeline, tokenizer, "tiny", 4096, [tokenizer.eos_token_id])
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
-        yield c, openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="x", http_client=http, max_retries=0)
-        await http.aclose()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as http:
+            yield Stack(c, openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="x", http_client=http,
+                                              max_retries=0), http)
     finally:
         await c.close()
         server.stop()
@@ -120,7 +128,7 @@ def check_against(expected: torch.Tensor, sampled: list[int], logprobs: list[flo
 @in_module_loop
 @pytest.mark.parametrize("stream", [False, True])
 async def test_chat_logprobs_equal_the_reference(stack, reference, tokenizer, by_bytes, stream):
-    _, client = stack
+    client = stack.client
     args = dict(model="tiny", messages=CHAT, max_tokens=10, temperature=0.7, seed=5, logprobs=True, top_logprobs=5)
     if stream:
         entries, text = [], ""
@@ -143,7 +151,7 @@ async def test_chat_logprobs_equal_the_reference(stack, reference, tokenizer, by
 @in_module_loop
 @pytest.mark.parametrize("stream", [False, True])
 async def test_completion_logprobs_in_the_legacy_shape(stack, reference, tokenizer, by_text, stream):
-    _, client = stack
+    client = stack.client
     args = dict(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0.8, seed=11, logprobs=3)
     if stream:
         text, lists = "", {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -171,18 +179,22 @@ async def test_completion_logprobs_in_the_legacy_shape(stack, reference, tokeniz
         assert text[offset:].startswith(token)
 
 
-def test_logprobs_cost_nothing_when_not_asked():
+def test_unused_features_leave_the_wire_as_it_was():
+    """No logprobs are computed or sent unless asked, and the new sampling fields stay off the wire
+    while unused (a stage of an earlier version reads the message)."""
     logits = torch.randn(3, 50)
     specs = [SampleSpec(SamplingParams(temperature=0), (), 0)] * 3
     assert token_logprobs(logits, specs, [1, 2, 3]) == ()
     frame = encode(Tokens(items=(TokenOut(rid="r", token=7, index=0),)))
-    assert b"logprobs" not in frame
+    assert frame == b'PXW1\x00\x00\x00;{"kind":"tokens","items":[{"rid":"r","token":7,"index":0}]}'
+    sent = SamplingParams(temperature=0.5, seed=3).model_dump(mode="json", exclude_none=True)
+    assert not {"frequency_penalty", "presence_penalty", "logit_bias", "logprobs"} & set(sent)
 
 
 # ------------------------------------------------------------------------------------------ n > 1
 @in_module_loop
 async def test_n_seeded_samples_are_reproducible(stack):
-    _, client = stack
+    client = stack.client
     args = dict(model="tiny", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=1234)
     first = await client.completions.create(**args, n=4)
     again = await client.completions.create(**args, n=4)
@@ -199,7 +211,7 @@ async def test_n_seeded_samples_are_reproducible(stack):
 
 @in_module_loop
 async def test_greedy_n_choices_are_identical_and_share_the_prompt(stack):
-    c, client = stack
+    c, client = stack.cluster, stack.client
     steps = record_steps(c)
     prompt = [(i * 37) % 390 + 5 for i in range(3 * BLOCK + 5)]  # no other test's: three full blocks and a partial one
     response = await client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, n=3)
@@ -214,7 +226,7 @@ async def test_greedy_n_choices_are_identical_and_share_the_prompt(stack):
 
 @in_module_loop
 async def test_streamed_choices_carry_their_index(stack):
-    _, client = stack
+    client = stack.client
     args = dict(model="tiny", messages=CHAT, max_tokens=6, temperature=1.0, seed=99, n=3)
     whole = await client.chat.completions.create(**args)
     texts = {0: "", 1: "", 2: ""}
@@ -231,11 +243,26 @@ async def test_streamed_choices_carry_their_index(stack):
     assert usage.completion_tokens == whole.usage.completion_tokens == 18
 
 
+@in_module_loop
+async def test_abort_ends_every_choice(stack):
+    c, client = stack.cluster, stack.client
+    long = dict(model="tiny", prompt=[5, 6, 7], max_tokens=3000, temperature=0, n=2, extra_body={"ignore_eos": True})
+    request = asyncio.create_task(client.completions.create(**long))
+    while len(c.pipeline._requests) < 2:
+        await asyncio.sleep(0.01)
+    request_id = min(c.pipeline._requests)  # "<id>", not "<id>.1"
+    assert (await stack.http.post(f"/v1/requests/{request_id}/abort")).status_code == 200
+    with pytest.raises(openai.APIStatusError, match="aborted") as info:
+        await request
+    assert info.value.status_code == 499
+    assert await c.settled()
+
+
 # ------------------------------------------------------------------------------------------- echo
 @in_module_loop
 @pytest.mark.parametrize("stream", [False, True])
 async def test_echo_puts_the_prompt_before_each_choice(stack, stream):
-    _, client = stack
+    client = stack.client
     args = dict(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, n=2, echo=True)
     plain = (await client.completions.create(**{**args, "echo": False})).choices[0].text
     if stream:
@@ -251,7 +278,7 @@ async def test_echo_puts_the_prompt_before_each_choice(stack, stream):
 # ------------------------------------------------------------------------------ logit bias, penalties
 @in_module_loop
 async def test_logit_bias_forces_and_bans_tokens(stack, reference, tokenizer, by_text):
-    _, client = stack
+    client = stack.client
     prompt = tokenizer.encode(PROMPT)
     args = dict(model="tiny", prompt=prompt, max_tokens=5, temperature=0, logprobs=1, extra_body={"ignore_eos": True})
     forced = by_text["fox"] if "fox" in by_text else 100
@@ -279,7 +306,7 @@ def penalized_greedy(model, prompt: list[int], steps: int, frequency: float, pre
 @in_module_loop
 @pytest.mark.parametrize(("frequency", "presence"), [(1.5, 0.0), (0.0, 2.0), (-2.0, 0.5)])
 async def test_penalties_equal_a_reference_by_hand(stack, reference, tokenizer, by_text, frequency, presence):
-    _, client = stack
+    client = stack.client
     prompt = tokenizer.encode("numbers 0123456789 and words")
     args = dict(model="tiny", prompt=prompt, max_tokens=12, temperature=0, logprobs=0, extra_body={"ignore_eos": True})
     got = (await client.completions.create(**args, frequency_penalty=frequency, presence_penalty=presence)).choices[0]
@@ -315,7 +342,7 @@ def test_adjusted_rows_do_not_touch_the_others():
     ("chat", dict(messages=CHAT, n=65), "n"),
 ])
 async def test_unsupported_combinations_get_a_clear_400(stack, endpoint, body, word):
-    c, client = stack
+    c, client = stack.cluster, stack.client
     create = client.completions.create if endpoint == "completions" else client.chat.completions.create
     with pytest.raises(openai.BadRequestError, match=word):
         await create(model="tiny", **body)
