@@ -13,8 +13,8 @@ from typing import Annotated, Literal, Union
 
 import orjson
 from pydantic import (
-    BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, ValidatorFunctionWrapHandler, field_validator,
-    model_validator,
+    AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, ValidatorFunctionWrapHandler,
+    field_validator, model_validator,
 )
 
 from .errors import WireError
@@ -28,19 +28,42 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The smallest positive temperature, top_p and repetition penalty. The sampler works in float32: logits
+# divided by a smaller temperature or penalty overflow to inf, a smaller top_p rounds to 0 and drops
+# every token; either way its softmax gives NaN.
+MIN_POSITIVE = 1e-5
+
+
+def _greedy_or_usable(temperature: float) -> float:
+    if 0.0 < temperature < MIN_POSITIVE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_POSITIVE:g}, got {temperature:g}")
+    return temperature
+
+
 # The bounds of every sampling parameter, written once: the gateway's request models use them too.
-Temperature = Annotated[float, Field(ge=0.0)]  # 0: greedy
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+Temperature = Annotated[float, Field(ge=0.0, allow_inf_nan=False), AfterValidator(_greedy_or_usable)]  # 0: greedy
+TopP = Annotated[float, Field(ge=MIN_POSITIVE, le=1.0, allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=-1)]  # -1 or 0: off
 MaxTokens = Annotated[int, Field(ge=1)]
 MinTokens = Annotated[int, Field(ge=0)]
-RepetitionPenalty = Annotated[float, Field(gt=0.0)]
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # frequency_penalty, presence_penalty (OpenAI's bounds)
-LogitBias = Annotated[float, Field(ge=-100.0, le=100.0)]
-TopLogprobs = Annotated[int, Field(ge=0, le=20)]
-TokenId = Annotated[int, Field(ge=0)]  # the most likely tokens reported besides the sampled one
+RepetitionPenalty = Annotated[float, Field(ge=MIN_POSITIVE, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]  # frequency_penalty, presence_penalty (OpenAI's)
+LogitBias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]  # the most likely tokens reported besides the sampled one
+TokenId = Annotated[int, Field(ge=0)]
 Finish = Literal["stop", "length"]  # why the last stage ended a request
 NodeId = Annotated[str, Field(min_length=1)]
+GrammarKind = Literal["json_object", "json_schema", "regex", "ebnf"]
+
+
+class Grammar(_Strict):
+    """Structured output: the last stage masks every token the grammar does not allow (the stage
+    compiles ``spec`` once and caches it by text). ``spec``: the JSON schema as JSON text, the regex,
+    or the grammar in the library's EBNF; empty for ``json_object`` (any JSON object)."""
+
+    kind: GrammarKind
+    spec: str = ""
+    replay: int = Field(0, ge=0)  # the prompt's last ``replay`` ids were generated under this grammar (a resumed request)
 
 
 def _zero(value: float) -> bool:
@@ -70,6 +93,7 @@ class SamplingParams(_Strict):
     logit_bias: tuple[tuple[TokenId, LogitBias], ...] = Field((), exclude_if=_empty)  # (token id, added to its logit)
     logprobs: TopLogprobs | None = None  # None: no logprobs; k: the sampled token's and the k most likely
     stop_token_ids: tuple[int, ...] = ()
+    grammar: Grammar | None = None  # structured output, enforced by the last stage
 
     @field_validator("logit_bias", mode="wrap")
     @classmethod
@@ -99,6 +123,8 @@ class SamplingParams(_Strict):
         if not done:
             return self
         rest = {"max_tokens": self.max_tokens - done, "min_tokens": max(0, self.min_tokens - done)}
+        if self.grammar is not None:
+            rest["grammar"] = self.grammar.model_copy(update={"replay": self.grammar.replay + done})
         return SamplingParams.model_validate(self.model_dump() | rest)  # validated: done < max_tokens
 
 

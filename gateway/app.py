@@ -13,30 +13,39 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jinja2
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from transformers import PreTrainedTokenizerBase
 
-from parallax.broker.errors import ChainUnavailable, RequestCancelled
+from parallax.broker.errors import ChainUnavailable, GrammarError, RequestCancelled
+from parallax.broker.wire import Grammar
 
+from . import structured
+from .chat import encode_chat, template_text
 from .formats import ChatFormat, CompletionFormat, EventStream, Format, TokenNames, collect, events
 from .generation import Job, choice_rids, start_choices
 from .http_errors import APIError, CatchAll, api_error, install_error_handlers, one_line, validation_error
 from .pipeline import Pipeline
 from .protocol import (
+    AbortResult,
+    ChatCompletion,
     ChatCompletionRequest,
-    ChatMessage,
+    Completion,
     CompletionRequest,
+    ErrorResponse,
     GenerationRequest,
+    Health,
     ModelCard,
     ModelList,
 )
+from .tools import ToolFormat, format_of, tool_grammar
 
 
 @dataclass(frozen=True)
@@ -59,16 +68,18 @@ class _Gateway:
     # ---- endpoints
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         self._check_model(body.model)
-        prompt_ids = await run_in_threadpool(self._encode_chat, body.messages)
-        job = self._job(body, prompt_ids, "chatcmpl", "messages")
-        return await self._serve(job, ChatFormat(job, self._names), body.stream)
+        tools = self._tool_format(body)
+        prompt_ids = await run_in_threadpool(self._encode_chat, body)
+        job = self._job(body, prompt_ids, "chatcmpl", "messages", grammar=await self._grammar(body, tools))
+        fmt = ChatFormat(job, self._names, tools, body.parallel_tool_calls is not False)
+        return await self._serve(job, fmt, body.stream)
 
     async def completions(self, body: CompletionRequest) -> Response:
         self._check_model(body.model)
         prompt = body.prompt_value()
         prompt_ids = await run_in_threadpool(self._encode_prompt, prompt)
         echo = (prompt if isinstance(prompt, str) else self._decode(prompt_ids)) if body.echo else ""
-        job = self._job(body, prompt_ids, "cmpl", "prompt", echo)
+        job = self._job(body, prompt_ids, "cmpl", "prompt", echo, await self._grammar(body))
         return await self._serve(job, CompletionFormat(job, self._names), body.stream)
 
     async def abort(self, request_id: str) -> Response:
@@ -78,7 +89,7 @@ class _Gateway:
         if not any([self._pipeline.cancel(rid, error) for rid in choice_rids(request_id)]):
             message = f"no running request `{request_id}` on this gateway"
             raise APIError(404, message, "NotFoundError", "request_not_found", "request_id")
-        return JSONResponse({"id": request_id, "object": "request.abort", "aborted": True})
+        return JSONResponse(AbortResult(id=request_id).model_dump(mode="json"))
 
     async def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self._model.name, max_model_len=self._model.max_context)])
@@ -87,7 +98,7 @@ class _Gateway:
         missing = self._pipeline.missing()
         if missing:
             return api_error(ChainUnavailable(self._model.name, missing)).response()
-        return JSONResponse({"status": "ok"})
+        return JSONResponse(Health().model_dump(mode="json"))
 
     # ---- request -> job
     def _check_model(self, name: str | None) -> None:
@@ -95,18 +106,23 @@ class _Gateway:
             message = f"The model `{name}` does not exist; this gateway serves `{self._model.name}`."
             raise APIError(404, message, "NotFoundError", "model_not_found", "model")
 
-    def _encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    def _tool_format(self, body: ChatCompletionRequest) -> ToolFormat | None:
+        """The call format of the template when the request uses tools (None: no tools, or tool_choice none)."""
         try:
-            text = self._tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=False
-            )
+            if body.template_tools() is None:
+                return None
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param="tool_choice") from None
+        fmt = format_of(template_text(self._tokenizer))
+        if fmt is None:
+            raise APIError(400, f"the chat template of `{self._model.name}` does not take tools", param="tools")
+        return fmt
+
+    def _encode_chat(self, body: ChatCompletionRequest) -> list[int]:
+        try:
+            return encode_chat(self._tokenizer, body.messages, body.template_tools())
         except jinja2.TemplateError as exc:
-            raise APIError(
-                400, one_line(f"cannot apply the chat template: {exc}"), param="messages"
-            ) from None
-        # The template already wrote every special token (BOS included) the model expects.
-        return list(self._tokenizer.encode(str(text), add_special_tokens=False))
+            raise APIError(400, one_line(f"cannot apply the chat template: {exc}"), param="messages") from None
 
     def _encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -121,7 +137,27 @@ class _Gateway:
     def _decode(self, ids: list[int]) -> str:
         return str(self._tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
 
-    def _job(self, req: GenerationRequest, prompt_ids: list[int], prefix: str, prompt_param: str, echo: str = "") -> Job:
+    @staticmethod
+    async def _grammar(req: GenerationRequest, tools: ToolFormat | None = None) -> Grammar | None:
+        """The request's structured-output grammar (or its forced tool call's), checked (a 400 names
+        what is wrong with it)."""
+        try:
+            grammar = req.grammar()
+            if tools is not None and isinstance(req, ChatCompletionRequest):
+                forced = await run_in_threadpool(tool_grammar, tools, req)
+                if forced is not None and grammar is not None:
+                    raise GrammarError("a required or named tool_choice cannot be combined with structured outputs")
+                grammar = grammar or forced
+            if grammar is None:
+                return None
+            if req.min_tokens:
+                raise GrammarError("min_tokens cannot be combined with structured outputs")
+            return await run_in_threadpool(structured.check, grammar)
+        except GrammarError as exc:
+            raise APIError(400, one_line(str(exc)), code="invalid_grammar") from None
+
+    def _job(self, req: GenerationRequest, prompt_ids: list[int], prefix: str, prompt_param: str, echo: str = "",
+             grammar: Grammar | None = None) -> Job:
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param=prompt_param)
         vocab = len(self._tokenizer)
@@ -133,6 +169,8 @@ class _Gateway:
             params = req.sampling(max_tokens, self._model.eos_token_ids)
         except ValidationError as exc:
             raise validation_error(exc.errors()) from None
+        if grammar is not None:
+            params = params.model_copy(update={"grammar": grammar})
         return Job(
             id=f"{prefix}-{uuid.uuid4().hex}",
             model=self._model.name,
@@ -189,9 +227,49 @@ def create_app(
     app = FastAPI(title="Parallax-NATS gateway")
     app.add_middleware(CatchAll)
     install_error_handlers(app)
-    app.add_api_route("/v1/chat/completions", gateway.chat_completions, methods=["POST"], response_model=None)
-    app.add_api_route("/v1/completions", gateway.completions, methods=["POST"], response_model=None)
-    app.add_api_route("/v1/requests/{request_id}/abort", gateway.abort, methods=["POST"], response_model=None)
+    generation = (400, 404, 499, 502, 503, 504)
+    app.add_api_route("/v1/chat/completions", gateway.chat_completions, methods=["POST"], response_model=None,
+                      responses=_documented(ChatCompletion, generation))
+    app.add_api_route("/v1/completions", gateway.completions, methods=["POST"], response_model=None,
+                      responses=_documented(Completion, generation))
+    app.add_api_route("/v1/requests/{request_id}/abort", gateway.abort, methods=["POST"], response_model=None,
+                      responses=_documented(AbortResult, (404,)))
     app.add_api_route("/v1/models", gateway.models, methods=["GET"])
-    app.add_api_route("/health", gateway.health, methods=["GET"], response_model=None)
+    app.add_api_route("/health", gateway.health, methods=["GET"], response_model=None,
+                      responses=_documented(Health, (503,)))
+    app.openapi = _without_422(app.openapi)
     return app
+
+
+# ---------------------------------------------------------------------------------------- OpenAPI
+_ERRORS = {
+    400: "invalid request: a bad field, an unknown token id, a prompt too long for the context",
+    404: "unknown model, or no such running request",
+    499: "the request was aborted (POST /v1/requests/{id}/abort)",
+    502: "a pipeline stage failed",
+    503: "no complete chain of stages serves the model",
+    504: "the request ran past its timeout",
+}
+
+
+def _documented(ok: type[BaseModel], errors: Sequence[int]) -> dict[int | str, dict[str, Any]]:
+    """The responses of a route for /openapi.json: ``ok`` on 200 (JSON, or SSE events when the body
+    asks for ``stream``) and OpenAI error JSON for each of ``errors``."""
+    responses: dict[int | str, dict[str, Any]] = {200: {"model": ok}}
+    if ok in (ChatCompletion, Completion):
+        responses[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+    return responses | {code: {"model": ErrorResponse, "description": _ERRORS[code]} for code in errors}
+
+
+def _without_422(generate: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """FastAPI documents a 422 for every route with a body or parameters; invalid requests get a 400
+    here (OpenAI's status), documented with each route."""
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        return schema
+
+    return openapi

@@ -35,6 +35,7 @@ from .protocol import (
     TopLogprob,
     Usage,
 )
+from .tools import ToolFormat, ToolStream, parse_all
 
 _DONE = "data: [DONE]\n\n"
 _REPLACEMENT = "\ufffd"
@@ -146,24 +147,50 @@ class Format(ABC):
 
 
 class ChatFormat(Format):
+    """Chat chunks; with ``tools`` (the template's call format) each choice's text is parsed into tool calls."""
+
     _chunk_type = ChatCompletionChunk
+
+    def __init__(self, job: Job, names: TokenNames, tools: ToolFormat | None = None, parallel: bool = True) -> None:
+        super().__init__(job, names)
+        self._tools, self._parallel = tools, parallel
+        self._streams = [ToolStream(tools, parallel) for _ in range(job.n)] if tools is not None else None
 
     def opening(self) -> list[str]:
         return [self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
                 for i in range(self._job.n)]
 
     def delta(self, delta: Delta) -> str:
+        text = self._streams[delta.index].feed(delta.text) if self._streams is not None else delta.text
+        if not text and not delta.logprobs:
+            return ""
         logprobs = chat_logprobs(self._names, delta.logprobs) if self._logprobs else None
-        return self._chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=delta.text), logprobs=logprobs)])
+        return self._chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=text), logprobs=logprobs)])
 
     def finish(self, choice: int, reason: FinishReason) -> str:
-        return self._chunk([ChatChunkChoice(index=choice, delta=DeltaMessage(), finish_reason=reason)])
+        chunks = ""
+        if self._streams is not None:
+            rest = self._streams[choice].finish()
+            if rest.content:
+                chunks = self._chunk([ChatChunkChoice(index=choice, delta=DeltaMessage(content=rest.content))])
+            if rest.calls:
+                chunks += self._chunk([ChatChunkChoice(index=choice, delta=DeltaMessage(tool_calls=rest.calls))])
+                reason = "tool_calls"
+        return chunks + self._chunk([ChatChunkChoice(index=choice, delta=DeltaMessage(), finish_reason=reason)])
 
     def complete(self, outcomes: Sequence[Outcome], usage: Usage) -> BaseModel:
-        choices = [ChatChoice(index=i, message=AssistantMessage(content="".join(o.text)), finish_reason=o.finish,
-                              logprobs=chat_logprobs(self._names, o.logprobs) if self._logprobs else None)
-                   for i, o in enumerate(outcomes)]
-        return ChatCompletion(**self._head(), choices=choices, usage=usage)
+        return ChatCompletion(**self._head(), choices=[self._choice(i, o) for i, o in enumerate(outcomes)], usage=usage)
+
+    def _choice(self, index: int, outcome: Outcome) -> ChatChoice:
+        text, reason = "".join(outcome.text), outcome.finish
+        message = AssistantMessage(content=text)
+        if self._tools is not None:
+            parsed = parse_all(self._tools, text, self._parallel)
+            if parsed.calls:
+                message = AssistantMessage(content=parsed.content or None, tool_calls=parsed.calls)
+                reason = "tool_calls"
+        logprobs = chat_logprobs(self._names, outcome.logprobs) if self._logprobs else None
+        return ChatChoice(index=index, message=message, finish_reason=reason, logprobs=logprobs)
 
 
 class CompletionFormat(Format):
@@ -214,8 +241,8 @@ async def events(generations: Sequence[Generation], fmt: Format, job: Job) -> As
         for chunk in fmt.opening():
             yield chunk
         async for delta in merged(generations):
-            if delta.text or delta.logprobs:
-                yield fmt.delta(delta)
+            if (delta.text or delta.logprobs) and (chunk := fmt.delta(delta)):
+                yield chunk
             if delta.finish is not None:
                 yield fmt.finish(delta.index, delta.finish)
         if job.include_usage:

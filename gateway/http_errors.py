@@ -5,7 +5,7 @@ FastAPI's own errors and a catch-all middleware."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from fastapi import FastAPI, Request
@@ -33,13 +33,16 @@ class APIError(Exception):
         type_: str = "BadRequestError",
         code: str | None = None,
         param: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.info = ErrorInfo(message=message, type=type_, param=param, code=code)
+        self.headers = headers  # e.g. the `Allow` of a 405
 
     def response(self) -> JSONResponse:
-        return JSONResponse(ErrorResponse(error=self.info).model_dump(mode="json"), status_code=self.status)
+        body = ErrorResponse(error=self.info).model_dump(mode="json")
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
     def sse(self) -> str:
         return f"data: {ErrorResponse(error=self.info).model_dump_json()}\n\n"
@@ -97,7 +100,7 @@ def validation_error(errors: Sequence[Any]) -> APIError:
 def _http_error(exc: StarletteHTTPException) -> APIError:
     kinds = {404: "NotFoundError", 405: "MethodNotAllowedError"}
     type_ = kinds.get(exc.status_code, "BadRequestError" if exc.status_code < 500 else "InternalServerError")
-    return APIError(exc.status_code, str(exc.detail), type_)
+    return APIError(exc.status_code, str(exc.detail), type_, headers=exc.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

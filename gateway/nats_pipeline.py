@@ -267,10 +267,14 @@ class NatsPipeline:
     async def _on_reply(self, msg: Msg) -> None:
         try:
             received = self._reassembler.receive(msg.data, msg.headers)
+            header = received[0] if received else None
+            if header is not None and not isinstance(header, (Tokens, ErrorMsg)):
+                raise WireError(f"a gateway takes tokens or error messages, not {header.kind!r}")
         except WireError as e:
             log.warning("dropped malformed reply: %s", e)
+            if msg.reply:
+                await self.nc.publish(msg.reply, encode(ErrorMsg(message=f"malformed message: {e}", node=self.gateway_id)))
             return
-        header = received[0] if received else None
         if isinstance(header, Tokens):
             for item in header.items:
                 self._deliver(item.rid, item)
@@ -279,5 +283,7 @@ class NatsPipeline:
 
     def _deliver(self, rid: str | None, event) -> None:
         queue = self._streams.get(rid) if rid else None
-        if queue is not None:
-            queue.put_nowait(event)
+        if queue is None:  # a finished, abandoned or unknown try: its late messages go nowhere
+            log.debug("dropped %s for request %s, which is not running here", type(event).__name__, rid)
+            return
+        queue.put_nowait(event)

@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from parallax.broker.wire import (
-    Finish as FinishReason,
+    Finish,
     LogitBias,
     MaxTokens,
     MinTokens,
@@ -40,6 +40,10 @@ from parallax.broker.wire import (
     TopP,
 )
 
+from .structured import StructuredRequest
+from .tools import ToolCall, ToolsRequest
+
+FinishReason = Finish | Literal["tool_calls"]
 MAX_CHOICES = 64  # n: choices of one request (each one holds its own KV while it runs)
 Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES)]
 LegacyLogprobs = Annotated[int, Field(ge=0, le=5)]  # completions' logprobs: OpenAI's bound
@@ -85,8 +89,8 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class GenerationRequest(_Request):
-    """Fields shared by chat and text completions (OpenAI + vLLM extra sampling params)."""
+class GenerationRequest(StructuredRequest):
+    """Fields shared by chat and text completions (OpenAI + vLLM extra sampling params, structured outputs)."""
 
     model: str | None = None
     max_tokens: MaxTokens | None = None
@@ -146,6 +150,9 @@ ContentField = Annotated[
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: ContentField = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls, fed back
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -155,25 +162,17 @@ class ChatMessage(_Request):
         return "\n".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(GenerationRequest):
+class ChatCompletionRequest(GenerationRequest, ToolsRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: TopLogprobs | None = None
-    tools: list[dict[str, Any]] | None = None
 
     @field_validator("top_logprobs")
     @classmethod
     def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
-        return value
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if value:
-            raise ValueError("tools are not supported")
         return value
 
     def requested_max_tokens(self) -> int | None:
@@ -303,7 +302,12 @@ class CompletionLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _no_empty_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if k != "tool_calls" or v}
 
 
 class ChatChoice(_Choice):
@@ -321,6 +325,7 @@ class ChatCompletion(_Head):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -364,3 +369,13 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class AbortResult(BaseModel):
+    id: str
+    object: Literal["request.abort"] = "request.abort"
+    aborted: Literal[True] = True
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"

@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 import platform
 import signal
+from pathlib import Path
 
 from parallax.broker.cli import run_command
 from parallax.broker.errors import UsageError
@@ -139,7 +140,7 @@ async def serve(args: argparse.Namespace) -> None:
     compute = ComputeThread()  # every torch/numba computation of this process (stages/compute.py)
     facts = await compute.run(node_facts, source.path, args.dtype, device, offered, layers is not None,
                               args.quantize, backend_name)
-    config = worker_config(args)
+    config = worker_config(args, source.path)
     drain, stop = asyncio.Event(), asyncio.Event()  # the first signal drains, a second one stops at once
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -173,9 +174,10 @@ def default_device(backend: str, device: str | None) -> str:
     return device or torch_default()
 
 
-def worker_config(args: argparse.Namespace) -> WorkerConfig:
+def worker_config(args: argparse.Namespace, tokenizer_path: Path | None = None) -> WorkerConfig:
     named = {} if args.node_id is None else {"node_id": args.node_id}
-    return WorkerConfig(nats_url=args.nats, debug_delay_ms=args.debug_delay_ms, drain_timeout_s=args.drain_timeout, **named)
+    return WorkerConfig(nats_url=args.nats, debug_delay_ms=args.debug_delay_ms, drain_timeout_s=args.drain_timeout,
+                        tokenizer_path=tokenizer_path, **named)
 
 
 def check_quantize(path, quantize: str | None, device: str, backend: str = "torch") -> None:

@@ -23,8 +23,11 @@ from parallax.broker.wire import (
     DTYPE_SIZES, ErrorCode, ErrorMsg, Finish, Forward, ForwardItem, Release, RequestMeta, TokenOut, Tokens, encode,
 )
 
+from parallax.broker.errors import GrammarError
+
 from .backend import Backend, SampleSpec, StepItem, StepOutput
 from .blocks import BlockManager
+from .grammar import Constraint, Grammars
 
 log = logging.getLogger(__name__)
 Outgoing = list[tuple[str, bytes]]
@@ -68,6 +71,7 @@ class Sequence:
     meta_sent: bool = False  # first stage: the first chunk (carrying meta) has been scheduled
     registered: int = 0  # blocks already in the prefix cache
     generated: list[int] = field(default_factory=list)  # last stage only
+    constraint: Constraint | None = None  # last stage: the structured output's matcher
     touched: float = field(default_factory=time.monotonic)
 
     @property
@@ -85,8 +89,10 @@ class Stats:
 
 
 class Engine:
-    def __init__(self, backend: Backend, node_id: str, config: EngineConfig | None = None):
+    def __init__(self, backend: Backend, node_id: str, config: EngineConfig | None = None,
+                 grammars: Grammars | None = None):
         self.backend, self.node_id = backend, node_id
+        self.grammars = grammars  # compiles structured-output grammars (last stage); None: such requests are refused
         self.config = config or EngineConfig()
         self.spec = backend.spec
         self.blocks = BlockManager(self.config.kv_blocks, self.config.block_size, self.config.prefix_cache)
@@ -190,7 +196,22 @@ class Engine:
                     continue
                 return  # FIFO: wait until running requests free blocks
             del self.waiting[rid]
-            self._start(works, self.blocks.allocate(total, reuse), len(reuse) * self.blocks.block_size)
+            try:
+                constraint = self._constraint(first.meta)
+            except GrammarError as e:
+                self._fail(rid, first.meta.reply, str(e), out)
+                continue
+            self._start(works, self.blocks.allocate(total, reuse), len(reuse) * self.blocks.block_size, constraint)
+
+    def _constraint(self, meta: RequestMeta) -> Constraint | None:
+        """The last stage's matcher for a structured output, over the tokens generated before a resubmission."""
+        grammar = meta.sampling.grammar
+        if grammar is None or not self.spec.last:
+            return None
+        if self.grammars is None:
+            raise GrammarError(f"stage {self._range} cannot constrain output: it has no tokenizer")
+        replay = meta.prompt_ids[len(meta.prompt_ids) - grammar.replay :] if grammar.replay else ()
+        return self.grammars.constraint(meta.sampling, replay)
 
     def _check_new(self, item: ForwardItem) -> tuple[ErrorCode, str] | None:
         meta = item.meta
@@ -220,11 +241,11 @@ class Engine:
         hit = self.blocks.cached_prefix(prompt, item.pos)
         return hit if len(hit) * bs == item.pos else None
 
-    def _start(self, works: list[Work], table: list[int], cached: int) -> None:
+    def _start(self, works: list[Work], table: list[int], cached: int, constraint: Constraint | None) -> None:
         item = works[0].item
         meta = item.meta
         hop = meta.chain.index((self.spec.start, self.spec.end))
-        seq = Sequence(item.rid, meta, hop, table, length=cached)
+        seq = Sequence(item.rid, meta, hop, table, length=cached, constraint=constraint)
         seq.registered = cached // self.blocks.block_size
         self.stats.prefix_hit_tokens += cached
         if self.spec.first:
@@ -321,7 +342,7 @@ class Engine:
         params = seq.meta.sampling
         history = seq.meta.prompt_ids + tuple(seq.generated) if params.repetition_penalty != 1.0 else ()
         counted = params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
-        return SampleSpec(params, history, len(seq.generated), tuple(seq.generated) if counted else ())
+        return SampleSpec(params, history, len(seq.generated), seq.constraint, tuple(seq.generated) if counted else ())
 
     # --- postprocess -----------------------------------------------------------------------------
     def _forwarded(self, batch: list[tuple[Sequence, Work]], result: StepOutput) -> Outgoing:
@@ -357,10 +378,13 @@ class Engine:
         replies: dict[str, list[TokenOut]] = {}
         loops: dict[str, tuple[list[ForwardItem], list[memoryview]]] = {}
         finished: list[str] = []
+        broken: list[tuple[Sequence, str]] = []  # requests whose token broke their grammar
         for seq, w in batch:
             if not w.item.sample:
                 continue
             token, logprob = next(tokens), next(logprobs)
+            if not self._advance(seq, token, broken):
+                continue
             seq.generated.append(token)
             index, finish = len(seq.generated) - 1, self._finish(seq, token)
             out_token = TokenOut(rid=seq.rid, token=token, index=index, finish=finish, logprobs=logprob)
@@ -376,7 +400,21 @@ class Engine:
         out = [(reply, encode(Tokens(items=tuple(items)))) for reply, items in replies.items()]
         out += [(subject, self._forward_msg(items, ids, (len(items),), "int32")) for subject, (items, ids) in loops.items()]
         self._release(finished, out, broadcast=True)
+        for seq, message in broken:
+            self._fail(seq.rid, seq.reply, message, out, "internal")
         return out
+
+    @staticmethod
+    def _advance(seq: Sequence, token: int, broken: list[tuple[Sequence, str]]) -> bool:
+        """Move the request's grammar over its sampled token (the mask makes this always fit)."""
+        if seq.constraint is None:
+            return True
+        try:
+            seq.constraint.accept(token)
+            return True
+        except GrammarError as e:
+            broken.append((seq, str(e)))
+            return False
 
     def evacuate(self, message: str) -> Outgoing:
         """Drop every request (this stage stops serving its range): each gateway is told
@@ -399,6 +437,8 @@ class Engine:
         before ``min_tokens``, so a stop token here may end the output."""
         p = seq.meta.sampling
         if token in p.stop_token_ids and not p.ignore_eos:
+            return "stop"
+        if seq.constraint is not None and seq.constraint.complete:  # the grammar allows nothing but a stop now
             return "stop"
         if len(seq.generated) >= p.max_tokens or seq.length + 1 >= self.spec.max_positions:
             return "length"

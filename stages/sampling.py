@@ -11,6 +11,7 @@ import torch
 from parallax.broker.wire import Logprobs
 
 from .backend import SampleSpec
+from .grammar import apply_masks
 
 LOWEST_LOGPROB = -9999.0  # reported for a token of probability 0 (OpenAI's floor; -inf has no JSON form)
 
@@ -25,6 +26,7 @@ class Sampler:
         self._generators.pop(rid, None)
 
     def sample(self, logits: torch.Tensor, rids: list[str], specs: list[SampleSpec]) -> list[int]:
+        logits = apply_masks(logits, [spec.constraint for spec in specs])  # constrained rows only
         if all(_plain_greedy(spec) for spec in specs) and logits.device.type == "cpu":
             return greedy(logits)
         logits = _adjust(logits.float(), specs)  # [S, V]
@@ -114,7 +116,8 @@ def _penalize_counts(logits: torch.Tensor, rows: list[int], specs: list[SampleSp
 
 def token_logprobs(logits: torch.Tensor, specs: list[SampleSpec], tokens: list[int]) -> tuple[Logprobs | None, ...]:
     """The raw model's log-probabilities (log_softmax of ``logits`` [S, V] in float32: before logit
-    bias, penalties, temperature, top-k and top-p, like vLLM's default) of each row's sampled token
+    bias, penalties, temperature, top-k and top-p, like vLLM's default; a structured output's mask,
+    which the sampler applies in place first, does count, as in vLLM) of each row's sampled token
     and its ``logprobs`` most likely tokens, for the rows whose request asked; () when none did, so
     that requests without logprobs cost nothing."""
     asked = [i for i, spec in enumerate(specs) if spec.params.logprobs is not None]

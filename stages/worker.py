@@ -26,7 +26,9 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import orjson
 import psutil
 
@@ -40,12 +42,13 @@ from parallax.broker import chunks, subjects
 from parallax.broker.connection import connect
 from parallax.broker.errors import WireError
 from parallax.broker.kv import Presence, nodes_bucket, parse_node, snapshot
-from parallax.broker.wire import ErrorMsg, Forward, Release, encode
+from parallax.broker.wire import ErrorMsg, Forward, Message, Release, encode
 from parallax.broker.registry import DRAIN_TIMEOUT_S, HEARTBEAT_INTERVAL_S, Load, ModelProfile, NodeInfo, State
 
 from .backend import Backend
 from .compute import ComputeThread
 from .engine import Engine, EngineConfig, Outgoing, Stats
+from .grammar import Grammars
 
 log = logging.getLogger(__name__)
 DRAIN_POLL_S = 0.5  # while draining, how often the registry is read for a replica of this range
@@ -58,6 +61,7 @@ class WorkerConfig:
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
     debug_delay_ms: float = 0.0  # sleep after every step: a slow node on purpose, for routing tests
     drain_timeout_s: float = DRAIN_TIMEOUT_S  # a drain lets running requests finish here for this long at most
+    tokenizer_path: Path | None = None  # the model folder: its tokenizer compiles structured-output grammars (None: refused)
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0:
@@ -101,7 +105,8 @@ class StageWorker:
         it makes its own."""
         self.backend, self.config, self.facts = backend, config, facts
         self.spec = backend.spec
-        self.engine = Engine(backend, config.node_id, engine_config)
+        grammars = None if config.tokenizer_path is None else Grammars(config.tokenizer_path, self.spec.vocab_size)
+        self.engine = Engine(backend, config.node_id, engine_config, grammars)
         self._wake = asyncio.Event()
         self._stopping = False
         self._reassembler = chunks.Reassembler()
@@ -215,6 +220,7 @@ class StageWorker:
         await nc.flush()
 
     async def _on_work(self, msg: Msg) -> None:
+        header = None
         try:
             received = self._reassembler.receive(msg.data, msg.headers)
             if received is None:
@@ -222,15 +228,35 @@ class StageWorker:
             header, data = received
             if not isinstance(header, (Forward, Release)):
                 raise WireError(f"a stage takes fwd or release messages, not {header.kind!r}")
+            if isinstance(header, Forward):
+                self._check_ids(header, data)
         except WireError as e:
             log.warning("dropped malformed message on %s: %s", msg.subject, e)
-            if msg.reply:
-                await self.nc.publish(msg.reply, encode(ErrorMsg(message=f"malformed message: {e}", node=self.config.node_id)))
+            await self._refuse(msg.reply, header, f"malformed message: {e}")
             return
         if isinstance(header, Forward) and header.sent is not None:
             self._hops_ms.append(max(0.0, (time.time() - header.sent) * 1000))
         self.engine.submit(header, data)
         self._wake.set()
+
+    def _check_ids(self, header: Forward, data: memoryview) -> None:
+        """A first stage's token ids must be in the vocabulary: the embedding of any other id fails the
+        whole batch, requests of other clients included."""
+        if not (self.spec.first and header.dtype == "int32"):
+            return  # a wrong dtype or shape is the engine's to refuse (it answers the request)
+        ids = np.frombuffer(data, dtype="<i4")  # [T]
+        if ids.size and not (0 <= int(ids.min()) and int(ids.max()) < self.spec.vocab_size):
+            raise WireError(f"token ids must be in 0..{self.spec.vocab_size - 1}, got {int(ids.min())}..{int(ids.max())}")
+
+    async def _refuse(self, reply: str | None, header: Message | None, message: str) -> None:
+        """Answer a message the stage dropped: on its reply subject, and to the gateway of every
+        request it starts (which would otherwise wait for tokens in vain)."""
+        node = self.config.node_id
+        if reply:
+            await self.nc.publish(reply, encode(ErrorMsg(message=message, node=node)))
+        for item in header.items if isinstance(header, Forward) else ():
+            if item.meta is not None:
+                await self.nc.publish(item.meta.reply, encode(ErrorMsg(rid=item.rid, message=message, node=node)))
 
     async def _on_stats(self, msg: Msg) -> None:
         """Counters for benchmarks and operators; ``{"reset": true}`` zeroes them after answering."""

@@ -435,7 +435,7 @@ BAD_CHAT: list[tuple[dict[str, Any], int, str]] = [
     ({"messages": CHAT, "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ({"messages": CHAT, "logit_bias": {"x": 1}}, 400, "logit_bias"),
     ({"messages": CHAT, "logit_bias": {str(10**9): 1}}, 400, "vocabulary"),
-    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "not supported"),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "does not take tools"),
     (
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
         400,

@@ -321,7 +321,7 @@ def test_adjusted_rows_do_not_touch_the_others():
     top = [int(t) for t in logits.argmax(-1)]
     specs = [SampleSpec(SamplingParams(temperature=0), (), 0),
              SampleSpec(SamplingParams(temperature=0, logit_bias={3: 100}), (), 0),
-             SampleSpec(SamplingParams(temperature=0, frequency_penalty=2.0, presence_penalty=1.0), (), 2, (top[2],) * 2),
+             SampleSpec(SamplingParams(temperature=0, frequency_penalty=2.0, presence_penalty=1.0), (), 2, generated=(top[2],) * 2),
              SampleSpec(SamplingParams(temperature=0, repetition_penalty=3.0, logprobs=2), (top[3],), 0)]
     together = Sampler().sample(logits, list("abcd"), specs)
     assert together == [Sampler().sample(logits[i : i + 1], ["x"], [specs[i]])[0] for i in range(4)]
