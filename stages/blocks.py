@@ -170,7 +170,7 @@ def split_blocks(groups: Sequence[KVGroup], kv_blocks: int, block_size: int, req
     return tuple(sizes)
 
 
-@dataclass
+@dataclass(slots=True)
 class Tables:
     """A request's block tables, one per KV group, in position order; ``freed``: how many leading blocks
     of each it gave back (or never held: before the window of a cached prefix), ``NULL_BLOCK`` there."""
@@ -203,6 +203,9 @@ class KVSpace:
         self.block_size, self.prefix_cache = block_size, prefix_cache
         self._layers = [len(g.layers) for g in groups]
         self._windows = [(g, group.window) for g, group in enumerate(groups) if group.window is not None]
+        # a stage with one group (every stage of full layers) takes the shortest way through every step
+        self._one = self.managers[0] if len(groups) == 1 else None
+        self._only_full = self._one if not self._windows else None
         self.no_prefix = Prefix(0, (0,) * len(groups), ((),) * len(groups))
 
     def _in_stage_blocks(self, counts: Sequence[int]) -> int:
@@ -269,6 +272,8 @@ class KVSpace:
         return Tables(tables, list(prefix.skip))
 
     def can_grow(self, t: Tables, tokens: int) -> bool:
+        if self._one is not None:
+            return self._one.can_grow(t.tables[0], tokens)
         for m, table in zip(self.managers, t.tables):
             if not m.can_grow(table, tokens):
                 return False
@@ -276,6 +281,8 @@ class KVSpace:
 
     def grow(self, t: Tables, tokens: int) -> None:
         """Extend every table so that it holds ``tokens`` rows."""
+        if self._one is not None:
+            return self._one.grow(t.tables[0], tokens)
         if not self.can_grow(t, tokens):
             raise MemoryError("not enough free KV blocks")
         for m, table in zip(self.managers, t.tables):
@@ -285,6 +292,8 @@ class KVSpace:
         """After a step that left ``length`` rows computed: caches the prompt's full blocks from ``registered``
         on (returns the first block still to cache) and gives back the window groups' blocks that no later row
         reads (all its positions before ``length - window + 1``, where the next row's window starts)."""
+        if self._only_full is not None:
+            return self._only_full.register(t.tables[0], prompt, registered, length)
         for m, table, freed in zip(self.managers, t.tables, t.freed):
             m.register(table, prompt, max(registered, freed), length)
         for g, window in self._windows:

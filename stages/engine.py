@@ -300,8 +300,10 @@ class Engine:
 
     # --- run -------------------------------------------------------------------------------------
     def _run(self, batch: list[tuple[Sequence, Work]]) -> Outgoing:
+        groups = len(self.blocks.groups) > 1
         items = [StepItem(w.item.rid, w.item.pos, w.item.n, w.data, w.dtype, self._sample_spec(s, w), tuple(s.kv.tables[0]),
-                          w.item.pos < len(s.meta.prompt_ids), tuple(map(tuple, s.kv.tables[1:]))) for s, w in batch]
+                          w.item.pos < len(s.meta.prompt_ids), tuple(map(tuple, s.kv.tables[1:])) if groups else ())
+                 for s, w in batch]
         started = time.perf_counter()
         try:
             result = self.backend.run(items)

@@ -228,3 +228,25 @@ def test_a_stage_of_full_and_sliding_layers(models):
     assert tokens == reference_greedy(models["gpt_oss"], prompt, 16)
     assert max(u[0] for u in used) == 7  # the 28 positions computed (the last token's never is)
     assert max(u[1] for u in used) <= window_blocks(5, 4, BS) and used[-1] == [0, 0]
+
+
+# --- what the planner is told ---------------------------------------------------------------------------------
+
+
+def test_the_profile_reports_each_layers_window_and_the_planner_reserves_it(models):
+    from parallax.broker.registry import ModelProfile
+    from parallax.scheduler.planner import ModelCost
+    from parallax.stages.profile import model_profile
+
+    profile = model_profile(models["gpt_oss"], "float32")
+    per_token = profile.kv_bytes_per_token
+    assert profile.kv_windows == (5, 0, 5, 0) and per_token == 2 * 2 * 16 * 4  # keys + values, 2 heads of 16
+    assert profile.kv_reserve(4096) == (5 * per_token, 4096 * per_token) * 2
+    assert model_profile(models["mistral"], "float32").kv_windows == (8, 8, 8)
+    assert model_profile(models["qwen2-bf16"], "float32").kv_windows == (0, 5, 5)
+    full = ModelProfile(num_layers=2, layer_bytes=1, first_bytes=0, last_bytes=0, kv_bytes_per_token=3)
+    assert full.kv_windows is None and full.kv_reserve(10) == (30, 30)  # full attention (or an older record)
+    cost = ModelCost(num_layers=4, layer_bytes=max(profile.per_layer), kv_reserve_bytes=4096 * per_token,
+                     layer_bytes_list=profile.layer_bytes_list, kv_reserve_list=profile.kv_reserve(4096))
+    assert cost.layer_costs == tuple(w + kv for w, kv in zip(profile.per_layer, profile.kv_reserve(4096)))
+    assert cost.layer_costs[0] < cost.layer_costs[1]
