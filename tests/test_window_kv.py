@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from parallax.broker import subjects
 from parallax.broker.wire import Forward, ForwardItem, RequestMeta, SamplingParams, Tokens, decode, encode
@@ -116,6 +118,38 @@ def test_a_window_groups_prefix_needs_only_the_window():
     assert got.tables[1][: hit.skip[1]] == [NULL_BLOCK] * hit.skip[1]
     space.release(got)
     assert space.managers[0].used == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["admit", "step", "free"]), st.integers(1, 12), st.integers(0, 2)), max_size=50))
+def test_refcounts_hold_in_every_group(ops):
+    """Requests admitted (sharing cached prefixes), stepped (grown, their window blocks given back) and released
+    in any order: each group's reference counts are its tables' live entries, its free list the rest."""
+    space = KVSpace([KVGroup(None, (0,)), KVGroup(6, (1,))], [40, 12], BS)
+    prompts = [[p] * 30 + list(range(20)) for p in range(3)]
+    live: list[tuple[object, list[int], int]] = []
+    for op, n, p in ops:
+        if op == "admit":
+            prefix = space.cached_prefix(prompts[p], 29)
+            if space.can_allocate(30, prefix, 4):
+                t = space.allocate(30, prefix, 4)
+                live.append((t, prompts[p], prefix.tokens))
+        elif op == "step" and live:
+            t, prompt, length = live[p % len(live)]
+            if space.can_grow(t, length + n):
+                space.grow(t, length + n)
+                space.computed(t, prompt, 0, length + n)
+                live[p % len(live)] = (t, prompt, length + n)
+        elif op == "free" and live:
+            space.release(live.pop(0)[0])
+        for g, m in enumerate(space.managers):
+            owners = [b for t, _, _ in live for b in t.tables[g][t.freed[g]:]]
+            assert all(m.ref[b] == owners.count(b) for b in range(m.num_blocks))
+            assert set(m.free) == {b for b in range(m.num_blocks) if m.ref[b] == 0}
+        assert all(len(t.tables[1]) - t.freed[1] <= window_blocks(6, 12, BS) for t, _, _ in live)
+    for t, _, _ in live:
+        space.release(t)
+    assert space.used == 0
 
 
 # --- the model reads its group's table for each layer ---------------------------------------------------------
