@@ -9,9 +9,10 @@ also across a resume. Before the load, the reference text of every prompt is com
 request at a time. Then ``--concurrency`` clients send requests one after another, of these kinds:
 short prompts streamed (``stream``) or not (``plain``), long prompts (``long``, either way), streams
 aborted with ``POST /v1/requests/{id}/abort`` after a few chunks (``abort``) and streams the client
-drops after a few chunks (``disconnect``). Every ``--restart-every`` seconds one stage, in turn
-(``b0``, ``a``, ``b1``), gets SIGTERM: it drains (a ``b`` hands its requests to the other replica,
-``a`` finishes them), exits, and is started again under a new node id.
+drops after a few chunks (``disconnect``); after an error a client waits a second. Every
+``--restart-every`` seconds one stage, in turn (``b0``, ``a``, ``b1``), gets SIGTERM: it drains (a
+``b`` hands its requests to the other replica, ``a`` finishes them), exits, and is started again
+under a new node id.
 
 Every request must complete with its reference text (a cut-off one: a prefix of it) or end with a
 clear error (an OpenAI error JSON or SSE error event with a message: ``draining``, no chain while
@@ -55,6 +56,7 @@ DRIFT_SAMPLES = 3  # samples averaged (median) at each end of the drift
 READY_TIMEOUT_S = 300.0
 STATUSES = ("ok", "aborted", "disconnected", "error", "wrong", "unclear", "hung")
 FAILED = frozenset({"wrong", "unclear", "hung"})
+ERROR_BACKOFF_S = 1.0  # a client waits this long after an error (no chain while `a` restarts) before its next request
 
 
 class SoakError(RuntimeError):
@@ -180,6 +182,11 @@ def error_key(message: str) -> str:
     """An error message with node ids, request ids and numbers blanked: messages of one kind group."""
     message = re.sub(r"\b[0-9a-f]{6,}\b|cmpl-\w+", "#", message)
     return re.sub(r"\b\d+(\.\d+)?\b", "N", message)[:110]
+
+
+def resumed_tries(gateway_log: str) -> int:
+    """How many times the gateway resumed a request with tokens so far (not a fresh resubmission)."""
+    return sum(int(n) > 0 for n in re.findall(r"(?:resubmitting|resuming on live replicas) with (\d+) tokens so far", gateway_log))
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
@@ -357,6 +364,8 @@ async def client(http: httpx.AsyncClient, prompts: dict[str, list[Prompt]], refe
         kind = rng.choices(kinds, weights)[0]
         prompt = rng.choice(prompts["long" if kind == "long" else "short"])
         outcomes.append(await one(http, kind, prompt, references[prompt], rng, timeout_s))
+        if outcomes[-1].status == "error":
+            await asyncio.sleep(ERROR_BACKOFF_S)
 
 
 # ------------------------------------------------------------------------------------------ soak
@@ -368,6 +377,7 @@ class Results:
     pids: dict[str, int] = field(default_factory=dict)
     leftover: list[dict] = field(default_factory=list)  # stages' stats after the load
     load_s: float = 0.0
+    resumed: int = 0  # tries the gateway resubmitted with tokens so far (its log)
 
 
 async def sample_rss(cluster: Cluster, results: Results, every_s: float) -> None:
@@ -440,6 +450,7 @@ async def soak(cfg: SoakConfig, cluster: Cluster, prompts: dict[str, list[Prompt
                 await asyncio.gather(restarts, sampler, *clients, return_exceptions=True)
             results.load_s = time.monotonic() - began
         results.leftover = await _settled(stats, len(cluster.ranges))
+        results.resumed = resumed_tries((cluster.log_dir / "gateway.log").read_text(errors="replace"))
 
 
 async def _progress(clients: list[asyncio.Task], sampler: asyncio.Task, results: Results, began: float) -> None:
@@ -476,8 +487,8 @@ def summary(cfg: SoakConfig, results: Results) -> tuple[str, bool]:
     by_kind = Counter((o.kind, o.status) for o in outcomes)
     rows = [[kind, *(by_kind[kind, s] for s in STATUSES), sum(by_kind[kind, s] for s in STATUSES)] for kind in KINDS]
     rows.append(["all", *(sum(by_kind[k, s] for k in KINDS) for s in STATUSES), len(outcomes)])
-    parts.append(f"## Requests ({results.load_s / 60:.1f} min of load, {cfg.concurrency} clients)\n"
-                 + table(["kind", *STATUSES, "total"], rows))
+    parts.append(f"## Requests ({results.load_s / 60:.1f} min of load, {cfg.concurrency} clients; the gateway resumed "
+                 f"{results.resumed} tries with tokens so far)\n" + table(["kind", *STATUSES, "total"], rows))
     messages = Counter((o.status, error_key(o.detail)) for o in outcomes if o.detail)
     if messages:
         parts.append("## Errors and failures\n" + table(["status", "count", "message"],

@@ -272,6 +272,10 @@ def test_soak_judges_every_request():
     assert soak.judge("stream", "", ref, draining, True) == soak.Outcome("stream", "error", "stage b0 is shutting down")
     assert soak.judge("plain", "", ref, {}, True).status == "unclear"
     assert soak.error_key("request cmpl-9f3a was aborted on 4a5b6c7d8e after 12.5 s") == "request # was aborted on # after N s"
+    log = ("request r1: stage 15:30 no longer caches the prompt's prefix; resubmitting with 0 tokens so far\n"
+           "request r2: stage b0 left layers 15:30: the stage is shutting down; resubmitting with 6 tokens so far\n"
+           "request r2: stage b0 serving layers 15:30 stopped while serving the request; resuming on live replicas with 6 tokens so far\n")
+    assert soak.resumed_tries(log) == 2  # the fresh resubmission (0 tokens) does not count
 
 
 def test_soak_rss_drift_after_warmup():
