@@ -22,17 +22,18 @@ def chunk_limit(max_payload: int) -> int:
     return max(1024, max_payload - HEADER_ROOM)
 
 
-async def publish(nc, subject: str, payload: bytes) -> None:
-    """Publish ``payload``, split into chunks when it is larger than the server allows."""
+async def publish(nc, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+    """Publish ``payload``, split into chunks when it is larger than the server allows; ``headers``
+    go with every chunk."""
     limit = chunk_limit(nc.max_payload)
     if len(payload) <= limit:
-        await nc.publish(subject, payload)
+        await nc.publish(subject, payload, headers=headers or None)
         return
     msg_id, parts = uuid.uuid4().hex, (len(payload) + limit - 1) // limit
     view = memoryview(payload)
     for i in range(parts):
         piece = bytes(view[i * limit : (i + 1) * limit])
-        await nc.publish(subject, piece, headers={ID: msg_id, PART: f"{i}/{parts}"})
+        await nc.publish(subject, piece, headers=(headers or {}) | {ID: msg_id, PART: f"{i}/{parts}"})
 
 
 @dataclass

@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import re
 import sys
 from collections.abc import Coroutine
 
+from .connection import DEFAULT_URL, NatsOptions
 from .errors import EXIT_USAGE, NatsUnreachable, ParallaxError
+
+
+def add_nats_args(parser: argparse.ArgumentParser, default_url: str | None = DEFAULT_URL) -> None:
+    """The connection flags of every command (one definition): ``--nats URL[,URL...]``, ``--creds``,
+    ``--nkey``, ``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--js-domain``. ``default_url`` None: no
+    ``--nats`` means the command starts its own server (``parallax up``)."""
+    g = parser.add_argument_group("NATS connection")
+    g.add_argument("--nats", default=default_url, metavar="URL[,URL...]",
+                   help="NATS server URL, or several comma-separated (members of one cluster: the client reconnects "
+                        "to another when one goes away)" + ("" if default_url is None else " (default %(default)s)"))
+    g.add_argument("--creds", default=None, metavar="FILE", help="NATS user credentials file (JWT + nkey seed)")
+    g.add_argument("--nkey", default=None, metavar="FILE", help="NATS nkey seed file (an nkey user)")
+    g.add_argument("--tls-ca", default=None, metavar="FILE", help="CA certificate that signed the server's (enables TLS)")
+    g.add_argument("--tls-cert", default=None, metavar="FILE", help="client certificate, for servers that verify clients")
+    g.add_argument("--tls-key", default=None, metavar="FILE", help="private key of --tls-cert")
+    g.add_argument("--js-domain", default=None, metavar="NAME",
+                   help="JetStream domain that holds the registry bucket, e.g. the hub's from a leaf-node site "
+                        "(default: the connected server's own)")
+
+
+def nats_options(args: argparse.Namespace, servers: str | None = None) -> NatsOptions:
+    """The :class:`NatsOptions` of :func:`add_nats_args`'s flags (``servers`` replaces ``--nats``);
+    :class:`UsageError` (exit 2, one line) for a bad URL or file."""
+    return NatsOptions(servers=servers if servers is not None else args.nats, creds=args.creds,
+                       nkey=args.nkey, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                       js_domain=args.js_domain)
 
 
 def run_command(prog: str, main: Coroutine, nats_url: str, log_level: str = "INFO") -> None:

@@ -84,6 +84,11 @@ class RequestTimedOut(RequestCancelled):
     """A request ran past its deadline (the ``timeout`` of its body or the gateway's default)."""
 
 
+class GrammarError(ParallaxError):
+    """A structured-output grammar (JSON schema, regex, choice, tool call) that cannot be compiled or
+    that a token breaks: the request is refused, with the reason, not served unconstrained."""
+
+
 class Retry(ParallaxError):
     """A stage handed a request back for a reason that resubmitting fixes (preempted, prefix miss)."""
 

@@ -10,6 +10,10 @@ A node key carries a TTL of ``KEY_TTL_S`` seconds, so a node that stops heartbea
 on its own (watchers get a PURGE marker, the bucket has ``limit_marker_ttl``); a clean exit deletes
 it at once. :class:`CasBucket` holds every conditional or TTL write (the lock, the assignments, the
 heartbeats). ``nats kv ls parallax-nodes`` / ``nats kv get parallax-nodes stage.<id>`` read it all.
+
+Seen from a leaf-node site, the bucket lives in another JetStream domain (``--js-domain hub``):
+:class:`DomainJetStream` is the one place that makes KV writes reach it. The bucket has 3 replicas
+when the domain is a cluster of 3+ servers (:func:`create_nodes_bucket`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from nats.aio.client import Client as NATS
 from nats.js import errors as js_errors
 from nats.js import api
+from nats.js.client import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
@@ -35,21 +40,60 @@ KINDS = ("stage", "gateway", "scheduler")
 DELETED = ("DEL", "PURGE")
 
 
-async def nodes_bucket(nc: NATS, timeout_s: float = 5.0) -> KeyValue:
-    """The ``parallax-nodes`` bucket, created on first use (several nodes may race to create it)."""
-    js = nc.jetstream(timeout=timeout_s)
+async def nodes_bucket(nc: NATS, domain: str | None = None, timeout_s: float = 5.0) -> KeyValue:
+    """The ``parallax-nodes`` bucket in JetStream domain ``domain`` (None: the server's own), created on
+    first use (several nodes may race to create it) with :func:`create_nodes_bucket`."""
+    js = nc.jetstream(timeout=timeout_s) if domain is None else DomainJetStream(nc, domain, timeout_s)
     try:
         return await js.key_value(NODES_BUCKET)
     except js_errors.BucketNotFoundError:
         pass
     except (js_errors.ServiceUnavailableError, js_errors.NoStreamResponseError, asyncio.TimeoutError) as e:
-        raise NoJetStream(f"the NATS server has no JetStream ({type(e).__name__}); start it with `nats-server -js`") from e
-    config = KeyValueConfig(bucket=NODES_BUCKET, history=1, limit_marker_ttl=1,
+        where = "the NATS server has no JetStream" if domain is None else f"no JetStream answers for domain {domain!r}"
+        raise NoJetStream(f"{where} ({type(e).__name__}); start it with `nats-server -js`") from e
+    try:
+        return await create_nodes_bucket(js)
+    except js_errors.BadRequestError:  # created by another node in between
+        return await js.key_value(NODES_BUCKET)
+
+
+CANNOT_REPLICATE = (10074, 10005)  # "replicas > 1 not supported in non-clustered mode", "no suitable peers"
+REPLICAS = 3
+
+
+async def create_nodes_bucket(js: JetStreamContext) -> KeyValue:
+    """The one rule for the registry's replicas: ``REPLICAS`` (3) where the domain's JetStream can place
+    them (a cluster of 3 or more servers, all up), else 1 (one server; the server says which)."""
+    config = KeyValueConfig(bucket=NODES_BUCKET, history=1, limit_marker_ttl=1, replicas=REPLICAS,
                             description="Parallax-NATS nodes, layer assignments and the scheduler lock")
     try:
         return await js.create_key_value(config)
-    except js_errors.BadRequestError:  # created by another node in between
-        return await js.key_value(NODES_BUCKET)
+    except js_errors.APIError as e:
+        if e.err_code not in CANNOT_REPLICATE:
+            raise
+        if e.err_code == 10005:  # a cluster, but not 3 servers up now
+            log.warning("the registry bucket gets 1 replica: JetStream cannot place %d (%s)", REPLICAS, e.description)
+        return await js.create_key_value(config, replicas=1)
+
+
+class DomainJetStream(JetStreamContext):
+    """JetStream of another domain (a hub seen from a leaf-node site), with KV writes that arrive.
+
+    nats-py 2.16's KeyValue publishes every write (put, create, update, delete, purge, our TTL writes)
+    to ``$KV.<bucket>.<key>`` whatever the domain; from a leaf site that subject never reaches the other
+    domain's stream (``NoStreamResponseError``). Published under the domain's API prefix,
+    ``$JS.<domain>.API.$KV.<bucket>.<key>``, it does (the server maps it back), on either side of the
+    link. Reads and watches already go through the prefix. A client that adds the prefix itself (the
+    upstream fix) publishes no ``$KV.`` subject here, so nothing is prefixed twice."""
+
+    def __init__(self, nc: NATS, domain: str, timeout_s: float):
+        super().__init__(nc, domain=domain, timeout=timeout_s)
+        self.kv_write_prefix = f"$JS.{domain}.API."
+
+    async def publish(self, subject: str, *args, **kwargs) -> api.PubAck:
+        if subject.startswith("$KV."):
+            subject = self.kv_write_prefix + subject
+        return await super().publish(subject, *args, **kwargs)
 
 
 def parse_node(value: bytes | None) -> NodeInfo | None:

@@ -5,6 +5,9 @@
     parallax.<model>.release                   broadcast: drop the KV/state of finished or aborted requests
     parallax.gateway.<gateway>                 tokens and errors for the requests of one gateway
     parallax.stats                             request: every stage answers with its counters ({"reset": true} zeroes them)
+    parallax.metrics                           request: every stage answers with its Prometheus text exposition
+    parallax.trace                             request {"id": ...}: every stage answers with its spans of that request
+    parallax.stage.<node>                      request: one stage's counters (its nats.micro endpoint, stages/micro.py)
 
 Who is alive and what it serves is not a subject: it is the JetStream KV bucket ``parallax-nodes``
 (:mod:`parallax.broker.kv`). Layer indices are global and half-open (``a:b`` serves layers a..b-1).
@@ -14,6 +17,8 @@ import re
 
 PREFIX = "parallax"
 STATS = f"{PREFIX}.stats"
+METRICS = f"{PREFIX}.metrics"
+TRACE = f"{PREFIX}.trace"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -35,3 +40,7 @@ def release(model: str) -> str:
 
 def gateway(gateway_id: str) -> str:
     return f"{PREFIX}.gateway.{token(gateway_id)}"
+
+
+def stage(node_id: str) -> str:
+    return f"{PREFIX}.stage.{token(node_id)}"

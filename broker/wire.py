@@ -12,7 +12,7 @@ from math import prod
 from typing import Annotated, Literal, Union
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import WireError
 
@@ -25,15 +25,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The smallest positive temperature, top_p and repetition penalty. The sampler works in float32: logits
+# divided by a smaller temperature or penalty overflow to inf, a smaller top_p rounds to 0 and drops
+# every token; either way its softmax gives NaN.
+MIN_POSITIVE = 1e-5
+
+
+def _greedy_or_usable(temperature: float) -> float:
+    if 0.0 < temperature < MIN_POSITIVE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_POSITIVE:g}, got {temperature:g}")
+    return temperature
+
+
 # The bounds of every sampling parameter, written once: the gateway's request models use them too.
-Temperature = Annotated[float, Field(ge=0.0)]  # 0: greedy
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+Temperature = Annotated[float, Field(ge=0.0, allow_inf_nan=False), AfterValidator(_greedy_or_usable)]  # 0: greedy
+TopP = Annotated[float, Field(ge=MIN_POSITIVE, le=1.0, allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=-1)]  # -1 or 0: off
 MaxTokens = Annotated[int, Field(ge=1)]
 MinTokens = Annotated[int, Field(ge=0)]
-RepetitionPenalty = Annotated[float, Field(gt=0.0)]
+RepetitionPenalty = Annotated[float, Field(ge=MIN_POSITIVE, allow_inf_nan=False)]
 Finish = Literal["stop", "length"]  # why the last stage ended a request
 NodeId = Annotated[str, Field(min_length=1)]
+GrammarKind = Literal["json_object", "json_schema", "regex", "ebnf"]
+
+
+class Grammar(_Strict):
+    """Structured output: the last stage masks every token the grammar does not allow (the stage
+    compiles ``spec`` once and caches it by text). ``spec``: the JSON schema as JSON text, the regex,
+    or the grammar in the library's EBNF; empty for ``json_object`` (any JSON object)."""
+
+    kind: GrammarKind
+    spec: str = ""
+    replay: int = Field(0, ge=0)  # the prompt's last ``replay`` ids were generated under this grammar (a resumed request)
 
 
 class SamplingParams(_Strict):
@@ -49,6 +72,7 @@ class SamplingParams(_Strict):
     ignore_eos: bool = False
     repetition_penalty: RepetitionPenalty = 1.0
     stop_token_ids: tuple[int, ...] = ()
+    grammar: Grammar | None = None  # structured output, enforced by the last stage
     # Tokens the request generated before this try (a resumed request): the sampler counts token
     # numbers from the request's first one, so a seed draws the same token i on every try. Left out
     # on the wire for a first try (None), so a stage of an earlier version still reads the message.
@@ -83,6 +107,8 @@ class SamplingParams(_Strict):
             return self
         rest = {"max_tokens": self.max_tokens - done, "min_tokens": max(0, self.min_tokens - done),
                 "token_offset": self.first_index + done}
+        if self.grammar is not None:
+            rest["grammar"] = self.grammar.model_copy(update={"replay": self.grammar.replay + done})
         return SamplingParams.model_validate(self.model_dump() | rest)  # validated: done < max_tokens
 
 

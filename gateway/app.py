@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, cast
@@ -32,19 +32,25 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
-from parallax.broker.errors import ChainUnavailable, ParallaxError, RequestCancelled, RequestTimedOut, StageFailed
-from parallax.broker.wire import SamplingParams, TokenOut
+from parallax.broker.errors import (
+    ChainUnavailable, GrammarError, ParallaxError, RequestCancelled, RequestTimedOut, StageFailed,
+)
+from parallax.broker.wire import Grammar, SamplingParams, TokenOut
 
 from .detok import IncrementalDetokenizer, StopStrings
+from . import structured
+from .chat import encode_chat, template_text
+from .metrics import GatewayMetrics, RequestTimer
 from .pipeline import Pipeline
+from .tools import ToolFormat, ToolStream, format_of, parse_all, tool_grammar
 from .protocol import (
+    AbortResult,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatMessage,
     Completion,
     CompletionChoice,
     CompletionChunk,
@@ -54,6 +60,7 @@ from .protocol import (
     ErrorResponse,
     FinishReason,
     GenerationRequest,
+    Health,
     ModelCard,
     ModelList,
     Usage,
@@ -76,13 +83,16 @@ class APIError(Exception):
         type_: str = "BadRequestError",
         code: str | None = None,
         param: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.info = ErrorInfo(message=message, type=type_, param=param, code=code)
+        self.headers = headers  # e.g. the `Allow` of a 405
 
     def response(self) -> JSONResponse:
-        return JSONResponse(ErrorResponse(error=self.info).model_dump(mode="json"), status_code=self.status)
+        body = ErrorResponse(error=self.info).model_dump(mode="json")
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
     def sse(self) -> str:
         return f"data: {ErrorResponse(error=self.info).model_dump_json()}\n\n"
@@ -140,7 +150,7 @@ def _validation_error(errors: Sequence[Any]) -> APIError:
 def _http_error(exc: StarletteHTTPException) -> APIError:
     kinds = {404: "NotFoundError", 405: "MethodNotAllowedError"}
     type_ = kinds.get(exc.status_code, "BadRequestError" if exc.status_code < 500 else "InternalServerError")
-    return APIError(exc.status_code, str(exc.detail), type_)
+    return APIError(exc.status_code, str(exc.detail), type_, headers=exc.headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -218,9 +228,12 @@ class _Generation:
     """One running request: pipeline tokens in, text deltas out, with stop strings applied."""
 
     def __init__(
-        self, tokens: AsyncGenerator[TokenOut, None], job: _Job, tokenizer: PreTrainedTokenizerBase
+        self, tokens: AsyncGenerator[TokenOut, None], job: _Job, tokenizer: PreTrainedTokenizerBase,
+        timer: RequestTimer,
     ) -> None:
         self._tokens = tokens
+        self._timer = timer
+        self._finish: FinishReason | None = None
         self._params = job.params
         self._detok = IncrementalDetokenizer(tokenizer, job.prompt_ids)
         self._stops = StopStrings(job.stops)
@@ -230,15 +243,17 @@ class _Generation:
         self.completion_tokens = 0
 
     @classmethod
-    async def start(cls, pipeline: Pipeline, job: _Job, tokenizer: PreTrainedTokenizerBase) -> _Generation:
+    async def start(cls, pipeline: Pipeline, job: _Job, tokenizer: PreTrainedTokenizerBase,
+                    metrics: GatewayMetrics) -> _Generation:
         """Start the request and wait for its first token, so that early errors become HTTP errors."""
         tokens = cast(AsyncGenerator[TokenOut, None], pipeline.generate(job.id, job.prompt_ids, job.params))
-        generation = cls(tokens, job, tokenizer)
+        generation = cls(tokens, job, tokenizer, metrics.request(len(job.prompt_ids)))
         if job.timeout_s is not None:
             error = RequestTimedOut(f"request {job.id} ran past its timeout of {job.timeout_s:g} s")
             generation._deadline = asyncio.get_running_loop().call_later(job.timeout_s, pipeline.cancel, job.id, error)
         try:
             generation._first = await anext(tokens, None)
+            generation._arrived(generation._first)
         except BaseException:
             await generation.close()
             raise
@@ -250,12 +265,14 @@ class _Generation:
         while token is not None:
             delta = self._step(token)
             if delta.finish is not None:
+                self._finish = delta.finish
                 await self.close()
                 yield delta
                 return
             if delta.text:
                 yield delta
             token = await self._next()
+        self._finish = "stop"
         await self.close()  # the pipeline ended without a finish flag: treat it as a stop
         yield _Delta(self._stops.feed(self._detok.flush(), final=True)[0], "stop")
 
@@ -265,8 +282,13 @@ class _Generation:
         # the iterator is closed with aclose(). The pipeline never hangs, so this wait is bounded.
         with anyio.CancelScope(shield=True):
             token = await anext(self._tokens, None)
+            self._arrived(token)
         await anyio.lowlevel.checkpoint()  # deliver a cancellation that arrived while shielded
         return token
+
+    def _arrived(self, token: TokenOut | None) -> None:
+        if token is not None:
+            self._timer.token()
 
     def _step(self, token: TokenOut) -> _Delta:
         """The stage decides ``finish`` (stop token, max_tokens, context); the gateway adds only
@@ -285,6 +307,7 @@ class _Generation:
         if self._closed:
             return
         self._closed = True
+        self._timer.end(self._finish)
         if self._deadline is not None:
             self._deadline.cancel()
         with anyio.CancelScope(shield=True):
@@ -326,19 +349,40 @@ class _Format(ABC):
 
 
 class _ChatFormat(_Format):
+    """Chat chunks; with ``tools`` (the template's call format) the text is parsed into tool calls."""
+
     _chunk_type = ChatCompletionChunk
+
+    def __init__(self, job: _Job, tools: ToolFormat | None = None, parallel: bool = True) -> None:
+        super().__init__(job)
+        self._tools, self._parallel = tools, parallel
+        self._stream = ToolStream(tools, parallel) if tools is not None else None
 
     def opening(self) -> list[str]:
         return [self._chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])]
 
     def text(self, text: str) -> str:
-        return self._chunk([ChatChunkChoice(delta=DeltaMessage(content=text))])
+        text = self._stream.feed(text) if self._stream is not None else text
+        return self._chunk([ChatChunkChoice(delta=DeltaMessage(content=text))]) if text else ""
 
     def finish(self, reason: FinishReason) -> str:
-        return self._chunk([ChatChunkChoice(delta=DeltaMessage(), finish_reason=reason)])
+        chunks = ""
+        if self._stream is not None:
+            rest = self._stream.finish()
+            chunks = self._chunk([ChatChunkChoice(delta=DeltaMessage(content=rest.content))]) if rest.content else ""
+            if rest.calls:
+                chunks += self._chunk([ChatChunkChoice(delta=DeltaMessage(tool_calls=rest.calls))])
+                reason = "tool_calls"
+        return chunks + self._chunk([ChatChunkChoice(delta=DeltaMessage(), finish_reason=reason)])
 
     def complete(self, text: str, reason: FinishReason, usage: Usage) -> BaseModel:
-        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=reason)
+        message = AssistantMessage(content=text)
+        if self._tools is not None:
+            parsed = parse_all(self._tools, text, self._parallel)
+            if parsed.calls:
+                message = AssistantMessage(content=parsed.content or None, tool_calls=parsed.calls)
+                reason = "tool_calls"
+        choice = ChatChoice(message=message, finish_reason=reason)
         return ChatCompletion(**self._head(), choices=[choice], usage=usage)
 
 
@@ -377,8 +421,8 @@ async def _events(generation: _Generation, fmt: _Format, job: _Job) -> AsyncGene
         for chunk in fmt.opening():
             yield chunk
         async for delta in generation.deltas():
-            if delta.text:
-                yield fmt.text(delta.text)
+            if delta.text and (chunk := fmt.text(delta.text)):
+                yield chunk
             if delta.finish is not None:
                 yield fmt.finish(delta.finish)
         if job.include_usage:
@@ -393,8 +437,9 @@ async def _events(generation: _Generation, fmt: _Format, job: _Job) -> AsyncGene
 # ---------------------------------------------------------------------------------------- gateway
 class _Gateway:
     def __init__(self, pipeline: Pipeline, tokenizer: PreTrainedTokenizerBase, model: _ModelInfo,
-                 request_timeout_s: float | None) -> None:
+                 request_timeout_s: float | None, metrics: GatewayMetrics) -> None:
         self._pipeline = pipeline
+        self._metrics = metrics
         self._tokenizer = tokenizer
         self._model = model
         self._request_timeout_s = request_timeout_s
@@ -402,14 +447,15 @@ class _Gateway:
     # ---- endpoints
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         self._check_model(body.model)
-        prompt_ids = await run_in_threadpool(self._encode_chat, body.messages)
-        job = self._job(body, prompt_ids, "chatcmpl", "messages")
-        return await self._serve(job, _ChatFormat(job), body.stream)
+        tools = self._tool_format(body)
+        prompt_ids = await run_in_threadpool(self._encode_chat, body)
+        job = self._job(body, prompt_ids, "chatcmpl", "messages", await self._grammar(body, tools))
+        return await self._serve(job, _ChatFormat(job, tools, body.parallel_tool_calls is not False), body.stream)
 
     async def completions(self, body: CompletionRequest) -> Response:
         self._check_model(body.model)
         prompt_ids = await run_in_threadpool(self._encode_prompt, body.prompt_value())
-        job = self._job(body, prompt_ids, "cmpl", "prompt")
+        job = self._job(body, prompt_ids, "cmpl", "prompt", await self._grammar(body))
         return await self._serve(job, _CompletionFormat(job), body.stream)
 
     async def abort(self, request_id: str) -> Response:
@@ -418,7 +464,7 @@ class _Gateway:
         if not self._pipeline.cancel(request_id, RequestCancelled(f"request {request_id} was aborted")):
             message = f"no running request `{request_id}` on this gateway"
             raise APIError(404, message, "NotFoundError", "request_not_found", "request_id")
-        return JSONResponse({"id": request_id, "object": "request.abort", "aborted": True})
+        return JSONResponse(AbortResult(id=request_id).model_dump(mode="json"))
 
     async def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self._model.name, max_model_len=self._model.max_context)])
@@ -427,7 +473,7 @@ class _Gateway:
         missing = self._pipeline.missing()
         if missing:
             return _api_error(ChainUnavailable(self._model.name, missing)).response()
-        return JSONResponse({"status": "ok"})
+        return JSONResponse(Health().model_dump(mode="json"))
 
     # ---- request -> job
     def _check_model(self, name: str | None) -> None:
@@ -435,18 +481,23 @@ class _Gateway:
             message = f"The model `{name}` does not exist; this gateway serves `{self._model.name}`."
             raise APIError(404, message, "NotFoundError", "model_not_found", "model")
 
-    def _encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    def _tool_format(self, body: ChatCompletionRequest) -> ToolFormat | None:
+        """The call format of the template when the request uses tools (None: no tools, or tool_choice none)."""
         try:
-            text = self._tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=False
-            )
+            if body.template_tools() is None:
+                return None
+        except GrammarError as exc:
+            raise APIError(400, str(exc), param="tool_choice") from None
+        fmt = format_of(template_text(self._tokenizer))
+        if fmt is None:
+            raise APIError(400, f"the chat template of `{self._model.name}` does not take tools", param="tools")
+        return fmt
+
+    def _encode_chat(self, body: ChatCompletionRequest) -> list[int]:
+        try:
+            return encode_chat(self._tokenizer, body.messages, body.template_tools())
         except jinja2.TemplateError as exc:
-            raise APIError(
-                400, _one_line(f"cannot apply the chat template: {exc}"), param="messages"
-            ) from None
-        # The template already wrote every special token (BOS included) the model expects.
-        return list(self._tokenizer.encode(str(text), add_special_tokens=False))
+            raise APIError(400, _one_line(f"cannot apply the chat template: {exc}"), param="messages") from None
 
     def _encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -458,7 +509,27 @@ class _Gateway:
             raise APIError(400, message, code="invalid_token_id", param="prompt")
         return list(prompt)
 
-    def _job(self, req: GenerationRequest, prompt_ids: list[int], prefix: str, prompt_param: str) -> _Job:
+    @staticmethod
+    async def _grammar(req: GenerationRequest, tools: ToolFormat | None = None) -> Grammar | None:
+        """The request's structured-output grammar (or its forced tool call's), checked (a 400 names
+        what is wrong with it)."""
+        try:
+            grammar = req.grammar()
+            if tools is not None and isinstance(req, ChatCompletionRequest):
+                forced = await run_in_threadpool(tool_grammar, tools, req)
+                if forced is not None and grammar is not None:
+                    raise GrammarError("a required or named tool_choice cannot be combined with structured outputs")
+                grammar = grammar or forced
+            if grammar is None:
+                return None
+            if req.min_tokens:
+                raise GrammarError("min_tokens cannot be combined with structured outputs")
+            return await run_in_threadpool(structured.check, grammar)
+        except GrammarError as exc:
+            raise APIError(400, _one_line(str(exc)), code="invalid_grammar") from None
+
+    def _job(self, req: GenerationRequest, prompt_ids: list[int], prefix: str, prompt_param: str,
+             grammar: Grammar | None = None) -> _Job:
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param=prompt_param)
         max_tokens = self._max_tokens(len(prompt_ids), req.requested_max_tokens(), prompt_param)
@@ -466,6 +537,8 @@ class _Gateway:
             params = req.sampling(max_tokens, self._model.eos_token_ids)
         except ValidationError as exc:
             raise _validation_error(exc.errors()) from None
+        if grammar is not None:
+            params = params.model_copy(update={"grammar": grammar})
         return _Job(
             id=f"{prefix}-{uuid.uuid4().hex}",
             model=self._model.name,
@@ -497,7 +570,7 @@ class _Gateway:
 
     # ---- job -> response
     async def _serve(self, job: _Job, fmt: _Format, stream: bool) -> Response:
-        generation = await _Generation.start(self._pipeline, job, self._tokenizer)
+        generation = await _Generation.start(self._pipeline, job, self._tokenizer, self._metrics)
         if stream:
             return _EventStream(_events(generation, fmt, job))
         pieces: list[str] = []
@@ -525,13 +598,55 @@ def create_app(
     if request_timeout_s is not None and not request_timeout_s > 0:
         raise ValueError(f"request_timeout_s must be positive, got {request_timeout_s}")
     model = _ModelInfo(model_name, max_context, tuple(eos_token_ids))
-    gateway = _Gateway(pipeline, tokenizer, model, request_timeout_s)
+    metrics = GatewayMetrics(model_name)
+    gateway = _Gateway(pipeline, tokenizer, model, request_timeout_s, metrics)
     app = FastAPI(title="Parallax-NATS gateway")
+    app.state.metrics = metrics  # /metrics (gateway/watch.py) serves it
     app.add_middleware(_CatchAll)
     _install_error_handlers(app)
-    app.add_api_route("/v1/chat/completions", gateway.chat_completions, methods=["POST"], response_model=None)
-    app.add_api_route("/v1/completions", gateway.completions, methods=["POST"], response_model=None)
-    app.add_api_route("/v1/requests/{request_id}/abort", gateway.abort, methods=["POST"], response_model=None)
+    generation = (400, 404, 499, 502, 503, 504)
+    app.add_api_route("/v1/chat/completions", gateway.chat_completions, methods=["POST"], response_model=None,
+                      responses=_documented(ChatCompletion, generation))
+    app.add_api_route("/v1/completions", gateway.completions, methods=["POST"], response_model=None,
+                      responses=_documented(Completion, generation))
+    app.add_api_route("/v1/requests/{request_id}/abort", gateway.abort, methods=["POST"], response_model=None,
+                      responses=_documented(AbortResult, (404,)))
     app.add_api_route("/v1/models", gateway.models, methods=["GET"])
-    app.add_api_route("/health", gateway.health, methods=["GET"], response_model=None)
+    app.add_api_route("/health", gateway.health, methods=["GET"], response_model=None,
+                      responses=_documented(Health, (503,)))
+    app.openapi = _without_422(app.openapi)
     return app
+
+
+# ---------------------------------------------------------------------------------------- OpenAPI
+_ERRORS = {
+    400: "invalid request: a bad field, an unknown token id, a prompt too long for the context",
+    404: "unknown model, or no such running request",
+    499: "the request was aborted (POST /v1/requests/{id}/abort)",
+    502: "a pipeline stage failed",
+    503: "no complete chain of stages serves the model",
+    504: "the request ran past its timeout",
+}
+
+
+def _documented(ok: type[BaseModel], errors: Sequence[int]) -> dict[int | str, dict[str, Any]]:
+    """The responses of a route for /openapi.json: ``ok`` on 200 (JSON, or SSE events when the body
+    asks for ``stream``) and OpenAI error JSON for each of ``errors``."""
+    responses: dict[int | str, dict[str, Any]] = {200: {"model": ok}}
+    if ok in (ChatCompletion, Completion):
+        responses[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+    return responses | {code: {"model": ErrorResponse, "description": _ERRORS[code]} for code in errors}
+
+
+def _without_422(generate: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """FastAPI documents a 422 for every route with a body or parameters; invalid requests get a 400
+    here (OpenAI's status), documented with each route."""
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        return schema
+
+    return openapi

@@ -12,7 +12,7 @@ import logging
 
 import uvicorn
 
-from parallax.broker.cli import run_command
+from parallax.broker.cli import add_nats_args, nats_options, run_command
 from parallax.broker.connection import connect
 
 from .nats_pipeline import NatsPipeline, PipelineConfig
@@ -24,7 +24,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="parallax-gateway", description=__doc__)
     p.add_argument("--model", required=True, help="alias (smollm2-135m), HF id, local HF folder or .gguf file")
     p.add_argument("--revision", default=None, help="branch, tag or commit of an HF id (default: main)")
-    p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS server URL")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--routing", default="load", choices=["load", "round-robin"],
@@ -37,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how long a request whose stage died (or handed it back) waits for a replica of the lost "
                         "layers before it fails (default: %(default)g)")
     p.add_argument("--log-level", default="INFO")
+    add_nats_args(p)
     return p.parse_args(argv)
 
 
@@ -65,16 +65,19 @@ def build(args: argparse.Namespace):
 
 async def serve(args: argparse.Namespace) -> None:
     from .app import create_app
+    from .watch import Watch, add_watch_routes
 
+    nats = nats_options(args)  # bad connection flags fail before the tokenizer loads
     source, facts, tokenizer, eos = await asyncio.to_thread(build, args)
-    nc = await connect(args.nats, name="parallax-gateway")
+    nc = await connect(nats, name="parallax-gateway")
     pipeline_config = PipelineConfig(model=source.name, num_layers=facts.num_layers, routing=args.routing,
-                                     chain_wait_s=args.chain_wait)
+                                     chain_wait_s=args.chain_wait, js_domain=nats.js_domain)
     pipeline = NatsPipeline(nc, pipeline_config)
     await pipeline.start()
     app = create_app(pipeline, tokenizer, source.name, facts.max_positions, eos, args.request_timeout)
+    add_watch_routes(app, Watch(nc, pipeline.registry, nats_url=nats.url, js_domain=nats.js_domain))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower()))
-    log.info("gateway for %s on http://%s:%d (NATS %s, routing %s)", source.name, args.host, args.port, args.nats, args.routing)
+    log.info("gateway for %s on http://%s:%d (NATS %s, routing %s)", source.name, args.host, args.port, nats.url, args.routing)
     try:
         await server.serve()
     finally:

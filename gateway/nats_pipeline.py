@@ -33,6 +33,7 @@ from parallax.broker import chunks, subjects
 from parallax.broker.errors import ChainUnavailable, HopLost, ParallaxError, Retry, StageFailed, WireError
 from parallax.broker.wire import RETRYABLE, ErrorMsg, Forward, ForwardItem, Release, RequestMeta, SamplingParams, TokenOut, Tokens, encode
 from parallax.broker.kv import Presence, nodes_bucket, watch_nodes
+from parallax.broker.observe import TraceContext, current_trace, trace_header
 from parallax.broker.tasks import stop_task
 from parallax.broker.registry import DEAD_NODE_NOTICED_S, HEARTBEAT_INTERVAL_S, Load, NodeInfo, Registry
 from parallax.scheduler.routing import POLICIES, RouteState, choose_route, find_chain, missing_ranges
@@ -57,6 +58,7 @@ class PipelineConfig:
     chain_wait_s: float = 30.0  # how long a resubmission waits for a complete chain (a stage reloading or dead)
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
     routing: Literal["load", "round-robin"] = "load"  # how a request's replicas are chosen (scheduler.routing)
+    js_domain: str | None = None  # the JetStream domain of the registry bucket (None: the server's own)
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.first_token_timeout_s <= 0 or self.stall_timeout_s <= 0 or self.check_every_s <= 0:
@@ -73,6 +75,7 @@ class _Request:
 
     attempt: str | None = None
     error: ParallaxError | None = None
+    trace: TraceContext | None = None  # every try's messages name it (stages record their spans under it)
 
     def check(self) -> None:
         if self.error is not None:
@@ -98,7 +101,7 @@ class NatsPipeline:
         """Subscribe to replies, load the registry (returns once the current nodes are known) and
         register this gateway."""
         await self.nc.subscribe(self.subject, cb=self._on_reply)
-        kv = await nodes_bucket(self.nc)
+        kv = await nodes_bucket(self.nc, self.config.js_domain)
         ready = asyncio.Event()
         self._tasks.append(asyncio.create_task(watch_nodes(kv, self.registry, self._changed.set, ready)))
         await asyncio.wait_for(ready.wait(), 10)
@@ -130,7 +133,7 @@ class NatsPipeline:
         min_tokens and the number of its next token (:meth:`SamplingParams.rest`: a seeded request
         draws what an undisturbed run draws): the caller sees one unbroken stream. The last token
         carries the last stage's ``finish``."""
-        request = _Request()
+        request = _Request(trace=current_trace.get() or TraceContext.new())  # W3C traceparent of the HTTP request
         self._requests[rid] = request
         generated: list[int] = []
         prefix_cache = True
@@ -186,7 +189,7 @@ class NatsPipeline:
         self.routes.acquire(hops)
         finished, first = False, True
         try:
-            await self._send(rid, prompt_ids, params, chain, prefix_cache, route)
+            await self._send(rid, prompt_ids, params, chain, prefix_cache, route, request.trace)
             while not finished:
                 event = await self._next(queue, chain, route, first, request)
                 first, finished = False, event.finish is not None
@@ -223,14 +226,15 @@ class NatsPipeline:
         return [n.layers for n in self.registry.serving(self.config.model)]
 
     async def _send(self, rid: str, prompt_ids: list[int], params: SamplingParams, chain: list[tuple[int, int]],
-                    prefix_cache: bool, route: tuple[str, ...]) -> None:
+                    prefix_cache: bool, route: tuple[str, ...], trace: TraceContext | None = None) -> None:
         """Publish the prompt to the first node of ``route``, the whole route pinned in the meta."""
         meta = RequestMeta(reply=self.subject, chain=tuple(chain), route=route, sampling=params,
                            prompt_ids=tuple(prompt_ids), prefix_cache=prefix_cache)
         item = ForwardItem(rid=rid, pos=0, n=len(prompt_ids), meta=meta)
         ids = np.asarray(prompt_ids, dtype="<i4").tobytes()
         payload = encode(Forward(items=(item,), dtype="int32", shape=(len(prompt_ids),)), ids)
-        await chunks.publish(self.nc, subjects.node(self.config.model, *chain[0], route[0]), payload)
+        headers = trace_header({rid: trace.child()}) if trace is not None else None
+        await chunks.publish(self.nc, subjects.node(self.config.model, *chain[0], route[0]), payload, headers)
 
     async def _next(self, queue: asyncio.Queue, chain: list[tuple[int, int]], route: tuple[str, ...], first: bool,
                     request: _Request) -> TokenOut:
@@ -268,10 +272,14 @@ class NatsPipeline:
     async def _on_reply(self, msg: Msg) -> None:
         try:
             received = self._reassembler.receive(msg.data, msg.headers)
+            header = received[0] if received else None
+            if header is not None and not isinstance(header, (Tokens, ErrorMsg)):
+                raise WireError(f"a gateway takes tokens or error messages, not {header.kind!r}")
         except WireError as e:
             log.warning("dropped malformed reply: %s", e)
+            if msg.reply:
+                await self.nc.publish(msg.reply, encode(ErrorMsg(message=f"malformed message: {e}", node=self.gateway_id)))
             return
-        header = received[0] if received else None
         if isinstance(header, Tokens):
             for item in header.items:
                 self._deliver(item.rid, item)
@@ -280,5 +288,7 @@ class NatsPipeline:
 
     def _deliver(self, rid: str | None, event) -> None:
         queue = self._streams.get(rid) if rid else None
-        if queue is not None:
-            queue.put_nowait(event)
+        if queue is None:  # a finished, abandoned or unknown try: its late messages go nowhere
+            log.debug("dropped %s for request %s, which is not running here", type(event).__name__, rid)
+            return
+        queue.put_nowait(event)

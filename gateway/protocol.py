@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from parallax.broker.wire import (
-    Finish as FinishReason,
+    Finish,
     MaxTokens,
     MinTokens,
     RepetitionPenalty,
@@ -36,6 +36,11 @@ from parallax.broker.wire import (
     TopK,
     TopP,
 )
+
+from .structured import StructuredRequest
+from .tools import ToolCall, ToolsRequest
+
+FinishReason = Finish | Literal["tool_calls"]
 
 TokenId = Annotated[int, Field(ge=0)]
 
@@ -87,8 +92,8 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class GenerationRequest(_Request):
-    """Fields shared by chat and text completions (OpenAI + vLLM extra sampling params)."""
+class GenerationRequest(StructuredRequest):
+    """Fields shared by chat and text completions (OpenAI + vLLM extra sampling params, structured outputs)."""
 
     model: str | None = None
     max_tokens: MaxTokens | None = None
@@ -140,6 +145,9 @@ ContentField = Annotated[
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: ContentField = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls, fed back
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -149,25 +157,17 @@ class ChatMessage(_Request):
         return "\n".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(GenerationRequest):
+class ChatCompletionRequest(GenerationRequest, ToolsRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
 
     @field_validator("logprobs", "top_logprobs")
     @classmethod
     def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
         if value:
             raise ValueError("logprobs are not supported")
-        return value
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if value:
-            raise ValueError("tools are not supported")
         return value
 
     def requested_max_tokens(self) -> int | None:
@@ -251,7 +251,12 @@ class _Choice(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _no_empty_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if k != "tool_calls" or v}
 
 
 class ChatChoice(_Choice):
@@ -268,6 +273,7 @@ class ChatCompletion(_Head):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -309,3 +315,13 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class AbortResult(BaseModel):
+    id: str
+    object: Literal["request.abort"] = "request.abort"
+    aborted: Literal[True] = True
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"

@@ -2,10 +2,20 @@
 
     parallax up --model smollm2-135m --stages 2 --port 8000
     parallax status --nats nats://127.0.0.1:4222 [--model M] [--json]
+    parallax metrics --nats nats://127.0.0.1:4222
+    parallax trace REQUEST_ID --nats nats://127.0.0.1:4222
+    parallax evict NODE --nats nats://127.0.0.1:4222
+    parallax auth init DIR [--host NAME ...] [--force]
+
+Every command but ``auth`` takes the connection flags (``--nats URL[,URL...]``, ``--creds``, ``--nkey``,
+``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--js-domain``); ``up`` passes them to its children.
 
 ``up`` runs a whole pipeline on this machine: an embedded nats-server (or ``--nats URL``), one stage
 process per layer range and an OpenAI-compatible gateway, and stops all of them on Ctrl-C/SIGTERM.
 ``status`` prints the cluster registry (nodes, layer coverage, leader; see :mod:`parallax.status`).
+``metrics`` prints every stage's Prometheus series, asked over NATS; ``trace`` a request's hops and
+their times; ``evict`` deletes a ghost's record (:mod:`parallax.watch`).
+``auth init`` writes an nkey per role, their subject permissions and TLS certificates (:mod:`parallax.auth`).
 Exit codes as every command (:mod:`parallax.broker.errors`): 0 after a clean stop, 1 when something
 fails while running (a child process exits), 2 when it cannot start (bad input, NATS unreachable).
 """
@@ -19,13 +29,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from parallax.broker.cli import fail
+from parallax.auth import add_parser as add_auth_parser
+from parallax.broker.cli import add_nats_args, fail, nats_options
+from parallax.broker.connection import DEFAULT_URL, NatsOptions
 from parallax.broker.errors import ParallaxError, UsageError
 from parallax.stages.models import QUANTIZE_TYPES, already_quantized
+from parallax.watch import add_wait, run_evict, run_metrics, run_trace
 
 DTYPES = ("float32", "bfloat16", "float16")
+WATCH_COMMANDS = {"metrics": run_metrics, "trace": run_trace, "evict": run_evict}
 READY_TIMEOUT_S = 300.0
 POLL_S = 0.5
 
@@ -80,15 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stage compute backend: auto (mlx on macOS arm64, torch elsewhere), torch or mlx")
     up.add_argument("--nats-port", type=int, default=4222, help="port of the embedded nats-server")
     up.add_argument("--nats-host", default="127.0.0.1", help="host the embedded nats-server binds")
-    up.add_argument("--nats", metavar="URL", help="use this NATS server instead of starting one")
     up.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S, help="seconds to wait for /health")
     up.add_argument("--stage-args", default="", metavar="ARGS",
                     help="extra flags for every parallax-stage, e.g. \"--max-batch-size 64 --kv-cache-memory 1\"")
+    add_nats_args(up, default_url=None)  # no --nats: start an embedded server (without auth or TLS)
     status = commands.add_parser("status", help="show the cluster registry: nodes, layer coverage, leader")
-    status.add_argument("--nats", metavar="URL", default="nats://127.0.0.1:4222", help="NATS server")
     status.add_argument("--model", help="only this model's nodes and coverage")
     status.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     status.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to connect and read")
+    add_wait(commands.add_parser("metrics", help="print every stage's Prometheus metrics, asked over NATS"))
+    trace = commands.add_parser("trace", help="a request's hops and their times, asked of every stage over NATS")
+    trace.add_argument("id", help="the request's id (the `id` of its response) or its W3C trace id")
+    add_wait(trace)
+    trace.add_argument("--spans", action="store_true", help="also print every span in time order")
+    trace.add_argument("--json", action="store_true", help="print the stages' answers as JSON")
+    evict = commands.add_parser("evict", help="delete a ghost's record (its heartbeat stopped) from the registry")
+    evict.add_argument("node", help="the node id, as `parallax status` shows it")
+    add_nats_args(evict)
+    evict.add_argument("--force", action="store_true", help="also when the node still heartbeats (it comes back)")
+    add_nats_args(status)
+    add_auth_parser(commands)
     return parser
 
 
@@ -125,17 +150,17 @@ def plan_up(args: argparse.Namespace) -> UpPlan:
                   args.quantize, args.dequantize, args.backend, commit)
 
 
-def stage_command(plan: UpPlan, start: int, end: int, nats_url: str) -> list[str]:
+def stage_command(plan: UpPlan, start: int, end: int, nats: NatsOptions) -> list[str]:
     flags = (["--quantize", plan.quantize] if plan.quantize else []) + (["--dequantize"] if plan.dequantize else [])
     flags += [] if plan.backend == "auto" else ["--backend", plan.backend]
     flags += [] if plan.revision is None else ["--revision", plan.revision]
     return [sys.executable, "-m", "parallax.stages.cli", "--model", plan.model, "--layers", f"{start}:{end}",
-            "--nats", nats_url, "--dtype", plan.dtype, *flags, *plan.stage_args]
+            *nats.cli_args(), "--dtype", plan.dtype, *flags, *plan.stage_args]
 
 
-def gateway_command(plan: UpPlan, nats_url: str) -> list[str]:
+def gateway_command(plan: UpPlan, nats: NatsOptions) -> list[str]:
     revision = [] if plan.revision is None else ["--revision", plan.revision]
-    return [sys.executable, "-m", "parallax.gateway.cli", "--model", plan.model, "--nats", nats_url,
+    return [sys.executable, "-m", "parallax.gateway.cli", "--model", plan.model, *nats.cli_args(),
             "--host", plan.host, "--port", str(plan.port), *revision]
 
 
@@ -187,21 +212,20 @@ def _say(line: str) -> None:
 def run_up(args: argparse.Namespace) -> int:
     from parallax.procs import ProcessGroup
 
+    nats = nats_options(args, args.nats or DEFAULT_URL)  # bad connection flags: exit 2 before anything starts
     plan = plan_up(args)
     server = None
     group = ProcessGroup()
     try:
-        if args.nats:
-            nats_url = args.nats
-        else:
+        if not args.nats:
             server = _start_server(args.nats_host, args.nats_port)
-            nats_url = server.url
+            nats = replace(nats, servers=(server.url,))
         for start, end in plan.ranges:
-            group.spawn(f"stage {start}:{end}", stage_command(plan, start, end, nats_url))
-        group.spawn("gateway", gateway_command(plan, nats_url))
+            group.spawn(f"stage {start}:{end}", stage_command(plan, start, end, nats))
+        group.spawn("gateway", gateway_command(plan, nats))
         _say(f"waiting for the gateway at {plan.base_url}/health ...")
         wait_ready(plan, group, args.ready_timeout)
-        print(_banner(plan, nats_url), flush=True)
+        print(_banner(plan, nats.url), flush=True)
         while True:
             _check_children(group)
             time.sleep(POLL_S)
@@ -241,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
             from parallax.status import run_status
 
             return run_status(args)
+        if args.command in WATCH_COMMANDS:
+            return WATCH_COMMANDS[args.command](args)
+        if args.command == "auth":
+            from parallax.auth import run_auth
+
+            return run_auth(args)
         return run_up(args)
     except ParallaxError as exc:
         return fail("parallax", exc)

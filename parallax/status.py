@@ -22,6 +22,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from parallax.broker.cli import nats_options
+from parallax.broker.connection import NatsOptions
 from parallax.broker.errors import RegistryError, UsageError
 from parallax.broker.registry import LEADER_KEY, Assignment, NodeInfo
 from parallax.scheduler.graph import disjoint_chains, find_chain, missing_ranges
@@ -78,6 +80,7 @@ def build_status(snapshot: Mapping[str, bytes], model: str | None = None, now: f
         assignment = assignments.get(n.node_id) if n.kind == "stage" else None
         d["assignment"] = assignment.model_dump(mode="json") if assignment is not None else None
         d["health"] = health(n, now, stale_s)
+        d["age_s"] = round(max(0.0, now - n.updated), 1)  # since its last heartbeat, by its own clock
         d["weight_bytes"] = weight_bytes(n)
         node_dicts.append(d)
 
@@ -230,6 +233,7 @@ def render_table(status: Mapping[str, Any]) -> str:
         lines.append("")
         lines += [coverage_line(name, m) for name, m in status["models"].items()]
     lines += kernel_lines(status["nodes"])
+    lines += ghost_lines(status["nodes"])
     lines.append("")
     lines.append(f"leader scheduler: {status['leader']}" if status["leader"] else NO_SCHEDULER)
     if status.get("invalid"):
@@ -244,6 +248,16 @@ def kernel_lines(nodes: Iterable[Mapping[str, Any]]) -> list[str]:
     return [""] + lines if lines else []
 
 
+def ghost_lines(nodes: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The records whose heartbeat stopped (health ``stale``: a key that should have expired), and how
+    to remove them."""
+    ghosts = [f"{d['node_id']} ({d['kind']}, {d.get('age_s', 0):.0f} s)" for d in nodes if d.get("health") == "stale"]
+    if not ghosts:
+        return []
+    return ["", f"GHOSTS: no heartbeat for over {STALE_S:g} s: {', '.join(ghosts)}; "
+                "`parallax evict NODE` removes one"]
+
+
 def render_json(status: Mapping[str, Any]) -> str:
     import orjson
 
@@ -251,7 +265,7 @@ def render_json(status: Mapping[str, Any]) -> str:
 
 
 # --- NATS part -----------------------------------------------------------------------------------
-async def fetch_snapshot(url: str, timeout_s: float = 5.0) -> dict[str, bytes]:
+async def fetch_snapshot(options: NatsOptions, timeout_s: float = 5.0) -> dict[str, bytes]:
     """Every live key of ``parallax-nodes`` and its value. Raises ``NatsUnreachable``, ``NoJetStream``
     or :class:`RegistryError`."""
     import nats.errors
@@ -259,9 +273,10 @@ async def fetch_snapshot(url: str, timeout_s: float = 5.0) -> dict[str, bytes]:
     from parallax.broker.connection import connect
     from parallax.broker.kv import nodes_bucket, snapshot
 
-    nc = await connect(url, name="parallax-status", first_connect_s=timeout_s)
+    url = options.url
+    nc = await connect(options, name="parallax-status", first_connect_s=timeout_s)
     try:
-        kv = await nodes_bucket(nc, timeout_s=timeout_s)  # NoJetStream passes through
+        kv = await nodes_bucket(nc, options.js_domain, timeout_s=timeout_s)  # NoJetStream passes through
         return await asyncio.wait_for(snapshot(kv), timeout_s * 2)
     except asyncio.TimeoutError:  # nats.errors.TimeoutError is one too
         raise RegistryError(f"NATS at {url} did not answer within {timeout_s * 2:.0f} s") from None
@@ -283,7 +298,7 @@ def run_status(args: argparse.Namespace) -> int:
     level = connection_log.level
     connection_log.setLevel(logging.ERROR)  # no per-attempt warnings: the error is the one line
     try:
-        snap = asyncio.run(fetch_snapshot(args.nats, args.timeout))
+        snap = asyncio.run(fetch_snapshot(nats_options(args), args.timeout))
     finally:
         connection_log.setLevel(level)
     status = build_status(snap, model=args.model)

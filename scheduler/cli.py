@@ -6,14 +6,13 @@ import argparse
 import asyncio
 import signal
 
-from parallax.broker.cli import run_command
+from parallax.broker.cli import add_nats_args, nats_options, run_command
 
 from .service import Scheduler, SchedulerConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="parallax-scheduler", description=__doc__)
-    p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS server URL")
     p.add_argument("--node-id", default=None, help="unique name of this scheduler (default: host + random)")
     p.add_argument("--kv-reserve-tokens", type=int, default=4096,
                    help="KV cache positions reserved per layer when fitting layers into a node's memory")
@@ -22,12 +21,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tolerance", type=float, default=0.10,
                    help="keep the current placement unless another is this much faster (0.10 = 10%%)")
     p.add_argument("--log-level", default="INFO")
+    add_nats_args(p)
     return p.parse_args(argv)
 
 
 def config(args: argparse.Namespace) -> SchedulerConfig:
     extra = {} if args.node_id is None else {"node_id": args.node_id}
-    return SchedulerConfig(nats_url=args.nats, kv_reserve_tokens=args.kv_reserve_tokens, hop_ms=args.hop_ms,
+    return SchedulerConfig(nats=nats_options(args), kv_reserve_tokens=args.kv_reserve_tokens, hop_ms=args.hop_ms,
                            tolerance=args.tolerance, **extra)
 
 

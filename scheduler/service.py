@@ -28,7 +28,7 @@ from nats.js import errors as js_errors
 from nats.js.kv import KeyValue
 
 from parallax import __version__
-from parallax.broker.connection import connect
+from parallax.broker.connection import NatsOptions, connect
 from parallax.broker.errors import Unplaceable
 from parallax.broker.kv import CasBucket, Presence, nodes_bucket, watch_nodes
 from parallax.broker.registry import (HEARTBEAT_INTERVAL_S, KEY_TTL_S, LEADER_KEY, Assignment, NodeInfo, Registry,
@@ -45,7 +45,7 @@ Current = dict[str, tuple[int, Assignment | None]]  # node_id -> (revision, assi
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats: NatsOptions = NatsOptions()
     node_id: str = field(default_factory=lambda: f"sched-{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
     lock_ttl_s: int = KEY_TTL_S  # whole seconds (KV TTLs are)
@@ -81,9 +81,9 @@ class Scheduler:
                         state="serving", updated=time.time())
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-        nc = await connect(self.config.nats_url, name=f"parallax-scheduler-{self.config.node_id}")
+        nc = await connect(self.config.nats, name=f"parallax-scheduler-{self.config.node_id}")
         try:
-            kv = await nodes_bucket(nc)
+            kv = await nodes_bucket(nc, self.config.nats.js_domain)
             bucket = CasBucket(kv)
             loaded = asyncio.Event()
             watch = asyncio.create_task(watch_nodes(kv, self.registry, self._changed.set, loaded))

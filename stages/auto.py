@@ -52,9 +52,9 @@ class AutoStage:
         """Serve what the scheduler assigns until ``stop`` is set (running requests are handed back at
         once) or ``drain`` is set: then no new assignment is followed and the range served drains as a
         ``--layers`` stage does (:meth:`StageWorker.drain`)."""
-        nc = await connect(self.config.nats_url, name=f"parallax-stage-{self.config.node_id}")
+        nc = await connect(self.config.nats, name=f"parallax-stage-{self.config.node_id}")
         try:
-            kv = await nodes_bucket(nc)
+            kv = await nodes_bucket(nc, self.config.nats.js_domain)
             async with Presence(kv, self.describe, self.config.heartbeat_s) as presence:
                 self._presence = presence
                 log.info("stage %s waiting for a layer assignment (key %s)", self.config.node_id, assign_key(self.config.node_id))

@@ -6,9 +6,12 @@ The engine hands a backend plain bytes + dtype names; a backend hands back bytes
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from parallax.broker.wire import SamplingParams
+
+if TYPE_CHECKING:
+    from .grammar import Constraint
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class SampleSpec:
     params: SamplingParams
     history: tuple[int, ...]  # prompt + generated ids; empty when there is no repetition penalty
     step: int  # index of the token being sampled (= tokens generated so far)
+    constraint: Constraint | None = None  # structured output: the sampler masks what its grammar forbids
 
     @property
     def banned(self) -> tuple[int, ...]:

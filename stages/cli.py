@@ -7,13 +7,16 @@ import asyncio
 import importlib.util
 import platform
 import signal
+from pathlib import Path
 
-from parallax.broker.cli import run_command
+from parallax.broker.cli import add_nats_args, nats_options, run_command
 from parallax.broker.errors import UsageError
 from parallax.broker.registry import DRAIN_TIMEOUT_S
 
 from .compute import ComputeThread
 from .engine import EngineConfig
+from . import otel
+from .metrics import metrics_port
 from .models import QUANTIZE_TYPES
 from .worker import NodeFacts, StageWorker, WorkerConfig
 
@@ -27,7 +30,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="half-open global layer range, e.g. 0:15 (default: ask a parallax-scheduler for one)")
     p.add_argument("--memory", default=None, metavar="SIZE",
                    help="memory this node offers for weights + KV cache, e.g. 8GiB (default: 80%% of free memory)")
-    p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS server URL")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="activation and KV cache dtype (weights stay as stored: bf16/fp16 as is, GGUF as its blocks)")
     p.add_argument("--quantize", choices=QUANTIZE_TYPES, default=None,
@@ -57,7 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on SIGTERM/SIGINT, stop taking new requests and let running ones finish here for up to S "
                         "seconds when no other stage serves this range (else hand them back at once); a second "
                         "signal hands everything back and exits (default %(default)g)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="also serve this stage's Prometheus metrics on http://0.0.0.0:PORT/metrics (they are always "
+                        "answered over NATS: `parallax metrics`, the gateway's /metrics?cluster=1)")
     p.add_argument("--log-level", default="INFO")
+    add_nats_args(p)
     return p.parse_args(argv)
 
 
@@ -125,7 +131,10 @@ async def serve(args: argparse.Namespace) -> None:
 
     from .models import architecture
 
+    nats_options(args)  # bad connection flags fail before anything loads (worker_config builds them again)
     backend_name = resolve_backend(args.backend)
+    if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
+        raise UsageError(f"--metrics-port must be in 1..65535, got {args.metrics_port}")
     layers = parse_layers(args.layers) if args.layers is not None else None
     offered = parse_size(args.memory) if args.memory is not None else None
     if args.threads is not None:
@@ -139,7 +148,7 @@ async def serve(args: argparse.Namespace) -> None:
     compute = ComputeThread()  # every torch/numba computation of this process (stages/compute.py)
     facts = await compute.run(node_facts, source.path, args.dtype, device, offered, layers is not None,
                               args.quantize, backend_name)
-    config = worker_config(args)
+    config = worker_config(args, source.path)
     drain, stop = asyncio.Event(), asyncio.Event()  # the first signal drains, a second one stops at once
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -150,16 +159,18 @@ async def serve(args: argparse.Namespace) -> None:
         fetch_layers(source, start, end, progress)  # an HF id's shards of these layers, unless cached
         return backend.load(source.path, source.name, start, end, args.dtype, device, args.quantize)
 
-    if layers is None:
-        from .auto import AutoStage
+    with metrics_port(args.metrics_port):  # a port in use: OSError, exit 2
+        if layers is None:
+            from .auto import AutoStage
 
-        stage = AutoStage(source.name, facts.profile.num_layers, device, args.dtype,
-                          lambda start, end: load(start, end, stage.downloaded), lambda b: engine_config(args, b),
-                          config, facts, compute)
-        await stage.run(stop, drain=drain)
-        return
-    loaded = await compute.run(load, *layers)
-    await (await compute.run(StageWorker, loaded, config, engine_config(args, loaded), facts, compute)).run(stop, drain=drain)
+            stage = AutoStage(source.name, facts.profile.num_layers, device, args.dtype,
+                              lambda start, end: load(start, end, stage.downloaded), lambda b: engine_config(args, b),
+                              config, facts, compute)
+            await stage.run(stop, drain=drain)
+            return
+        loaded = await compute.run(load, *layers)
+        worker = await compute.run(StageWorker, loaded, config, engine_config(args, loaded), facts, compute)
+        await worker.run(stop, drain=drain)
 
 
 def default_device(backend: str, device: str | None) -> str:
@@ -173,9 +184,10 @@ def default_device(backend: str, device: str | None) -> str:
     return device or torch_default()
 
 
-def worker_config(args: argparse.Namespace) -> WorkerConfig:
+def worker_config(args: argparse.Namespace, tokenizer_path: Path | None = None) -> WorkerConfig:
     named = {} if args.node_id is None else {"node_id": args.node_id}
-    return WorkerConfig(nats_url=args.nats, debug_delay_ms=args.debug_delay_ms, drain_timeout_s=args.drain_timeout, **named)
+    return WorkerConfig(nats=nats_options(args), debug_delay_ms=args.debug_delay_ms, drain_timeout_s=args.drain_timeout,
+                        tokenizer_path=tokenizer_path, export_spans=otel.from_env(), **named)
 
 
 def check_quantize(path, quantize: str | None, device: str, backend: str = "torch") -> None:

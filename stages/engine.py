@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
 
 from parallax.broker import subjects
@@ -23,11 +24,16 @@ from parallax.broker.wire import (
     DTYPE_SIZES, ErrorCode, ErrorMsg, Finish, Forward, ForwardItem, Release, RequestMeta, TokenOut, Tokens, encode,
 )
 
+from parallax.broker.errors import GrammarError
+
 from .backend import Backend, SampleSpec, StepItem, StepOutput
 from .blocks import BlockManager
+from .grammar import Constraint, Grammars
 
 log = logging.getLogger(__name__)
 Outgoing = list[tuple[str, bytes]]
+# Told of every forward that ran: (rid, rows) per item, wall clock when it started, its seconds (metrics, traces).
+StepObserver = Callable[[Seq[tuple[str, int]], float, float], None]
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class Sequence:
     meta_sent: bool = False  # first stage: the first chunk (carrying meta) has been scheduled
     registered: int = 0  # blocks already in the prefix cache
     generated: list[int] = field(default_factory=list)  # last stage only
+    constraint: Constraint | None = None  # last stage: the structured output's matcher
     touched: float = field(default_factory=time.monotonic)
 
     @property
@@ -82,11 +89,15 @@ class Stats:
     busy_s: float = 0.0
     prefix_hit_tokens: int = 0
     preempted: int = 0
+    requests: int = 0  # requests admitted (each try of a resubmitted request counts)
+    errors: dict[str, int] = field(default_factory=dict)  # requests failed here, by error code (preempted included)
 
 
 class Engine:
-    def __init__(self, backend: Backend, node_id: str, config: EngineConfig | None = None):
+    def __init__(self, backend: Backend, node_id: str, config: EngineConfig | None = None,
+                 grammars: Grammars | None = None):
         self.backend, self.node_id = backend, node_id
+        self.grammars = grammars  # compiles structured-output grammars (last stage); None: such requests are refused
         self.config = config or EngineConfig()
         self.spec = backend.spec
         self.blocks = BlockManager(self.config.kv_blocks, self.config.block_size, self.config.prefix_cache)
@@ -98,6 +109,7 @@ class Engine:
         self._released: OrderedDict[str, None] = OrderedDict()
         self.chunk_tokens = self.config.chunk_tokens
         self.draining: str | None = None  # set (the reason) while the stage drains: new requests are refused
+        self.observers: list[StepObserver] = []
 
     # --- called from the NATS side -------------------------------------------------------------
     def submit(self, header: Forward | Release, data: memoryview = memoryview(b"")) -> None:
@@ -190,7 +202,22 @@ class Engine:
                     continue
                 return  # FIFO: wait until running requests free blocks
             del self.waiting[rid]
-            self._start(works, self.blocks.allocate(total, reuse), len(reuse) * self.blocks.block_size)
+            try:
+                constraint = self._constraint(first.meta)
+            except GrammarError as e:
+                self._fail(rid, first.meta.reply, str(e), out)
+                continue
+            self._start(works, self.blocks.allocate(total, reuse), len(reuse) * self.blocks.block_size, constraint)
+
+    def _constraint(self, meta: RequestMeta) -> Constraint | None:
+        """The last stage's matcher for a structured output, over the tokens generated before a resubmission."""
+        grammar = meta.sampling.grammar
+        if grammar is None or not self.spec.last:
+            return None
+        if self.grammars is None:
+            raise GrammarError(f"stage {self._range} cannot constrain output: it has no tokenizer")
+        replay = meta.prompt_ids[len(meta.prompt_ids) - grammar.replay :] if grammar.replay else ()
+        return self.grammars.constraint(meta.sampling, replay)
 
     def _check_new(self, item: ForwardItem) -> tuple[ErrorCode, str] | None:
         meta = item.meta
@@ -218,13 +245,14 @@ class Engine:
         hit = self.blocks.cached_prefix(prompt, item.pos)
         return hit if len(hit) * bs == item.pos else None
 
-    def _start(self, works: list[Work], table: list[int], cached: int) -> None:
+    def _start(self, works: list[Work], table: list[int], cached: int, constraint: Constraint | None) -> None:
         item = works[0].item
         meta = item.meta
         hop = meta.chain.index((self.spec.start, self.spec.end))
-        seq = Sequence(item.rid, meta, hop, table, length=cached)
+        seq = Sequence(item.rid, meta, hop, table, length=cached, constraint=constraint)
         seq.registered = cached // self.blocks.block_size
         self.stats.prefix_hit_tokens += cached
+        self.stats.requests += 1
         if self.spec.first:
             seq.pending = works[0].data[cached * 4 :]
             works = works[1:]
@@ -295,7 +323,7 @@ class Engine:
     def _run(self, batch: list[tuple[Sequence, Work]]) -> Outgoing:
         items = [StepItem(w.item.rid, w.item.pos, w.item.n, w.data, w.dtype, self._sample_spec(s, w), tuple(s.table),
                           prompt=w.item.pos < len(s.meta.prompt_ids)) for s, w in batch]
-        started = time.perf_counter()
+        started, wall = time.perf_counter(), time.time()
         try:
             result = self.backend.run(items)
         except Exception as e:  # a bad batch must not kill the stage: fail its requests, keep serving
@@ -304,7 +332,10 @@ class Engine:
             for s, _ in batch:
                 self._fail(s.rid, s.reply, f"stage {self._range} failed: {type(e).__name__}: {e}", out, "internal")
             return out
-        self.stats.busy_s += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.stats.busy_s += seconds
+        for observe in self.observers:
+            observe([(w.item.rid, w.item.n) for _, w in batch], wall, seconds)
         self.stats.steps += 1
         self.stats.rows += sum(w.item.n for _, w in batch)
         for s, w in batch:
@@ -318,7 +349,7 @@ class Engine:
             return None
         params = seq.meta.sampling
         history = seq.meta.prompt_ids + tuple(seq.generated) if params.repetition_penalty != 1.0 else ()
-        return SampleSpec(params, history, len(seq.generated))
+        return SampleSpec(params, history, len(seq.generated), seq.constraint)
 
     # --- postprocess -----------------------------------------------------------------------------
     def _forwarded(self, batch: list[tuple[Sequence, Work]], result: StepOutput) -> Outgoing:
@@ -353,10 +384,13 @@ class Engine:
         replies: dict[str, list[TokenOut]] = {}
         loops: dict[str, tuple[list[ForwardItem], list[memoryview]]] = {}
         finished: list[str] = []
+        broken: list[tuple[Sequence, str]] = []  # requests whose token broke their grammar
         for seq, w in batch:
             if not w.item.sample:
                 continue
             token = next(tokens)
+            if not self._advance(seq, token, broken):
+                continue
             seq.generated.append(token)
             index, finish = len(seq.generated) - 1, self._finish(seq, token)
             replies.setdefault(seq.reply, []).append(TokenOut(rid=seq.rid, token=token, index=index, finish=finish))
@@ -371,7 +405,21 @@ class Engine:
         out = [(reply, encode(Tokens(items=tuple(items)))) for reply, items in replies.items()]
         out += [(subject, self._forward_msg(items, ids, (len(items),), "int32")) for subject, (items, ids) in loops.items()]
         self._release(finished, out, broadcast=True)
+        for seq, message in broken:
+            self._fail(seq.rid, seq.reply, message, out, "internal")
         return out
+
+    @staticmethod
+    def _advance(seq: Sequence, token: int, broken: list[tuple[Sequence, str]]) -> bool:
+        """Move the request's grammar over its sampled token (the mask makes this always fit)."""
+        if seq.constraint is None:
+            return True
+        try:
+            seq.constraint.accept(token)
+            return True
+        except GrammarError as e:
+            broken.append((seq, str(e)))
+            return False
 
     def evacuate(self, message: str) -> Outgoing:
         """Drop every request (this stage stops serving its range): each gateway is told
@@ -395,6 +443,8 @@ class Engine:
         p = seq.meta.sampling
         if token in p.stop_token_ids and not p.ignore_eos:
             return "stop"
+        if seq.constraint is not None and seq.constraint.complete:  # the grammar allows nothing but a stop now
+            return "stop"
         if len(seq.generated) >= p.max_tokens or seq.length + 1 >= self.spec.max_positions:
             return "length"
         return None
@@ -410,6 +460,7 @@ class Engine:
 
     def _fail(self, rid: str, reply: str | None, message: str, out: Outgoing, code: ErrorCode = "bad_request") -> None:
         log.warning("request %s: %s", rid, message)
+        self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
         if reply:
             out.append((reply, encode(ErrorMsg(rid=rid, message=message, node=self.node_id, code=code))))
         self._release([rid], out, broadcast=True)

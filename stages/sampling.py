@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .backend import SampleSpec
+from .grammar import apply_masks
 
 
 class Sampler:
@@ -26,6 +27,7 @@ class Sampler:
         self._seeds.pop(rid, None)
 
     def sample(self, logits: torch.Tensor, rids: list[str], specs: list[SampleSpec]) -> list[int]:
+        logits = apply_masks(logits, [spec.constraint for spec in specs])  # constrained rows only
         if all(_plain_greedy(spec) for spec in specs) and logits.device.type == "cpu":
             return greedy(logits)
         logits = logits.float()  # [S, V]

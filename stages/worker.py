@@ -2,7 +2,8 @@
 
 Subscribes to its own subject for its layer range (the gateway pins every hop of a request to one
 replica, so replicas share work through the gateway's routing), to the model's release broadcast
-and to the stats request. Its :class:`NodeInfo` goes to the registry
+and to the stats, metrics and trace requests (``parallax.stats``, ``parallax.metrics``,
+``parallax.trace``; see :mod:`.metrics` and :mod:`.trace`). Its :class:`NodeInfo` goes to the registry
 (JetStream KV, :mod:`parallax.broker.kv`) every heartbeat. Malformed messages are logged and
 answered (when they carry a reply subject), never fatal. :meth:`attach`/:meth:`detach` start and
 stop serving on a connection someone else owns (a stage the scheduler moves to another range);
@@ -26,7 +27,9 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import orjson
 import psutil
 
@@ -37,15 +40,19 @@ from nats.js.kv import KeyValue
 
 from parallax import __version__
 from parallax.broker import chunks, subjects
-from parallax.broker.connection import connect
+from parallax.broker.connection import NatsOptions, connect
 from parallax.broker.errors import WireError
 from parallax.broker.kv import Presence, nodes_bucket, parse_node, snapshot
-from parallax.broker.wire import ErrorMsg, Forward, Release, encode
+from parallax.broker.wire import ErrorMsg, Forward, Message, Release, encode
 from parallax.broker.registry import DRAIN_TIMEOUT_S, HEARTBEAT_INTERVAL_S, Load, ModelProfile, NodeInfo, State
 
+from . import micro
 from .backend import Backend
 from .compute import ComputeThread
 from .engine import Engine, EngineConfig, Outgoing, Stats
+from .grammar import Grammars
+from .metrics import StageMetrics, serving
+from .trace import SpanExport, TraceRecorder
 
 log = logging.getLogger(__name__)
 DRAIN_POLL_S = 0.5  # while draining, how often the registry is read for a replica of this range
@@ -53,11 +60,13 @@ DRAIN_POLL_S = 0.5  # while draining, how often the registry is read for a repli
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats: NatsOptions = NatsOptions()
     node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
     heartbeat_s: float = HEARTBEAT_INTERVAL_S
     debug_delay_ms: float = 0.0  # sleep after every step: a slow node on purpose, for routing tests
     drain_timeout_s: float = DRAIN_TIMEOUT_S  # a drain lets running requests finish here for this long at most
+    tokenizer_path: Path | None = None  # the model folder: its tokenizer compiles structured-output grammars (None: refused)
+    export_spans: SpanExport | None = None  # also send every trace span here (OpenTelemetry: stages/otel.py)
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0:
@@ -101,7 +110,12 @@ class StageWorker:
         it makes its own."""
         self.backend, self.config, self.facts = backend, config, facts
         self.spec = backend.spec
-        self.engine = Engine(backend, config.node_id, engine_config)
+        grammars = None if config.tokenizer_path is None else Grammars(config.tokenizer_path, self.spec.vocab_size)
+        self.engine = Engine(backend, config.node_id, engine_config, grammars)
+        self.metrics = StageMetrics(self.engine)
+        labels = {"model": self.spec.model, "layers": f"{self.spec.start}:{self.spec.end}", "node": config.node_id}
+        self.tracer = TraceRecorder(labels, config.export_spans)
+        self.engine.observers += [self.metrics.step, self.tracer.step]
         self._wake = asyncio.Event()
         self._stopping = False
         self._reassembler = chunks.Reassembler()
@@ -112,6 +126,7 @@ class StageWorker:
         self.compute = compute or ComputeThread()  # the stage's one compute thread (stages/compute.py)
         self._owns_compute = compute is None
         self.nc: NATS | None = None
+        self._service = None  # the nats.micro service while attached (stages/micro.py)
 
     def describe(self, state: State = "serving") -> NodeInfo:
         s, e = self.spec, self.engine
@@ -124,9 +139,9 @@ class StageWorker:
                   drain: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set (running requests are handed back at once) or ``drain`` is set
         (see :meth:`drain`), registered in the KV registry; a clean exit deletes the key."""
-        nc = await connect(self.config.nats_url, name=f"parallax-stage-{self.config.node_id}")
+        nc = await connect(self.config.nats, name=f"parallax-stage-{self.config.node_id}")
         try:
-            kv = await nodes_bucket(nc)
+            kv = await nodes_bucket(nc, self.config.nats.js_domain)
             await self.attach(nc)
             async with Presence(kv, self.describe, self.config.heartbeat_s):
                 if ready is not None:
@@ -192,11 +207,16 @@ class StageWorker:
         await self._subscribe()
         self._stopping = False
         self._loop_task = asyncio.create_task(self._engine_loop())
+        serving(self.metrics, True)
+        self._service = await micro.start(nc, self)
         log.info("stage %s serving layers %d:%d of %s", self.config.node_id, self.spec.start, self.spec.end, self.spec.model)
 
     async def detach(self, reason: str) -> None:
         """Stop serving: no new work, the step in progress completes, running requests are handed
         back to their gateways as ``preempted`` (they resume on another chain)."""
+        serving(self.metrics, False)
+        await micro.stop(self._service)
+        self._service = None
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs.clear()
@@ -216,10 +236,14 @@ class StageWorker:
             await nc.subscribe(subjects.node(s.model, s.start, s.end, self.config.node_id), cb=self._on_work),
             await nc.subscribe(subjects.release(s.model), cb=self._on_work),
             await nc.subscribe(subjects.STATS, cb=self._on_stats),
+            await nc.subscribe(subjects.METRICS, cb=self._on_metrics),
+            await nc.subscribe(subjects.TRACE, cb=self._on_trace),
         ]
         await nc.flush()
 
     async def _on_work(self, msg: Msg) -> None:
+        header = None
+        self.metrics.received(len(msg.data))
         try:
             received = self._reassembler.receive(msg.data, msg.headers)
             if received is None:
@@ -227,15 +251,42 @@ class StageWorker:
             header, data = received
             if not isinstance(header, (Forward, Release)):
                 raise WireError(f"a stage takes fwd or release messages, not {header.kind!r}")
+            if isinstance(header, Forward):
+                self._check_ids(header, data)
         except WireError as e:
             log.warning("dropped malformed message on %s: %s", msg.subject, e)
-            if msg.reply:
-                await self.nc.publish(msg.reply, encode(ErrorMsg(message=f"malformed message: {e}", node=self.config.node_id)))
+            await self._refuse(msg.reply, header, f"malformed message: {e}")
             return
-        if isinstance(header, Forward) and header.sent is not None:
-            self._hops_ms.append(max(0.0, (time.time() - header.sent) * 1000))
+        now = time.time()
+        if isinstance(header, Forward):
+            self.tracer.received(header, msg.headers, now)
+            if header.sent is not None:
+                hop = max(0.0, now - header.sent)
+                self._hops_ms.append(hop * 1000)
+                self.metrics.hop(hop)
+        else:
+            self.tracer.forget(header.rids)
         self.engine.submit(header, data)
         self._wake.set()
+
+    def _check_ids(self, header: Forward, data: memoryview) -> None:
+        """A first stage's token ids must be in the vocabulary: the embedding of any other id fails the
+        whole batch, requests of other clients included."""
+        if not (self.spec.first and header.dtype == "int32"):
+            return  # a wrong dtype or shape is the engine's to refuse (it answers the request)
+        ids = np.frombuffer(data, dtype="<i4")  # [T]
+        if ids.size and not (0 <= int(ids.min()) and int(ids.max()) < self.spec.vocab_size):
+            raise WireError(f"token ids must be in 0..{self.spec.vocab_size - 1}, got {int(ids.min())}..{int(ids.max())}")
+
+    async def _refuse(self, reply: str | None, header: Message | None, message: str) -> None:
+        """Answer a message the stage dropped: on its reply subject, and to the gateway of every
+        request it starts (which would otherwise wait for tokens in vain)."""
+        node = self.config.node_id
+        if reply:
+            await self.nc.publish(reply, encode(ErrorMsg(message=message, node=node)))
+        for item in header.items if isinstance(header, Forward) else ():
+            if item.meta is not None:
+                await self.nc.publish(item.meta.reply, encode(ErrorMsg(rid=item.rid, message=message, node=node)))
 
     async def _on_stats(self, msg: Msg) -> None:
         """Counters for benchmarks and operators; ``{"reset": true}`` zeroes them after answering."""
@@ -246,8 +297,21 @@ class StageWorker:
         except (orjson.JSONDecodeError, AttributeError):
             reset = False
         if reset:
+            self.metrics.absorb(self.engine.stats)
             self.engine.stats = Stats()
             self._hops_ms.clear()
+
+    async def _on_metrics(self, msg: Msg) -> None:
+        """This stage's series in the Prometheus text format (``parallax metrics``, ``/metrics?cluster=1``)."""
+        if msg.reply:
+            await self.nc.publish(msg.reply, self.metrics.exposition())
+
+    async def _on_trace(self, msg: Msg) -> None:
+        """This stage's spans of one request (``parallax trace``)."""
+        if msg.reply:
+            s = self.spec
+            stage = {"node_id": self.config.node_id, "model": s.model, "start": s.start, "end": s.end}
+            await self.nc.publish(msg.reply, self.tracer.answer(msg.data, stage, chunks.chunk_limit(self.nc.max_payload)))
 
     def stats(self) -> dict:
         e, s, hops = self.engine, self.engine.stats, sorted(self._hops_ms)
@@ -255,7 +319,8 @@ class StageWorker:
         return {
             "node_id": self.config.node_id, "model": self.spec.model, "start": self.spec.start, "end": self.spec.end,
             "steps": s.steps, "rows": s.rows, "busy_s": s.busy_s, "prefix_hit_tokens": s.prefix_hit_tokens,
-            "preempted": s.preempted, "running": len(e.seqs), "waiting": len(e.waiting),
+            "preempted": s.preempted, "requests": s.requests, "errors": dict(s.errors),
+            "running": len(e.seqs), "waiting": len(e.waiting),
             "hop_ms": _summary(hops),
             "kv": {"block_size": blocks.block_size, "blocks_total": blocks.num_blocks, "blocks_used": blocks.used,
                    "blocks_cached": blocks.cached, "budget_bytes": blocks.num_blocks * self.backend.kv_block_bytes(blocks.block_size)},
@@ -285,7 +350,11 @@ class StageWorker:
 
     async def _publish(self, outgoing: Outgoing) -> None:
         for subject, payload in outgoing:
-            await chunks.publish(self.nc, subject, payload)
+            self.metrics.sent(len(payload))
+            rids, headers = self.tracer.outgoing(payload)
+            started = time.time()
+            await chunks.publish(self.nc, subject, payload, headers)
+            self.tracer.sent(rids, started, time.time())
 
 
 async def _first_set(*events: asyncio.Event | None) -> None:

@@ -12,6 +12,7 @@ import nats
 import numpy as np
 import torch
 
+from parallax.broker.connection import NatsOptions
 from parallax.broker.wire import SamplingParams
 from parallax.broker.tasks import stop_task
 from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
@@ -63,7 +64,8 @@ class Cluster:
                         engine: EngineConfig | None = None, debug_delay_ms: float = 0.0) -> str:
         backend = await asyncio.to_thread(TorchBackend.load, self.path, self.model, start, end, dtype, "cpu")
         node_id = node_id or f"s{start}-{end}-{uuid.uuid4().hex[:6]}"
-        config = WorkerConfig(nats_url=self.url, node_id=node_id, heartbeat_s=0.2, debug_delay_ms=debug_delay_ms)
+        config = WorkerConfig(nats=NatsOptions(self.url), node_id=node_id, heartbeat_s=0.2, debug_delay_ms=debug_delay_ms,
+                              tokenizer_path=self.path)
         worker = StageWorker(backend, config, engine or EngineConfig(kv_blocks=512))
         stop, ready = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(worker.run(stop, ready))

@@ -18,8 +18,12 @@ _TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_k
              max_position_embeddings=4096)
 
 
-def start_nats_server(**config) -> EmbeddedServer:
-    """An EmbeddedServer on a free loopback port (never 4222); retries if the port got taken."""
+def start_nats_server(config_file: Path | None = None, **config) -> EmbeddedServer:
+    """An EmbeddedServer on a free loopback port (never 4222); retries if the port got taken.
+    ``config_file``: a nats-server config (JetStream, cluster routes, leaf nodes: its ``jetstream``
+    block decides JetStream); the client port stays the free one."""
+    if config_file is not None:
+        config = {"jetstream": False, **config, "extra_args": ("-c", str(config_file), *config.get("extra_args", ()))}
     error: NatsServerError | None = None
     for _ in range(3):
         try:

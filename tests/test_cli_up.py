@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from parallax.broker.connection import NatsOptions
 from parallax.broker.server import free_port
 
 import parallax.cli as cli
@@ -133,10 +134,10 @@ def test_commands_for_children(config_only_model):
                                           "--dtype", "float32", "--port", "8123"])
     plan = cli.plan_up(args)
     assert plan.ranges == [(0, 1), (1, 2)] and plan.served_name == "two-layers"
-    assert cli.stage_command(plan, 1, 2, "nats://h:1")[1:] == [
+    assert cli.stage_command(plan, 1, 2, NatsOptions("nats://h:1"))[1:] == [
         "-m", "parallax.stages.cli", "--model", str(config_only_model), "--layers", "1:2",
         "--nats", "nats://h:1", "--dtype", "float32"]
-    assert cli.gateway_command(plan, "nats://h:1")[1:] == [
+    assert cli.gateway_command(plan, NatsOptions("nats://h:1"))[1:] == [
         "-m", "parallax.gateway.cli", "--model", str(config_only_model), "--nats", "nats://h:1",
         "--host", "127.0.0.1", "--port", "8123"]
 

@@ -16,6 +16,7 @@ from dataclasses import replace
 import nats
 import pytest
 
+from parallax.broker.connection import NatsOptions
 from parallax.broker.errors import ChainUnavailable, StageFailed
 from parallax.broker.kv import nodes_bucket
 from parallax.broker.registry import Assignment, assign_key
@@ -44,7 +45,7 @@ async def add_drainable(c: Cluster, start: int, end: int, drain_timeout_s: float
     cluster's close stops it as any other."""
     backend = await asyncio.to_thread(TorchBackend.load, c.path, c.model, start, end, "float32", "cpu")
     node_id = f"d{start}-{end}-{uuid.uuid4().hex[:6]}"
-    config = WorkerConfig(nats_url=c.url, node_id=node_id, heartbeat_s=0.2, debug_delay_ms=debug_delay_ms,
+    config = WorkerConfig(nats=NatsOptions(c.url), node_id=node_id, heartbeat_s=0.2, debug_delay_ms=debug_delay_ms,
                           drain_timeout_s=drain_timeout_s)
     worker = StageWorker(backend, config, EngineConfig(kv_blocks=512))
     stop, drain, ready = asyncio.Event(), asyncio.Event(), asyncio.Event()
@@ -133,7 +134,7 @@ async def start_placed(c: Cluster, node_id: str, start: int, end: int, tiny) -> 
     """An :class:`AutoStage` (``parallax-stage`` without ``--layers``) assigned ``start:end`` through its
     registry key, as the scheduler does; returns its stop and drain events (SIGTERM) and its task."""
     facts = NodeFacts(manual=False, profile=model_profile(tiny, "float32"), memory_offered=1 << 30)
-    config = WorkerConfig(nats_url=c.url, node_id=node_id, heartbeat_s=0.2, debug_delay_ms=10)
+    config = WorkerConfig(nats=NatsOptions(c.url), node_id=node_id, heartbeat_s=0.2, debug_delay_ms=10)
     stage = AutoStage("tiny", LAYERS, "cpu", "float32", lambda a, b: TorchBackend.load(tiny, "tiny", a, b, "float32", "cpu"),
                       lambda b: EngineConfig(kv_blocks=256), config, facts)
     stop, drain, ready = asyncio.Event(), asyncio.Event(), asyncio.Event()

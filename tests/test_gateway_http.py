@@ -428,7 +428,7 @@ BAD_CHAT: list[tuple[dict[str, Any], int, str]] = [
     ({"messages": CHAT, "max_tokens": MAX_CONTEXT}, 400, str(MAX_CONTEXT)),
     ({"messages": CHAT, "max_tokens": 5, "min_tokens": 6}, 400, "min_tokens"),
     ({"messages": CHAT, "logprobs": True}, 400, "not supported"),
-    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "not supported"),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "does not take tools"),
     (
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
         400,

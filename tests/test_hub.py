@@ -17,6 +17,7 @@ import httpx
 import nats
 import pytest
 
+from parallax.broker.connection import NatsOptions
 from parallax.broker import hub
 from parallax.broker.errors import GatedModel, HubUnreachable, ModelNotFound, UnsupportedModel, UsageError
 from parallax.broker.model import fetch_layers, resolve_model
@@ -173,7 +174,8 @@ def test_parallax_up_downloads_once_and_pins_its_children_to_the_commit(mirror, 
     every_shard = set(json.loads((models["sharded"] / hub.INDEX).read_text())["weight_map"].values())
     assert mirror.downloaded(SHARDED) == {*GATEWAY_FILES, hub.INDEX, *every_shard}
     assert plan.revision == commit and plan.served_name == SHARDED and plan.ranges == [(0, 3), (3, 6)]
-    for command in (cli.stage_command(plan, 0, 3, "nats://x"), cli.gateway_command(plan, "nats://x")):
+    nats = NatsOptions("nats://x")
+    for command in (cli.stage_command(plan, 0, 3, nats), cli.gateway_command(plan, nats)):
         assert command[command.index("--revision") + 1] == commit
     mirror.stop()  # the children find that commit in the cache
     assert resolve_model(SHARDED, revision=commit, need="headers").path.name == commit
@@ -284,7 +286,7 @@ async def test_a_loading_stage_shows_its_download_in_the_registry(mirror, nats_u
 
     facts = NodeFacts(manual=False, profile=model_profile(source.path, "float32"), memory_offered=1 << 30)
     stage = AutoStage(SHARDED, 6, "cpu", "float32", load, lambda b: EngineConfig(kv_blocks=64),
-                      WorkerConfig(nats_url=nats_url, node_id="downloader", heartbeat_s=0.2), facts)
+                      WorkerConfig(nats=NatsOptions(nats_url), node_id="downloader", heartbeat_s=0.2), facts)
     stop = asyncio.Event()
     task = asyncio.create_task(stage.run(stop))
     nc = await nats.connect(nats_url)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from parallax.broker.connection import NatsOptions
 from parallax.broker.errors import UsageError
 from parallax.broker.layers import even_split
 from parallax.stages.kv import KVPool, Rows
@@ -315,11 +316,11 @@ def test_up_passes_quantize_and_dequantize_to_every_stage():
     args = cli.build_parser().parse_args(["up", "--quantize", "q8_0", "--dequantize", "--stage-args", "--threads 1"])
     assert args.quantize == "q8_0" and args.dequantize
     plan = cli.UpPlan("m", "m", [(0, 1), (1, 2)], "float32", "127.0.0.1", 8000, ("--threads", "1"), "q8_0", True)
-    command = cli.stage_command(plan, 1, 2, "nats://x")
+    command = cli.stage_command(plan, 1, 2, NatsOptions("nats://x"))
     assert command[command.index("--quantize") + 1] == "q8_0" and "--dequantize" in command
     assert command[-2:] == ["--threads", "1"]
-    assert "--quantize" not in cli.gateway_command(plan, "nats://x")  # the gateway reads config + tokenizer only
-    bare = cli.stage_command(cli.UpPlan("m", "m", [(0, 2)], "float32", "127.0.0.1", 8000), 0, 2, "nats://x")
+    assert "--quantize" not in cli.gateway_command(plan, NatsOptions("nats://x"))  # the gateway reads config + tokenizer only
+    bare = cli.stage_command(cli.UpPlan("m", "m", [(0, 2)], "float32", "127.0.0.1", 8000), 0, 2, NatsOptions("nats://x"))
     assert "--quantize" not in bare and "--dequantize" not in bare
 
 

@@ -19,6 +19,7 @@ import nats
 import pytest
 from nats.js import errors as js_errors
 
+from parallax.broker.connection import NatsOptions
 from parallax.broker.kv import CasBucket, nodes_bucket, snapshot, watch_nodes
 from parallax.broker.wire import SamplingParams
 from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
@@ -223,8 +224,8 @@ async def test_leader_lock_is_exclusive_refreshed_and_expires(nats_url):
     nc = await nats.connect(nats_url)
     try:
         bucket = CasBucket(await nodes_bucket(nc))
-        a = Scheduler(SchedulerConfig(nats_url=nats_url, node_id="a", lock_ttl_s=1, heartbeat_s=0.3))
-        b = Scheduler(SchedulerConfig(nats_url=nats_url, node_id="b", lock_ttl_s=1, heartbeat_s=0.3))
+        a = Scheduler(SchedulerConfig(nats=NatsOptions(nats_url), node_id="a", lock_ttl_s=1, heartbeat_s=0.3))
+        b = Scheduler(SchedulerConfig(nats=NatsOptions(nats_url), node_id="b", lock_ttl_s=1, heartbeat_s=0.3))
         assert await a._hold_lock(bucket)
         a.leading = True
         assert not await b._hold_lock(bucket)
@@ -302,7 +303,7 @@ async def test_a_stage_missing_a_few_heartbeats_keeps_its_assignment_and_a_dead_
     bucket = CasBucket(await nodes_bucket(nc))
     stages = FakeStages(bucket)
     stop = asyncio.Event()
-    config = SchedulerConfig(nats_url=nats_url, node_id="sched", kv_reserve_tokens=0, settle_s=0.1, forget_s=6)
+    config = SchedulerConfig(nats=NatsOptions(nats_url), node_id="sched", kv_reserve_tokens=0, settle_s=0.1, forget_s=6)
     scheduler = Scheduler(config)
     task = asyncio.create_task(scheduler.run(stop))
     try:
@@ -368,7 +369,7 @@ async def test_a_stage_moved_to_other_layers_hands_its_requests_back_and_they_fi
 
     facts = NodeFacts(manual=False, profile=model_profile(tiny_model_dir, "float32"), memory_offered=1 << 30)
     stage = AutoStage("tiny", LAYERS, "cpu", "float32", load, lambda b: EngineConfig(kv_blocks=256),
-                      WorkerConfig(nats_url=nats_url, node_id="mover", heartbeat_s=0.2), facts)
+                      WorkerConfig(nats=NatsOptions(nats_url), node_id="mover", heartbeat_s=0.2), facts)
     stop = asyncio.Event()
     task = asyncio.create_task(stage.run(stop))
 
