@@ -12,7 +12,10 @@ from math import prod
 from typing import Annotated, Literal, Union
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, ValidatorFunctionWrapHandler,
+    field_validator, model_validator,
+)
 
 from .errors import WireError
 
@@ -44,6 +47,10 @@ TopK = Annotated[int, Field(ge=-1)]  # -1 or 0: off
 MaxTokens = Annotated[int, Field(ge=1)]
 MinTokens = Annotated[int, Field(ge=0)]
 RepetitionPenalty = Annotated[float, Field(ge=MIN_POSITIVE, allow_inf_nan=False)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]  # frequency_penalty, presence_penalty (OpenAI's)
+LogitBias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]  # the most likely tokens reported besides the sampled one
+TokenId = Annotated[int, Field(ge=0)]
 Finish = Literal["stop", "length"]  # why the last stage ended a request
 NodeId = Annotated[str, Field(min_length=1)]
 GrammarKind = Literal["json_object", "json_schema", "regex", "ebnf"]
@@ -59,6 +66,14 @@ class Grammar(_Strict):
     replay: int = Field(0, ge=0)  # the prompt's last ``replay`` ids were generated under this grammar (a resumed request)
 
 
+def _zero(value: float) -> bool:
+    return value == 0.0
+
+
+def _empty(value: tuple) -> bool:
+    return not value
+
+
 class SamplingParams(_Strict):
     """How the last stage picks a token and when it ends the request. The defaults here are the
     API's defaults too (the gateway leaves out what a client did not send)."""
@@ -71,12 +86,24 @@ class SamplingParams(_Strict):
     min_tokens: MinTokens = 0  # no stop (token or string) ends the output before this many tokens
     ignore_eos: bool = False
     repetition_penalty: RepetitionPenalty = 1.0
+    # The next three are left out on the wire while unused (at their defaults), so that a stage of an
+    # earlier version still reads the message.
+    frequency_penalty: Penalty = Field(0.0, exclude_if=_zero)  # minus this per occurrence of the token in the output
+    presence_penalty: Penalty = Field(0.0, exclude_if=_zero)  # minus this once when the token is in the output
+    logit_bias: tuple[tuple[TokenId, LogitBias], ...] = Field((), exclude_if=_empty)  # (token id, added to its logit)
+    logprobs: TopLogprobs | None = None  # None: no logprobs; k: the sampled token's and the k most likely
     stop_token_ids: tuple[int, ...] = ()
     grammar: Grammar | None = None  # structured output, enforced by the last stage
     # Tokens the request generated before this try (a resumed request): the sampler counts token
     # numbers from the request's first one, so a seed draws the same token i on every try. Left out
     # on the wire for a first try (None), so a stage of an earlier version still reads the message.
     token_offset: Annotated[int, Field(ge=0)] | None = None
+
+    @field_validator("logit_bias", mode="wrap")
+    @classmethod
+    def _bias_pairs(cls, bias: object, handler: ValidatorFunctionWrapHandler) -> tuple[tuple[int, float], ...]:
+        """OpenAI's ``{"token id": bias}`` as (id, bias) pairs in id order."""
+        return tuple(sorted(handler(list(bias.items()) if isinstance(bias, dict) else bias)))
 
     @field_validator("min_tokens")
     @classmethod
@@ -166,11 +193,19 @@ class Forward(_Strict):
         return prod(self.shape) * DTYPE_SIZES[self.dtype]
 
 
+class Logprobs(_Strict):
+    """Log-probabilities of the raw model (log_softmax of its logits, before any sampling parameter)."""
+
+    logprob: float  # of the sampled token
+    top: tuple[tuple[int, float], ...] = ()  # the k most likely (token id, logprob), most likely first
+
+
 class TokenOut(_Strict):
     rid: str
     token: int
     index: int  # 0 for the first generated token
     finish: Finish | None = None  # set on a request's last token: the gateway trusts it
+    logprobs: Logprobs | None = None  # only when the request asked (SamplingParams.logprobs)
 
 
 class Tokens(_Strict):

@@ -2,7 +2,7 @@
 
 Requests ignore unknown fields, like vLLM does, so that stock OpenAI clients (which send ``user``,
 ``metadata`` ...) work. Fields that would change the meaning of the answer and that the gateway
-cannot honour (``logprobs``, ``tools``, ``echo``, ``n > 1`` ...) are rejected with a clear message.
+cannot honour (``tools``, ``suffix``, ``best_of``, ``echo`` with ``logprobs`` ...) are rejected with a clear message.
 Sampling fields take their bounds from the wire's :class:`SamplingParams` and default to None,
 which means "SamplingParams' default" (:meth:`GenerationRequest.sampling`).
 """
@@ -13,7 +13,6 @@ import time
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,12 +27,16 @@ from pydantic import (
 
 from parallax.broker.wire import (
     Finish,
+    LogitBias,
     MaxTokens,
     MinTokens,
+    Penalty,
     RepetitionPenalty,
     SamplingParams,
     Temperature,
+    TokenId,
     TopK,
+    TopLogprobs,
     TopP,
 )
 
@@ -41,8 +44,9 @@ from .structured import StructuredRequest
 from .tools import ToolCall, ToolsRequest
 
 FinishReason = Finish | Literal["tool_calls"]
-
-TokenId = Annotated[int, Field(ge=0)]
+MAX_CHOICES = 64  # n: choices of one request (each one holds its own KV while it runs)
+Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES)]
+LegacyLogprobs = Annotated[int, Field(ge=0, le=5)]  # completions' logprobs: OpenAI's bound
 
 
 def _expect(description: str) -> WrapValidator:
@@ -57,13 +61,6 @@ def _expect(description: str) -> WrapValidator:
     return WrapValidator(validate)
 
 
-def _only_one(value: int | None, info: ValidationInfo) -> int | None:
-    if value not in (None, 1):
-        raise ValueError(f"only {info.field_name}=1 is supported (got {info.field_name}={value})")
-    return value
-
-
-OnlyOne = Annotated[int | None, AfterValidator(_only_one)]  # n, best_of: one choice per request
 StopField = Annotated[str | list[str] | None, _expect("a string or a list of strings")]
 PromptField = Annotated[
     str | list[TokenId] | list[str] | list[list[TokenId]],
@@ -101,7 +98,7 @@ class GenerationRequest(StructuredRequest):
     top_p: TopP | None = None
     seed: int | None = None
     stop: StopField = None
-    n: OnlyOne = 1
+    n: Choices = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM extra body parameters
@@ -109,6 +106,9 @@ class GenerationRequest(StructuredRequest):
     min_tokens: MinTokens | None = None
     ignore_eos: bool | None = None
     repetition_penalty: RepetitionPenalty | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    logit_bias: dict[TokenId, LogitBias] | None = None  # token id -> added to its logit
     # seconds from arrival until the request is released and ends with an error (the gateway's default when None)
     timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
 
@@ -122,11 +122,16 @@ class GenerationRequest(StructuredRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def requested_logprobs(self) -> int | None:
+        """How many most likely tokens to report besides each sampled one; None: no logprobs."""
+        return None
+
     def sampling(self, max_tokens: int, stop_token_ids: tuple[int, ...]) -> SamplingParams:
         """The wire's parameters: the fields the client sent, SamplingParams' defaults for the rest.
         Raises ``ValidationError`` when they do not fit together (min_tokens > max_tokens)."""
         sent = {name: getattr(self, name) for name in _SAMPLED if getattr(self, name) is not None}
-        return SamplingParams(**sent, max_tokens=max_tokens, stop_token_ids=stop_token_ids)
+        return SamplingParams(**sent, max_tokens=max_tokens, stop_token_ids=stop_token_ids,
+                              logprobs=self.requested_logprobs())
 
 
 _SAMPLED = tuple(sorted(set(GenerationRequest.model_fields) & set(SamplingParams.model_fields) - {"max_tokens"}))
@@ -161,24 +166,27 @@ class ChatCompletionRequest(GenerationRequest, ToolsRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs | None = None
 
-    @field_validator("logprobs", "top_logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
-        if value:
-            raise ValueError("logprobs are not supported")
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
         return value
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(GenerationRequest):
     prompt: PromptField
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: OnlyOne = None
+    echo: bool = False  # the prompt's text before each choice's output
+    logprobs: LegacyLogprobs | None = None
+    best_of: int | None = None
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -192,12 +200,30 @@ class CompletionRequest(GenerationRequest):
             raise ValueError("prompt must not be empty")
         return prompt
 
-    @field_validator("echo", "logprobs", "suffix")
+    @field_validator("logprobs")
     @classmethod
-    def _unsupported(cls, value: bool | int | str | None, info: ValidationInfo) -> bool | int | str | None:
-        if value is not None and value is not False and value != "":
-            raise ValueError(f"{info.field_name} is not supported")
+    def _not_with_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("echo"):
+            raise ValueError("logprobs with echo is not supported (it needs the prompt tokens' logprobs)")
         return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _same_as_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if value is not None and value != n:
+            raise ValueError(f"best_of is not supported (only best_of = n, which returns every choice; n = {n})")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("suffix is not supported")
+        return value
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompt_value(self) -> str | list[int]:
         """The single prompt, as text or token ids (the validator unwrapped one-element batches)."""
@@ -245,8 +271,33 @@ class _Chunk(_Head):
 
 class _Choice(BaseModel):
     index: int = 0
-    logprobs: None = None
     finish_reason: FinishReason | None = None  # set on the last chunk of a stream
+
+
+class TopLogprob(BaseModel):
+    """A token and its log-probability, as chat completions report them."""
+
+    token: str  # its text; "bytes:\\x.." when it holds only part of a UTF-8 character
+    logprob: float
+    bytes: list[int]  # its UTF-8 bytes
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the most likely tokens at this position, most likely first
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """Text completions' (legacy) logprobs: one entry per token in every list."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]  # the most likely tokens and the sampled one
+    text_offset: list[int]  # where each token's text starts in the choice's text
 
 
 class AssistantMessage(BaseModel):
@@ -261,6 +312,7 @@ class AssistantMessage(BaseModel):
 
 class ChatChoice(_Choice):
     message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -282,6 +334,7 @@ class DeltaMessage(BaseModel):
 
 class ChatChunkChoice(_Choice):
     delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(_Chunk):
@@ -291,6 +344,7 @@ class ChatCompletionChunk(_Chunk):
 
 class CompletionChoice(_Choice):
     text: str
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(_Head):

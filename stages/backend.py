@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from parallax.broker.wire import SamplingParams
+from parallax.broker.wire import Logprobs, SamplingParams
 
 if TYPE_CHECKING:
     from .grammar import Constraint
@@ -45,6 +45,7 @@ class SampleSpec:
     history: tuple[int, ...]  # prompt + generated ids; empty when there is no repetition penalty
     step: int  # index of the token being sampled (= tokens generated so far)
     constraint: Constraint | None = None  # structured output: the sampler masks what its grammar forbids
+    generated: tuple[int, ...] = ()  # the output so far; empty without frequency or presence penalty
 
     @property
     def banned(self) -> tuple[int, ...]:
@@ -69,6 +70,7 @@ class StepOutput:
     hidden: memoryview | None  # [T, D] rows in item order (not the last stage)
     row_bytes: int  # bytes per row of ``hidden``
     tokens: tuple[int, ...]  # one per item with a SampleSpec, in order (last stage)
+    logprobs: tuple[Logprobs | None, ...] = ()  # one per token when a request asked for them, else empty
 
 
 class Backend(Protocol):

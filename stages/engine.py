@@ -228,6 +228,8 @@ class Engine:
         pinned = meta.route[meta.chain.index((self.spec.start, self.spec.end))]
         if pinned != self.node_id:
             return "bad_request", f"the request's route pins layers {self._range} to {pinned}, not to {self.node_id}"
+        if any(token >= self.spec.vocab_size for token, _ in meta.sampling.logit_bias):
+            return "bad_request", f"logit_bias names a token id outside the vocabulary (0..{self.spec.vocab_size - 1})"
         if len(meta.prompt_ids) + 1 > self.spec.max_positions:
             return "bad_request", f"the prompt is longer than the model's context of {self.spec.max_positions}"
         if self.spec.first and (item.pos != 0 or item.n != len(meta.prompt_ids)):
@@ -349,7 +351,8 @@ class Engine:
             return None
         params = seq.meta.sampling
         history = seq.meta.prompt_ids + tuple(seq.generated) if params.repetition_penalty != 1.0 else ()
-        return SampleSpec(params, history, len(seq.generated), seq.constraint)
+        counted = params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+        return SampleSpec(params, history, len(seq.generated), seq.constraint, tuple(seq.generated) if counted else ())
 
     # --- postprocess -----------------------------------------------------------------------------
     def _forwarded(self, batch: list[tuple[Sequence, Work]], result: StepOutput) -> Outgoing:
@@ -381,6 +384,7 @@ class Engine:
 
     def _sampled(self, batch: list[tuple[Sequence, Work]], result: StepOutput) -> Outgoing:
         tokens = iter(result.tokens)
+        logprobs = iter(result.logprobs or [None] * len(result.tokens))
         replies: dict[str, list[TokenOut]] = {}
         loops: dict[str, tuple[list[ForwardItem], list[memoryview]]] = {}
         finished: list[str] = []
@@ -388,12 +392,13 @@ class Engine:
         for seq, w in batch:
             if not w.item.sample:
                 continue
-            token = next(tokens)
+            token, logprob = next(tokens), next(logprobs)
             if not self._advance(seq, token, broken):
                 continue
             seq.generated.append(token)
             index, finish = len(seq.generated) - 1, self._finish(seq, token)
-            replies.setdefault(seq.reply, []).append(TokenOut(rid=seq.rid, token=token, index=index, finish=finish))
+            out_token = TokenOut(rid=seq.rid, token=token, index=index, finish=finish, logprobs=logprob)
+            replies.setdefault(seq.reply, []).append(out_token)
             if finish:
                 finished.append(seq.rid)
             elif self._loops_here(seq):  # a one-stage chain: the token is this stage's next input

@@ -38,7 +38,7 @@ from parallax.broker.model import gguf_file
 
 from .backend import StageSpec, StepItem, StepOutput
 from .models import ARCHITECTURES, QUANTIZE_TYPES
-from .sampling import Sampler
+from .sampling import Sampler, token_logprobs
 from .torch_backend import checkpoint_index
 
 log = logging.getLogger(__name__)
@@ -383,8 +383,9 @@ class MLXBackend:
             return StepOutput(None, 0, ())
         logits = self.model.head(done[mx.array(last_rows)])  # [S, V]
         mx.eval(logits, self.kv.k, self.kv.v)
-        tokens = self.sampler.sample(_to_torch(logits), [i.rid for i in sampled], [i.sample for i in sampled])
-        return StepOutput(None, 0, tuple(tokens))
+        rows, specs = _to_torch(logits), [i.sample for i in sampled]  # rows: [S, V]
+        tokens = self.sampler.sample(rows, [i.rid for i in sampled], specs)
+        return StepOutput(None, 0, tuple(tokens), token_logprobs(rows, specs, tokens))
 
     def _groups(self, items: list[StepItem], starts: np.ndarray) -> list[Group]:
         bs = self.kv.block_size

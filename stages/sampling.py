@@ -1,4 +1,5 @@
-"""Token sampling on the last stage: repetition penalty, bans, temperature, top-k, top-p."""
+"""Token sampling on the last stage: logit bias, repetition / frequency / presence penalties, bans,
+temperature, top-k, top-p; and the raw model's log-probabilities of the sampled tokens."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import random
 import numpy as np
 import torch
 
+from parallax.broker.wire import Logprobs
+
 from .backend import SampleSpec
 from .grammar import apply_masks
+
+LOWEST_LOGPROB = -9999.0  # reported for a token of probability 0 (OpenAI's floor; -inf has no JSON form)
 
 
 class Sampler:
@@ -30,13 +35,11 @@ class Sampler:
         logits = apply_masks(logits, [spec.constraint for spec in specs])  # constrained rows only
         if all(_plain_greedy(spec) for spec in specs) and logits.device.type == "cpu":
             return greedy(logits)
-        logits = logits.float()  # [S, V]
+        logits = _adjust(logits.float(), specs)  # [S, V]
         return [self._one(logits[i], rid, spec) for i, (rid, spec) in enumerate(zip(rids, specs))]
 
     def _one(self, logits: torch.Tensor, rid: str, spec: SampleSpec) -> int:
         p = spec.params  # logits: [V]
-        if p.repetition_penalty != 1.0 and spec.history:
-            logits = _penalize(logits, spec.history, p.repetition_penalty)
         if spec.banned:
             logits = logits.index_fill(0, torch.tensor(spec.banned, device=logits.device), float("-inf"))
         if p.greedy:
@@ -60,8 +63,90 @@ def token_seed(seed: int, index: int) -> int:
 
 
 def _plain_greedy(spec: SampleSpec) -> bool:
+    return spec.params.greedy and not spec.banned and not _biased(spec) and not _repeats(spec) and not _counted(spec)
+
+
+def _biased(spec: SampleSpec) -> bool:
+    return bool(spec.params.logit_bias)
+
+
+def _repeats(spec: SampleSpec) -> bool:
+    return spec.params.repetition_penalty != 1.0 and bool(spec.history)
+
+
+def _counted(spec: SampleSpec) -> bool:
     p = spec.params
-    return p.greedy and not spec.banned and (p.repetition_penalty == 1.0 or not spec.history)
+    return (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and bool(spec.generated)
+
+
+def _adjust(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+    """Logit bias, then the repetition penalty, then frequency and presence penalties (vLLM's order),
+    each applied at once to the rows whose request uses it; the other rows, and ``logits`` itself,
+    are left alone. logits: [S, V] float32 -> [S, V]."""
+    if rows := [i for i, spec in enumerate(specs) if _biased(spec)]:
+        logits = _add_bias(logits, rows, [specs[i].params.logit_bias for i in rows])
+    if rows := [i for i, spec in enumerate(specs) if _repeats(spec)]:
+        logits = _penalize(logits, rows, specs)
+    if rows := [i for i, spec in enumerate(specs) if _counted(spec)]:
+        logits = _penalize_counts(logits, rows, specs)
+    return logits
+
+
+def _add_bias(logits: torch.Tensor, rows: list[int], biases: list[tuple[tuple[int, float], ...]]) -> torch.Tensor:
+    at = torch.tensor([r for r, bias in zip(rows, biases) for _ in bias], device=logits.device)  # [B]
+    ids = torch.tensor([t for bias in biases for t, _ in bias], device=logits.device)  # [B]
+    values = torch.tensor([b for bias in biases for _, b in bias], device=logits.device)  # [B]
+    return logits.index_put((at, ids), values, accumulate=True)
+
+
+def _token_counts(lists: list[tuple[int, ...]], vocab: int, device: torch.device) -> torch.Tensor:
+    """How often each token id occurs in each list: [len(lists), vocab] float32."""
+    at = torch.repeat_interleave(torch.arange(len(lists)), torch.tensor([len(ids) for ids in lists])).to(device)
+    ids = torch.tensor([t for tokens in lists for t in tokens], device=device)
+    counts = torch.zeros(len(lists), vocab, device=device)
+    return counts.index_put_((at, ids), torch.ones(len(ids), device=device), accumulate=True)
+
+
+def _penalize(logits: torch.Tensor, rows: list[int], specs: list[SampleSpec]) -> torch.Tensor:
+    """vLLM's repetition penalty over prompt + output: a seen token's logit is divided by the penalty
+    when positive, multiplied when negative."""
+    seen = _token_counts([specs[i].history for i in rows], logits.shape[-1], logits.device) > 0  # [R, V]
+    penalty = torch.tensor([specs[i].params.repetition_penalty for i in rows], device=logits.device)[:, None]  # [R, 1]
+    picked = logits[rows]  # [R, V]
+    penalized = torch.where(seen, torch.where(picked > 0, picked / penalty, picked * penalty), picked)
+    return logits.index_put((torch.tensor(rows, device=logits.device),), penalized)
+
+
+def _penalize_counts(logits: torch.Tensor, rows: list[int], specs: list[SampleSpec]) -> torch.Tensor:
+    """OpenAI's frequency and presence penalties over the output so far:
+    logit - frequency_penalty * count - presence_penalty * (count > 0)."""
+    counts = _token_counts([specs[i].generated for i in rows], logits.shape[-1], logits.device)  # [R, V]
+    frequency = torch.tensor([specs[i].params.frequency_penalty for i in rows], device=logits.device)[:, None]  # [R, 1]
+    presence = torch.tensor([specs[i].params.presence_penalty for i in rows], device=logits.device)[:, None]  # [R, 1]
+    penalized = logits[rows] - frequency * counts - presence * (counts > 0)
+    return logits.index_put((torch.tensor(rows, device=logits.device),), penalized)
+
+
+def token_logprobs(logits: torch.Tensor, specs: list[SampleSpec], tokens: list[int]) -> tuple[Logprobs | None, ...]:
+    """The raw model's log-probabilities (log_softmax of ``logits`` [S, V] in float32: before logit
+    bias, penalties, temperature, top-k and top-p, like vLLM's default; a structured output's mask,
+    which the sampler applies in place first, does count, as in vLLM) of each row's sampled token
+    and its ``logprobs`` most likely tokens, for the rows whose request asked; () when none did, so
+    that requests without logprobs cost nothing."""
+    asked = [i for i, spec in enumerate(specs) if spec.params.logprobs is not None]
+    if not asked:
+        return ()
+    rows = torch.log_softmax(logits[asked].float(), dim=-1)  # [A, V]
+    rows = torch.nan_to_num(rows, nan=LOWEST_LOGPROB, neginf=LOWEST_LOGPROB)
+    sampled = torch.tensor([tokens[i] for i in asked], device=rows.device)  # [A]
+    chosen = rows.gather(1, sampled[:, None])[:, 0].tolist()  # [A]
+    k = min(max(specs[i].params.logprobs for i in asked), rows.shape[-1])
+    values, ids = (t.tolist() for t in torch.topk(rows, k))  # [A, k] each, most likely first
+    out: list[Logprobs | None] = [None] * len(specs)
+    for j, i in enumerate(asked):
+        top = specs[i].params.logprobs
+        out[i] = Logprobs(logprob=chosen[j], top=tuple(zip(ids[j][:top], values[j][:top])))
+    return tuple(out)
 
 
 def greedy(logits: torch.Tensor) -> list[int]:
@@ -76,14 +161,6 @@ def greedy(logits: torch.Tensor) -> list[int]:
     else:
         values = rows.numpy()
     return [int(i) for i in np.argmax(values, axis=-1)]
-
-
-def _penalize(logits: torch.Tensor, history: tuple[int, ...], penalty: float) -> torch.Tensor:
-    ids = torch.tensor(sorted(set(history)), device=logits.device)
-    picked = logits[ids]
-    logits = logits.clone()
-    logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits
 
 
 def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

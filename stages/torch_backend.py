@@ -23,7 +23,7 @@ from .models import QUANTIZE_TYPES, UnsupportedModel, already_quantized, archite
 from .gguf_weights import GGUFWeights
 from .mxfp4 import MXFP4Matrix
 from .quant import QuantMatrix
-from .sampling import Sampler
+from .sampling import Sampler, token_logprobs
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int32": torch.int32}
@@ -69,8 +69,9 @@ class TorchBackend:
         if not self.spec.last:
             return StepOutput(_to_bytes(out), out.shape[1] * out.element_size(), ())
         sampled = [i for i in items if i.sample is not None]
-        tokens = self.sampler.sample(out, [i.rid for i in sampled], [i.sample for i in sampled])
-        return StepOutput(None, 0, tuple(tokens))
+        specs = [i.sample for i in sampled]
+        tokens = self.sampler.sample(out, [i.rid for i in sampled], specs)
+        return StepOutput(None, 0, tuple(tokens), token_logprobs(out, specs, tokens))
 
     def _groups(self, items: list[StepItem]) -> list[list[int]]:
         """Item indices per forward. Where the model has a fused path, generated tokens run apart

@@ -122,7 +122,7 @@ async def test_bad_requests_get_openai_errors(stack):
     with pytest.raises(openai.BadRequestError):
         await api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=0)
     with pytest.raises(openai.BadRequestError):
-        await api.chat.completions.create(model=MODEL, messages=QUESTION, n=2)
+        await api.chat.completions.create(model=MODEL, messages=QUESTION, logprobs=True, top_logprobs=21)
     r = httpx.post(f"{stack['base']}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "error" in r.json()
 

@@ -416,7 +416,8 @@ BAD_CHAT: list[tuple[dict[str, Any], int, str]] = [
     ({"model": "gpt-4", "messages": CHAT}, 404, "gpt-4"),
     ({"messages": []}, 400, "messages"),
     ({}, 400, "messages"),
-    ({"messages": CHAT, "n": 2}, 400, "n=1"),
+    ({"messages": CHAT, "n": 0}, 400, "n"),
+    ({"messages": CHAT, "n": 65}, 400, "64"),
     ({"messages": CHAT, "max_tokens": 0}, 400, "max_tokens"),
     ({"messages": CHAT, "max_tokens": -5}, 400, "max_tokens"),
     ({"messages": CHAT, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
@@ -427,7 +428,13 @@ BAD_CHAT: list[tuple[dict[str, Any], int, str]] = [
     ({"messages": CHAT, "repetition_penalty": 0}, 400, "repetition_penalty"),
     ({"messages": CHAT, "max_tokens": MAX_CONTEXT}, 400, str(MAX_CONTEXT)),
     ({"messages": CHAT, "max_tokens": 5, "min_tokens": 6}, 400, "min_tokens"),
-    ({"messages": CHAT, "logprobs": True}, 400, "not supported"),
+    ({"messages": CHAT, "top_logprobs": 2}, 400, "logprobs: true"),
+    ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ({"messages": CHAT, "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ({"messages": CHAT, "presence_penalty": -3}, 400, "presence_penalty"),
+    ({"messages": CHAT, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"messages": CHAT, "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ({"messages": CHAT, "logit_bias": {str(10**9): 1}}, 400, "vocabulary"),
     ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "does not take tools"),
     (
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -462,10 +469,12 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], int, str]] = [
     ({"prompt": [[1, 2], [3]]}, 400, "one prompt"),
     ({"prompt": [1, -2]}, 400, "prompt"),
     ({"prompt": [1, 10**9]}, 400, "vocabulary"),
-    ({"prompt": "hi", "n": 3}, 400, "n=1"),
-    ({"prompt": "hi", "echo": True}, 400, "echo"),
-    ({"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "hi", "n": 65}, 400, "64"),
+    ({"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo"),
+    ({"prompt": "hi", "logprobs": 6}, 400, "logprobs"),
     ({"prompt": "hi", "best_of": 2}, 400, "best_of"),
+    ({"prompt": "hi", "n": 2, "best_of": 1}, 400, "best_of"),
+    ({"prompt": "hi", "suffix": "x"}, 400, "suffix"),
     ({"prompt": "hi", "model": "other"}, 404, "other"),
     ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
@@ -693,5 +702,5 @@ async def test_openai_client_completion_and_errors(serve: Serve) -> None:
     assert [m.id for m in models.data] == [MODEL]
     with pytest.raises(openai.NotFoundError):
         await oai.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        await oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2)
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        await oai.completions.create(model=MODEL, prompt="x", n=2, best_of=3)
