@@ -130,8 +130,9 @@ class NatsPipeline:
         """Stream tokens. A request whose route breaks (a stage preempted it or could not serve it
         from its prefix cache, a stage on its route died or went silent) is resubmitted with the
         tokens so far, up to ``max_retries`` times, with what is left of its max_tokens and
-        min_tokens (:meth:`SamplingParams.rest`): the caller sees one unbroken stream. The last
-        token carries the last stage's ``finish``."""
+        min_tokens and the number of its next token (:meth:`SamplingParams.rest`: a seeded request
+        draws what an undisturbed run draws): the caller sees one unbroken stream. The last token
+        carries the last stage's ``finish``."""
         request = _Request(trace=current_trace.get() or TraceContext.new())  # W3C traceparent of the HTTP request
         self._requests[rid] = request
         generated: list[int] = []
