@@ -27,7 +27,6 @@ from parallax.broker.errors import NatsUnreachable, RegistryError, UsageError
 from parallax.broker.kv import NODES_BUCKET, CasBucket, nodes_bucket
 from parallax.broker.registry import LEADER_KEY
 from parallax.broker.server import EmbeddedServer, free_port
-from parallax.broker.tasks import stop_task
 from parallax.broker.wire import SamplingParams
 from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
 from parallax.scheduler.service import Scheduler, SchedulerConfig
