@@ -36,9 +36,8 @@ from parallax.stages.micro import SERVICE
 from parallax.stages.torch_backend import TorchBackend
 from parallax.stages.worker import StageWorker, WorkerConfig
 from tests.cluster import make_tiny_model, reference_greedy
-from tests.conftest import start_nats_server
+from tests.conftest import DEPLOY, deploy_config, start_nats_server
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 HOSTS = ("parallax-hub.example", "10.1.2.3")
 DENIED_S = 0.5  # how long a JetStream write waits for the ack a denied publish never gets
 
@@ -157,18 +156,6 @@ def test_deploy_configs_are_valid_with_auth_inits_output(auth_dir: Path):
         done = subprocess.run([nats_server_binary(), "-t", "-c", str(deploy_config(auth_dir, conf.name))],
                               capture_output=True, text=True, timeout=30, env={**os.environ, "PARALLAX_NATS_NAME": "nats-1"})
         assert done.returncode == 0, (conf.name, done.stdout + done.stderr)
-
-
-def deploy_config(auth_dir: Path, name: str, **replace: str) -> Path:
-    """deploy/<name> beside auth_dir's folder, its /etc/parallax paths pointing there, ``replace`` applied."""
-    root, tag = auth_dir.parent, uuid.uuid4().hex[:6]
-    text = (DEPLOY / name).read_text().replace("/etc/parallax/", f"{root}/").replace("/var/lib/nats", str(root / f"js-{tag}"))
-    for old, new in replace.items():
-        assert old in text, old
-        text = text.replace(old, new)
-    path = root / f"{tag}-{name}"
-    path.write_text(text)
-    return path
 
 
 async def test_a_leaf_site_joins_the_hub_over_tls_with_the_deploy_configs(auth_dir: Path):
