@@ -459,14 +459,15 @@ async def assert_assignments_match(w: Watcher) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim", ["a", "b", "c"], ids=["round-1", "round-2", "round-3"])
 async def test_a_split_model_serves_after_a_stage_stalls_while_loading(nats_url, sharp_model, bf16_reference, procs,
-                                                                      tmp_path, victim):
+                                                                      tmp_path):
     """The report (bf16, --memory so that no stage holds the model, three stages): one stage stops
     heartbeating for longer than its key's TTL while it loads (compiling its kernels on a cold numba
     cache), so the scheduler sees it leave. It must keep its assignment and go on to serve; the old
     code deleted the assignment, the stage dropped its layers, and the scheduler's compare-and-set
-    on the deleted key failed forever (stages `waiting`, MISSING, "changed under us" twice a second)."""
+    on the deleted key failed forever (stages `waiting`, MISSING, "changed under us" twice a second).
+    One round, the middle stage stalling (the report's three rounds cost the suite a minute more)."""
+    victim = "b"
     name = resolve_model(str(sharp_model)).name
     memory = two_layer_memory(sharp_model)
     procs.start("scheduler", scheduler_cmd(nats_url, "sched-a"))
