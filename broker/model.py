@@ -234,8 +234,8 @@ def _write_gguf_folder(gguf: Path, out: Path) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     folder, file = str(gguf.parent), gguf.name
-    config = AutoConfig.from_pretrained(folder, gguf_file=file)
     reader = GGUFReader(str(gguf))
+    config = _experts_config(AutoConfig.from_pretrained(folder, gguf_file=file), reader)
     if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     key_length = reader.fields.get(f"{reader.fields['general.architecture'].contents()}.attention.key_length")
@@ -248,10 +248,38 @@ def _write_gguf_folder(gguf: Path, out: Path) -> None:
     (out / GGUF_LINK).symlink_to(gguf.resolve())
 
 
+def _experts_config(config, reader):
+    """A mixture-of-experts GGUF's config as its HF checkpoint has it, where transformers reads it short:
+    llama.cpp writes Mixtral as ``llama`` with ``llama.expert_count`` (transformers makes a dense Llama of it),
+    and transformers does not map ``qwen3moe.expert_feed_forward_length`` (an expert's width)."""
+    from transformers import AutoConfig
+
+    arch = reader.fields["general.architecture"].contents()
+    experts = _gguf_int(reader, f"{arch}.expert_count")
+    if arch == "llama" and experts:
+        dense = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+        used = _gguf_int(reader, f"{arch}.expert_used_count")
+        return AutoConfig.for_model("mixtral", **dense, num_local_experts=experts, num_experts_per_tok=used)
+    width = _gguf_int(reader, f"{arch}.expert_feed_forward_length")
+    if arch == "qwen3moe" and width:
+        config.moe_intermediate_size = width
+    return config
+
+
+def _gguf_int(reader, key: str) -> int | None:
+    field = reader.fields.get(key)
+    return None if field is None else int(field.contents())
+
+
 def _write_hf_folder(gguf: Path, out: Path) -> None:
     import torch
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    reader = GGUFReader(str(gguf))
+    if _gguf_int(reader, f"{reader.fields['general.architecture'].contents()}.expert_count"):
+        raise UsageError(f"{gguf.name} is a mixture-of-experts GGUF: it is served from its own blocks; "
+                         "drop --dequantize")
     dtype = getattr(torch, gguf_dtype(gguf))
     folder, file = str(gguf.parent), gguf.name
     model = AutoModelForCausalLM.from_pretrained(

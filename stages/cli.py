@@ -211,18 +211,19 @@ def node_facts(path, dtype: str, device: str, offered: int | None, manual: bool,
                backend: str = "torch") -> NodeFacts:
     """Memory, the model's sizes (weights as this stage holds them) and a speed estimate measured on
     the backend that will serve, for the registry and the scheduler."""
-    from .profile import estimate_layer_ms, model_profile
+    from .profile import active_layer_bytes, estimate_layer_ms, model_profile
     from parallax.broker.model import ModelFacts
 
     profile = model_profile(path, dtype, quantize=quantize)
     total = total_memory(device)
     hidden = ModelFacts.read(path).hidden_size
+    active = active_layer_bytes(path, dtype, quantize)  # a MoE layer's routed experts: the k a token uses
     if backend == "mlx":
         from . import mlx_backend
 
-        layer_ms = mlx_backend.estimate_layer_ms(profile.layer_bytes, hidden, dtype)
+        layer_ms = mlx_backend.estimate_layer_ms(active, hidden, dtype)
     else:
-        layer_ms = estimate_layer_ms(profile, hidden, dtype, device)
+        layer_ms = estimate_layer_ms(active, hidden, dtype, device)
     return NodeFacts(memory_total=total, memory_offered=offered or int(0.8 * free_memory(device)), profile=profile,
                      manual=manual, layer_ms=layer_ms, backend=backend)
 

@@ -2,11 +2,21 @@
 
 ``GGUFWeights.open`` scans the header only (scalars and the tensor table, see ``_scan``); ``get`` reads one tensor's bytes
 from the file into heap memory (``readinto``, never a view of a memory map: the model
-concatenates q/k/v and gate/up, and pages touched through a map would count twice in RSS):
+concatenates q/k/v and gate/up, and pages touched through a map would count twice in RSS), except
+quantized experts (below):
 
 * quantized matrices (``quant.TYPES``) -> :class:`QuantMatrix` over their blocks, uint8 [O, bytes per row];
 * float matrices -> torch tensors as stored (F16 -> float16, BF16 -> bfloat16, F32 -> float32);
 * 1-D float tensors (norms, biases) -> torch tensors in the dtype asked for.
+
+Mixture-of-experts GGUFs (``qwen3moe``; Mixtral, which llama.cpp writes as ``llama`` with an
+``expert_count``) hold each layer's experts as three 3-D tensors, ``ffn_{gate,up,down}_exps`` [E, O, I],
+and the router as ``ffn_gate_inp`` [E, D]. Each expert is listed under its HF name
+(``model.layers.N.mlp.experts.E.gate_proj.weight``; Mixtral's ``block_sparse_moe.experts.E.w1.weight``)
+as one 2-D matrix: a quantized one is a QuantMatrix over its slice of the file, memory-mapped (no copy:
+the MoE layer keeps an expert's gate and up apart instead of stacking them, ``models.moe``), its pages
+read from the file when first used; a float one is read like any float matrix. The router is an ordinary
+matrix, as stored.
 
 GGUF names map to HF names through gguf's own table (``gguf.get_tensor_name_map``). llama.cpp's
 converter permutes the rows of q and k for llama-architecture models (``LlamaModel.permute``: each
@@ -25,15 +35,17 @@ import gguf
 import numpy as np
 import torch
 
-from .models import UnsupportedModel, UsageError
+from .models import UnsupportedModel
 from .quant import TYPES, QuantMatrix
 
 Q = gguf.GGMLQuantizationType
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
-ARCHITECTURES = ("llama", "qwen2", "qwen3")  # GGUF general.architecture values served (Mistral is "llama")
-MOE_ARCHITECTURES = ("qwen3moe", "qwen2moe", "mixtral")  # refused with a pointer to the HF checkpoint (Mixtral
-# GGUFs usually say "llama" with an expert count: refused by that count)
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe")  # GGUF general.architecture values served (Mistral and
+# Mixtral are "llama", Mixtral with an expert count)
 PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes
+# GGUF architecture -> the HF module of a layer's experts and router, and its (gate, up, down) projections' names
+EXPERTS = {"qwen3moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+           "llama": ("block_sparse_moe", ("w1", "w3", "w2"))}
 
 # HF module names (without ".weight" / ".bias") that the stage models use; gguf's table gives their GGUF names.
 GLOBAL_MODULES = ("model.embed_tokens", "model.norm", "lm_head")
@@ -54,6 +66,7 @@ class _Tensor:
     offset: int  # absolute byte offset in the file
     nbytes: int
     heads: int | None  # llama.cpp permuted these rows in groups of `heads` heads; None: rows as in HF
+    expert: bool = False  # one expert's matrix, a slice of a 3-D tensor (quantized: memory-mapped)
 
 
 class GGUFWeights:
@@ -63,6 +76,7 @@ class GGUFWeights:
         self.path = path
         self.architecture = architecture
         self._tensors = tensors
+        self._map: np.memmap | None = None  # the whole file, read-only, mapped once an expert is asked for
 
     @classmethod
     def open(cls, path: Path | str) -> GGUFWeights:
@@ -72,10 +86,6 @@ class GGUFWeights:
         except (OSError, ValueError, struct.error) as exc:
             raise UnsupportedModel(f"cannot read GGUF file {path}: {exc}") from exc
         arch = _field(fields, "general.architecture")
-        if arch in MOE_ARCHITECTURES or int(_field(fields, f"{arch}.expert_count", 0) or 0) > 0:
-            raise UsageError(f"{path.name} is a mixture-of-experts GGUF ({arch}), which is not served from GGUF "
-                             "(its experts are stored as 3-D tensors): serve the Hugging Face checkpoint "
-                             "(safetensors) instead, with --quantize q8_0 or q4_0 to hold it in blocks")
         if arch not in ARCHITECTURES:
             raise UnsupportedModel(f"GGUF architecture {arch!r} of {path} is not supported "
                                    f"(have: {', '.join(ARCHITECTURES)})")
@@ -95,6 +105,9 @@ class GGUFWeights:
                 if found is None:
                     continue
                 tensors[module + suffix] = _describe(found, groups)
+        if arch == "qwen3moe" or int(fields.get(f"{arch}.expert_count", 0)):  # (Mixtral: llama with experts)
+            count = int(_field(fields, f"{arch}.expert_count"))
+            tensors.update(_expert_tensors(path, arch, count, layers, names, by_gguf_name))
         return cls(path, arch, tensors)
 
     def names(self) -> set[str]:
@@ -123,6 +136,8 @@ class GGUFWeights:
         if len(t.shape) not in (1, 2) or (len(t.shape) == 1 and t.qtype not in FLOAT_TYPES):
             raise UnsupportedModel(f"tensor {hf_name} ({t.gguf_name}) of {self.path} has shape {list(t.shape)} "
                                    f"stored as {t.qtype.name}; expected a matrix, or a float vector")
+        if t.expert and t.qtype in TYPES:
+            return QuantMatrix(t.qtype, t.shape, self._mapped(t))
         rows = self._read(t)  # uint8 [rows, bytes per row], HF row order
         if t.qtype in TYPES:
             return QuantMatrix(t.qtype, t.shape, rows)
@@ -134,6 +149,14 @@ class GGUFWeights:
             return self._tensors[hf_name]
         except KeyError:
             raise UnsupportedModel(f"GGUF file {self.path} has no tensor for {hf_name}") from None
+
+    def _mapped(self, t: _Tensor) -> np.ndarray:
+        """The tensor's bytes in the memory-mapped file (read-only, no copy): uint8 [rows, bytes per row]."""
+        if self._map is None:
+            self._map = np.memmap(self.path, np.uint8, mode="r")
+        if t.offset + t.nbytes > self._map.size:
+            raise UnsupportedModel(f"GGUF file {self.path} is truncated inside tensor {t.gguf_name}")
+        return self._map[t.offset : t.offset + t.nbytes].reshape(t.shape[0], -1)
 
     def _read(self, t: _Tensor) -> np.ndarray:
         """The tensor's bytes, read into a fresh heap array: uint8 [rows, bytes per row], q/k un-permuted."""
@@ -166,6 +189,38 @@ def _describe(info: tuple[str, tuple[int, ...], int, int], heads: int | None) ->
     shape = tuple(reversed(dims))  # ggml lists the fastest dimension first
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     return _Tensor(name, qtype, shape, offset, math.prod(dims) // block * size, heads)
+
+
+def _expert_tensors(path: Path, arch: str, count: int, layers: int, names: gguf.TensorNameMap,
+                    by_gguf_name: dict) -> dict[str, _Tensor]:
+    """HF name -> tensor of every layer's router and of each expert's matrices (slices of the 3-D
+    ``ffn_*_exps`` tensors [E, O, I], ``count`` experts each)."""
+    if arch not in EXPERTS:
+        raise UnsupportedModel(f"{path.name}: experts of GGUF architecture {arch!r} are not supported "
+                               f"(have: {', '.join(EXPERTS)})")
+    prefix, projections = EXPERTS[arch]
+    tensors: dict[str, _Tensor] = {}
+    def stored(module: str):  # the GGUF tensor of an HF module's weight, or None
+        base = names.get_name(module)
+        return None if base is None else by_gguf_name.get(f"{base}.weight")
+
+    for i in range(layers):
+        router = stored(f"model.layers.{i}.{prefix}.gate")
+        if router is not None:
+            tensors[f"model.layers.{i}.{prefix}.gate.weight"] = _describe(router, None)
+        for proj in projections:
+            found = stored(f"model.layers.{i}.{prefix}.experts.{proj}")  # all experts: ffn_{gate,up,down}_exps
+            if found is None:
+                continue
+            whole = _describe(found, None)  # shape (E, O, I)
+            if len(whole.shape) != 3 or whole.shape[0] != count:
+                raise UnsupportedModel(f"{path.name}: {whole.gguf_name} has shape {list(whole.shape)}; expected "
+                                       f"{count} experts' matrices [{count}, out, in] (expert_count {count})")
+            each = whole.nbytes // count
+            for e in range(count):
+                tensors[f"model.layers.{i}.{prefix}.experts.{e}.{proj}.weight"] = _Tensor(
+                    whole.gguf_name, whole.qtype, whole.shape[1:], whole.offset + e * each, each, None, expert=True)
+    return tensors
 
 
 def _field(fields: dict, key: str, default=None):

@@ -4,9 +4,9 @@ sizes read from the checkpoint's headers (no weights loaded) and a quick speed p
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -19,9 +19,14 @@ from parallax.broker.registry import ModelProfile
 from . import int4pack
 from .gguf_weights import FLOAT_TYPES, GGUFWeights
 from .models import architecture
+from .models.llama import ModelArgs
+from .models.moe import MoEArgs
 from .torch_backend import DTYPES, QUANTIZE, checkpoint_index
 
 _STORED_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}  # safetensors dtypes a stage keeps as stored (U8: MXFP4)
+# A routed expert's tensor: one expert's (``...experts.3.gate_proj.weight``) or all of them fused (gpt-oss's
+# ``...experts.gate_up_proj``); not a shared expert's (``...shared_experts.gate_proj.weight``)
+ROUTED = re.compile(r"\.experts\.(\d+\.|gate_up_proj|down_proj)")
 
 
 def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelProfile:
@@ -39,12 +44,8 @@ def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelP
     config = read_config(path)
     args = architecture(config).ModelArgs.from_dict(config)
     size = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    held = _held_bytes(path, DTYPES[dtype], quantize, args.keeps_float32)
-    layers = [0] * args.num_hidden_layers
-    for name, n in held.items():
-        index = int(name.split(".", 3)[2]) if name.startswith("model.layers.") else -1
-        if 0 <= index < len(layers):  # (not a layer beyond the decoder's, e.g. a multi-token-prediction one)
-            layers[index] += n
+    held = _held_bytes(path, DTYPES[dtype], quantize, args)
+    layers = _per_layer(held, args.num_hidden_layers)
     embed = held.get("model.embed_tokens.weight", 0)
     head = held.get("lm_head.weight", embed) + held.get("model.norm.weight", 0)
     kv_heads, k_dim, v_dim = args.kv_dims
@@ -54,22 +55,44 @@ def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelP
                         layer_bytes_list=tuple(layers), kv_windows=windows if any(windows) else None)
 
 
-def _held_bytes(path: Path, dtype: torch.dtype, quantize: str | None,
-                keeps_float32: Callable[[str], bool]) -> dict[str, int]:
+def active_layer_bytes(path: Path, dtype: str, quantize: str | None = None) -> int:
+    """Weight bytes one generated token reads in the costliest layer: a mixture-of-experts layer's routed
+    experts count ``k`` of ``E`` (a row reads its top k experts: ``num_experts_per_tok`` of ``num_experts``),
+    everything else (attention, router, shared experts, dense MLPs) whole; a dense model's layers are whole."""
+    config = read_config(path)
+    args = architecture(config).ModelArgs.from_dict(config)
+    share = args.num_experts_per_tok / args.num_experts if isinstance(args, MoEArgs) else 1.0
+    held = _held_bytes(path, DTYPES[dtype], quantize, args)
+    active = {name: n * share if ROUTED.search(name) else n for name, n in held.items()}
+    return round(max(_per_layer(active, args.num_hidden_layers)))
+
+
+def _per_layer(held: dict[str, float], num_layers: int) -> list:
+    """The bytes of each decoder layer's tensors, summed."""
+    layers = [0] * num_layers
+    for name, n in held.items():
+        index = int(name.split(".", 3)[2]) if name.startswith("model.layers.") else -1
+        if 0 <= index < len(layers):  # (not a layer beyond the decoder's, e.g. a multi-token-prediction one)
+            layers[index] += n
+    return layers
+
+
+def _held_bytes(path: Path, dtype: torch.dtype, quantize: str | None, args: ModelArgs) -> dict[str, int]:
     """HF tensor name -> bytes a stage holds for it (at most)."""
     held, size = {}, torch.empty((), dtype=dtype).element_size()
     tensors = _tensors(Path(path))
     for name, (shape, stored, is_float, qtype) in tensors.items():
         numel = math.prod(shape)
-        if keeps_float32(name):
+        if args.keeps_float32(name):
             held[name] = numel * 4
         elif qtype is None and stored is not None and not is_float:
             held[name] = stored  # raw bytes kept as stored (MXFP4 blocks and scales)
-        elif name.endswith("bias") and _in_blocks(tensors.get(_weight_of(name)), quantize):
+        elif name.endswith("bias") and _in_blocks(tensors.get(_weight_of(name)), _quantize_for(_weight_of(name),
+                                                                                             quantize, args)):
             held[name] = numel * 4  # the bias of a matrix held as GGUF blocks: float32 (``quant.QuantMatrix``)
         elif len(shape) not in (2, 3) or name.endswith("bias"):
             held[name] = numel * size  # a vector (or stacked vectors: experts' biases), in the serving dtype
-        elif quantize is not None and is_float:
+        elif _quantize_for(name, quantize, args) is not None and is_float:
             count, matrix = _matrices(shape)
             block, block_bytes = gguf.GGML_QUANT_SIZES[QUANTIZE[quantize]]
             blocks = matrix[0] * math.ceil(matrix[1] / block) * block_bytes
@@ -81,6 +104,11 @@ def _held_bytes(path: Path, dtype: torch.dtype, quantize: str | None,
         else:
             held[name] = int4pack.most_bytes(qtype, shape, dtype, stored)
     return held
+
+
+def _quantize_for(name: str, quantize: str | None, args: ModelArgs) -> str | None:
+    """What ``--quantize`` makes of the matrix ``name``: ``quantize``, or None where it stays as stored (routers)."""
+    return quantize if args.quantizable(name) else None
 
 
 def _weight_of(bias: str) -> str:
@@ -126,12 +154,13 @@ def _tensors(path: Path) -> dict[str, Tensor]:
     return found
 
 
-def estimate_layer_ms(profile: ModelProfile, hidden_size: int, dtype: str, device: str, budget_s: float = 0.05) -> float:
-    """Decode time of one layer at batch 1, estimated by a matrix-vector product over as many
-    weight bytes as a layer has (decode is bound by reading weights): the median of as many runs
-    as fit in ``budget_s`` (at least 5), so that tiny layers are not all noise."""
+def estimate_layer_ms(layer_bytes: int, hidden_size: int, dtype: str, device: str, budget_s: float = 0.05) -> float:
+    """Decode time of one layer at batch 1, estimated by a matrix-vector product over ``layer_bytes``
+    weight bytes (what a token reads in a layer: ``active_layer_bytes``; decode is bound by reading
+    weights): the median of as many runs as fit in ``budget_s`` (at least 5), so that tiny layers are
+    not all noise."""
     dt = DTYPES[dtype]
-    rows = max(1, profile.layer_bytes // (hidden_size * torch.empty((), dtype=dt).element_size()))
+    rows = max(1, layer_bytes // (hidden_size * torch.empty((), dtype=dt).element_size()))
     w = torch.randn(rows, hidden_size, dtype=dt, device=device)  # w: [R, D]
     x = torch.randn(1, hidden_size, dtype=dt, device=device)  # x: [1, D]
     times: list[float] = []

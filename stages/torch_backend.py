@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -285,7 +285,8 @@ def _read_tensors(weights: TensorSource, model, args, fmt: WeightFormat) -> dict
         else:
             t = weights.get(src, fmt.dtype)
             matrix = isinstance(t, (QuantMatrix, MXFP4Matrix)) or t.dim() == 2
-            by_source[src] = fmt.matrix(src, t) if matrix else fmt.vector(t)
+            form = fmt if args.quantizable(src) else replace(fmt, quantize=None)
+            by_source[src] = form.matrix(src, t) if matrix else form.vector(t)
     return {name: by_source[src] for name, src in wanted.items()}
 
 

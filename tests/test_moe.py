@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from parallax.broker.errors import Unplaceable, UnsupportedModel, UsageError
+from parallax.broker.errors import Unplaceable, UnsupportedModel
 from parallax.broker.layers import even_split
 from parallax.broker.registry import ModelProfile, NodeInfo
 from parallax.scheduler.planner import ModelCost, NodeCapacity, max_layers, plan
@@ -365,25 +365,24 @@ def test_mixtral_sliding_window_slides_every_layer(models):
     assert [layer.self_attn.window for layer in stage.layers] == [64, 64]
 
 
-def test_a_moe_gguf_is_refused_with_a_pointer_to_the_hf_checkpoint(tmp_path):
+def test_a_gguf_of_an_unsupported_moe_architecture_is_refused(tmp_path):
+    """(qwen3moe and Mixtral GGUFs are served: tests/test_moe_gguf.py.)"""
     import gguf
 
     from parallax.stages.gguf_weights import GGUFWeights
 
-    for arch, keys in [("qwen3moe", {}), ("llama", {"expert_count": 8})]:  # Mixtral GGUFs say "llama"
-        path = tmp_path / f"{arch}.gguf"
-        writer = gguf.GGUFWriter(path, arch)
-        writer.add_block_count(1)
-        writer.add_head_count(4)
-        for key, value in keys.items():
-            writer.add_uint32(f"{arch}.{key}", value)
-        writer.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with pytest.raises(UsageError, match="mixture-of-experts GGUF.*Hugging Face checkpoint"):
-            GGUFWeights.open(path)
+    path = tmp_path / "qwen2moe.gguf"
+    writer = gguf.GGUFWriter(path, "qwen2moe")
+    writer.add_block_count(1)
+    writer.add_head_count(4)
+    writer.add_uint32("qwen2moe.expert_count", 8)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModel, match="'qwen2moe'.*not supported.*have: .*qwen3moe"):
+        GGUFWeights.open(path)
 
 
 # --- parallax up ------------------------------------------------------------------------------------

@@ -101,6 +101,10 @@ class ModelArgs:
         """Whether the checkpoint tensor ``hf_name`` is held in float32 whatever the serving dtype."""
         return False
 
+    def quantizable(self, hf_name: str) -> bool:
+        """Whether ``--quantize`` turns the checkpoint matrix ``hf_name`` into blocks (else: held as stored)."""
+        return True
+
 
 @dataclass(frozen=True)
 class QwenWindows(ModelArgs):

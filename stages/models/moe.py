@@ -6,7 +6,11 @@ to sum to one where the architecture says so (Qwen3-MoE's ``norm_topk_prob``; Mi
 equals a softmax over the top-k logits). Rows are grouped by expert: each expert runs once over the rows
 routed to it, so a step reads only the experts its rows picked (active parameters, not all of them).
 Every expert is a ``llama.MLP``: its gate and up projections stacked into one after loading, weights
-held as loaded (``kernels.Projection`` on CPU, quantized by ``--quantize`` like any other matrix).
+held as loaded (``kernels.Projection`` on CPU, quantized by ``--quantize`` like any other matrix), except
+experts whose blocks are pages of a memory-mapped GGUF (``gguf_weights``): their gate and up stay apart
+(``kernels.Stacked``), so that nothing is copied. The router is never quantized at load (``quantizable``:
+it is small, and which experts a row uses should not move with quantization); on the fused path a dense
+router is a ``kernels.Matrix`` as well (float32 included: ``project_router``).
 
 Two paths, as for dense layers. The torch path (dense float weights: float32, CUDA) runs each expert's
 projections with ``F.linear`` and accumulates with ``index_add_`` in ascending expert order, as
@@ -18,6 +22,7 @@ so a row's result never depends on the other rows of a step, nor on which of the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,7 +33,10 @@ from torch import nn
 from parallax.broker.errors import UnsupportedModel
 
 from .. import kernels
+from ..quant import QuantMatrix
 from .llama import FUSED_MODES, MLP, DecoderLayer, Linear, ModelArgs, StageModel, _f32
+
+ROUTER = re.compile(r"\.(mlp|block_sparse_moe)\.(gate|router)\.weight$")  # a router's checkpoint name
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,10 @@ class MoEArgs(ModelArgs):
         if self.decoder_sparse_step < 1:
             raise UnsupportedModel(f"decoder_sparse_step must be >= 1; got {self.decoder_sparse_step}")
 
+    def quantizable(self, hf_name: str) -> bool:
+        """Every matrix but the routers (see the module's doc)."""
+        return not ROUTER.search(hf_name)
+
     def sparse(self, layer: int) -> bool:
         """Whether global layer ``layer`` routes to experts (else it has a dense MLP)."""
         return layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
@@ -80,7 +92,16 @@ class SparseMoE(nn.Module):
 
     def fuse(self) -> None:
         for expert in self.experts:
-            expert.fuse()
+            if _mapped(expert.gate_proj.weight) or _mapped(expert.up_proj.weight):
+                _keep_apart(expert)
+            else:
+                expert.fuse()
+
+    def project_router(self) -> None:
+        """For the fused path: a dense router (a float32 one; bf16/fp16 ones are Matrix already) becomes a
+        ``kernels.Matrix`` over the same tensor."""
+        if isinstance(self.gate.weight, torch.Tensor):
+            self.gate.weight = kernels.Matrix(self.gate.weight, None)
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [T, E] -> (weights [T, k] float32, experts [T, k] long), as transformers computes them."""
@@ -102,6 +123,20 @@ class SparseMoE(nn.Module):
             y = self.experts[e](x[rows]) * weights[rows, slots, None]  # [n, D]
             out.index_add_(0, rows, y)
         return out
+
+
+def _mapped(weight: Any) -> bool:
+    """Whether a weight is GGUF blocks in a memory-mapped file (``gguf_weights``: an expert's slice)."""
+    return isinstance(weight, QuantMatrix) and isinstance(weight.blocks, np.memmap)
+
+
+def _keep_apart(expert: MLP) -> None:
+    """``MLP.fuse`` without the copy: gate and up run as one ``kernels.Stacked`` projection over the two
+    matrices as they are (outputs side by side, as the stacked matrix would give them)."""
+    gate_up = Linear(expert.gate_proj.in_features, 2 * expert.gate_proj.out_features, bias=False)
+    gate_up.weight = kernels.Stacked([expert.gate_proj.weight, expert.up_proj.weight])
+    expert.gate_up_proj = gate_up
+    del expert.gate_proj, expert.up_proj
 
 
 def by_expert(index: torch.Tensor, num_experts: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -184,6 +219,13 @@ class MoEStageModel(StageModel):
 
     def decoder_layer(self, args: MoEArgs, index: int) -> nn.Module:
         return MoEDecoderLayer(args, index, args.sparse(self.start + index))
+
+    def fuse(self) -> None:
+        super().fuse()
+        if self.fused:
+            for layer in self.layers:
+                if isinstance(layer.mlp, SparseMoE):
+                    layer.mlp.project_router()
 
     @property
     def fused(self) -> bool:
