@@ -34,13 +34,12 @@ class Arch:
 
     module: str  # mlx_lm.models.<module>
     block: Callable[[ModuleType, object, int], nn.Module]  # (module, ModelArgs, global layer) -> block
-    kv: Callable[[object], tuple[int, int, int]]  # ModelArgs -> (KV, k_dim, v_dim)
+    kv: Callable[[object], tuple[int, int, int]]  # the torch model's ModelArgs -> (KV, k_dim, v_dim)
     gguf: bool = False  # whether its GGUF files are read (those of the dense Llama-family layers)
 
 
 def _dense_kv(args) -> tuple[int, int, int]:
-    hd = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
-    return args.num_key_value_heads or args.num_attention_heads, hd, hd
+    return args.kv_dims  # (KV, head_dim, head_dim), as the torch backend caches them
 
 
 def _plain(arch: ModuleType, args, i: int) -> nn.Module:
@@ -75,9 +74,19 @@ def mlx_config(config: dict) -> dict:
     return out
 
 
-def architecture(config: dict, start: int, end: int) -> tuple[Arch, ModuleType, object]:
-    """(Arch, mlx-lm's module, its ModelArgs) for layers start:end of config's model, or a one-line
-    refusal of what MLX does not serve."""
+@dataclass(frozen=True)
+class Found:
+    """What :func:`architecture` found: the Arch, mlx-lm's module and ModelArgs, the KV entry's shape."""
+
+    arch: Arch
+    module: ModuleType
+    args: object  # mlx-lm's ModelArgs
+    kv: tuple[int, int, int]  # (KV, k_dim, v_dim) a position and layer
+
+
+def architecture(config: dict, start: int, end: int) -> Found:
+    """mlx-lm's blocks for layers start:end of config's model, or a one-line refusal of what MLX does
+    not serve."""
     model_type = config.get("model_type", "?")
     torch_arch = models.architecture(config)  # refuses what neither backend serves
     if model_type not in ARCHS:
@@ -94,7 +103,7 @@ def architecture(config: dict, start: int, end: int) -> tuple[Arch, ModuleType, 
         raise UnsupportedModel(f"deepseek_v3 with rope_interleave false is not served by the MLX backend; {TORCH}")
     spec = ARCHS[model_type]
     module = importlib.import_module(f"mlx_lm.models.{spec.module}")
-    return spec, module, module.ModelArgs.from_dict(mlx_config(config))
+    return Found(spec, module, module.ModelArgs.from_dict(mlx_config(config)), spec.kv(ours))
 
 
 def sanitize(module: ModuleType, args, start: int, tensors: dict[str, mx.array]) -> dict[str, mx.array]:

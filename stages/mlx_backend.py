@@ -1,9 +1,10 @@
-"""MLX backend: a stage's layers as mlx-lm's decoder blocks (one module per ``model_type``), on Apple
-silicon (Metal) or, with ``mlx[cpu]``, on a Linux CPU (slow: for tests and mixed pipelines).
+"""MLX backend: a stage's layers as mlx-lm's decoder blocks (one module per ``model_type``, see
+:mod:`.mlx_arch`), on Apple silicon (Metal) or, with ``mlx[cpu]``, on a Linux CPU (slow: for tests and
+mixed pipelines).
 
 The engine is the same as the torch backend's; only the compute differs. Each of mlx-lm's blocks
 runs unchanged with a :class:`_PagedView` as its ``cache``: the view writes the step's keys/values
-into this stage's paged pool (one array per layer, ``[blocks * block_size, KV, hd]``) at each row's
+into this stage's paged pool (one array per layer, ``[blocks * block_size, KV, dim]``) at each row's
 slot and hands back every request's own keys/values, gathered through its block table. Rows run in
 groups, each a batch mlx-lm's attention takes as is:
 
@@ -62,22 +63,23 @@ class StageModel(nn.Module):
 
     def __init__(self, config: dict, start: int, end: int):
         super().__init__()
-        arch, module, args = architecture(config, start, end)
+        found = architecture(config, start, end)
+        arch, args = found.arch, found.args
         n = args.num_hidden_layers
         if not 0 <= start < end <= n:
             raise ValueError(f"layers {start}:{end} are outside 0:{n} of this model")
-        self.arch, self.module, self.args = arch, module, args
+        self.arch, self.module, self.args = arch, found.module, args
         self.start, self.end, self.num_layers = start, end, n
-        self.first, self.last, self.tied = start == 0, end == n, bool(getattr(args, "tie_word_embeddings", False))
+        self.first, self.last, self.tied = start == 0, end == n, bool(config.get("tie_word_embeddings", False))
         if self.first or (self.last and self.tied):
             self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [arch.block(module, args, i) for i in range(start, end)]
+        self.layers = [arch.block(found.module, args, i) for i in range(start, end)]
         if self.last:
             self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
             if not self.tied:
                 self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.heads = args.num_attention_heads
-        self.kv_heads, self.k_dim, self.v_dim = arch.kv(args)  # what a position's cache entry holds
+        self.kv_heads, self.k_dim, self.v_dim = found.kv  # what a position's cache entry holds
         self.hidden_size, self.vocab_size = args.hidden_size, args.vocab_size
         self.max_positions = getattr(args, "max_position_embeddings", None) or 4096
 
