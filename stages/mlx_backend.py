@@ -1,9 +1,10 @@
-"""MLX backend: a stage's layers as mlx-lm's decoder blocks (one module per ``model_type``), on Apple
-silicon (Metal) or, with ``mlx[cpu]``, on a Linux CPU (slow: for tests and mixed pipelines).
+"""MLX backend: a stage's layers as mlx-lm's decoder blocks (one module per ``model_type``, see
+:mod:`.mlx_arch`), on Apple silicon (Metal) or, with ``mlx[cpu]``, on a Linux CPU (slow: for tests and
+mixed pipelines).
 
 The engine is the same as the torch backend's; only the compute differs. Each of mlx-lm's blocks
 runs unchanged with a :class:`_PagedView` as its ``cache``: the view writes the step's keys/values
-into this stage's paged pool (one array per layer, ``[blocks * block_size, KV, hd]``) at each row's
+into this stage's paged pool (one array per layer, ``[blocks * block_size, KV, dim]``) at each row's
 slot and hands back every request's own keys/values, gathered through its block table. Rows run in
 groups, each a batch mlx-lm's attention takes as is:
 
@@ -19,7 +20,6 @@ pipeline. Sampling converts the last stage's logits to torch and reuses :mod:`.s
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import statistics
@@ -37,7 +37,8 @@ from parallax.broker.errors import UnsupportedModel, UsageError
 from parallax.broker.model import gguf_file
 
 from .backend import StageSpec, StepItem, StepOutput
-from .models import ARCHITECTURES, QUANTIZE_TYPES
+from .mlx_arch import architecture, sanitize
+from .models import QUANTIZE_TYPES
 from .sampling import Sampler, token_logprobs
 from .torch_backend import checkpoint_index
 
@@ -56,53 +57,29 @@ def default_device() -> str:
 # --------------------------------------------------------------------------- the stage's modules
 
 
-def mlx_config(config: dict) -> dict:
-    """config.json as mlx-lm's ModelArgs read it: transformers 5 nests ``rope_theta`` (and scaling)
-    under ``rope_parameters``, which mlx-lm's llama/qwen2 do not look at (they would fall back to
-    their default base)."""
-    out = dict(config)
-    rope = out.get("rope_parameters") or {}
-    if out.get("rope_theta") is None and "rope_theta" in rope:
-        out["rope_theta"] = rope["rope_theta"]
-    if not out.get("rope_scaling") and rope.get("rope_type", "default") != "default":
-        out["rope_scaling"] = rope
-    out["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
-    return out
-
-
-def architecture(config: dict):
-    """mlx-lm's model module for config's ``model_type`` (the same families the torch backend serves)."""
-    model_type = config.get("model_type", "?")
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedModel(f"model_type {model_type!r} is not supported (have: {', '.join(ARCHITECTURES)})")
-    if any(t != "full_attention" for t in config.get("layer_types") or []) or config.get("use_sliding_window"):
-        raise UnsupportedModel("sliding-window attention layers are not supported yet")
-    return importlib.import_module(f"mlx_lm.models.{ARCHITECTURES[model_type]}")
-
-
 class StageModel(nn.Module):
     """Layers ``start:end`` as mlx-lm blocks (``layers[j]`` is the model's layer ``start + j``); the
     embedding on the first stage (and on a last stage whose head is tied to it), norm + head last."""
 
     def __init__(self, config: dict, start: int, end: int):
         super().__init__()
-        arch = architecture(config)
-        args = arch.ModelArgs.from_dict(mlx_config(config))
+        found = architecture(config, start, end)
+        arch, args = found.arch, found.args
         n = args.num_hidden_layers
         if not 0 <= start < end <= n:
             raise ValueError(f"layers {start}:{end} are outside 0:{n} of this model")
+        self.arch, self.module, self.args = arch, found.module, args
         self.start, self.end, self.num_layers = start, end, n
-        self.first, self.last, self.tied = start == 0, end == n, bool(args.tie_word_embeddings)
+        self.first, self.last, self.tied = start == 0, end == n, bool(config.get("tie_word_embeddings", False))
         if self.first or (self.last and self.tied):
             self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [arch.TransformerBlock(args) for _ in range(start, end)]
+        self.layers = [arch.block(found.module, args, i) for i in range(start, end)]
         if self.last:
             self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
             if not self.tied:
                 self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        attn = self.layers[0].self_attn
-        self.kv_heads, self.head_dim = attn.n_kv_heads, args.hidden_size // args.num_attention_heads
-        self.head_dim = getattr(args, "head_dim", None) or self.head_dim
+        self.heads = args.num_attention_heads
+        self.kv_heads, self.k_dim, self.v_dim = found.kv  # what a position's cache entry holds
         self.hidden_size, self.vocab_size = args.hidden_size, args.vocab_size
         self.max_positions = getattr(args, "max_position_embeddings", None) or 4096
 
@@ -131,6 +108,9 @@ def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: mx.D
     if quantize is not None and quantize not in QUANTIZE_BITS:
         raise UsageError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE_TYPES)}")
     if gguf is not None:
+        if not model.arch.gguf:
+            raise UnsupportedModel(f"{gguf.name}: the MLX backend reads GGUF files of dense models only; "
+                                   "use --backend torch")
         if quantize is not None:
             from .models import already_quantized
 
@@ -138,6 +118,7 @@ def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: mx.D
         tensors = _gguf_tensors(gguf, model)
     else:
         tensors = _safetensors(path, model)
+    tensors = sanitize(model.module, model.args, start, tensors)
     _quantize_like(model, tensors, config.get("quantization"))
     wanted = dict(tree_flatten(model.parameters()))
     missing = sorted(model.checkpoint_name(k) for k in wanted if model.checkpoint_name(k) not in tensors)
@@ -206,7 +187,7 @@ def _gguf_tensors(file: Path, model: StageModel) -> dict[str, mx.array]:
     arch = info.architecture
     n = model.num_layers
     names = ggufpy.get_tensor_name_map(next(k for k, v in ggufpy.MODEL_ARCH_NAMES.items() if v == arch), n)
-    heads = {"self_attn.q_proj": model.layers[0].self_attn.n_heads, "self_attn.k_proj": model.kv_heads}
+    heads = {"self_attn.q_proj": model.heads, "self_attn.k_proj": model.kv_heads}
     modules = list(GLOBAL_MODULES) + [f"model.layers.{i}.{m}" for i in range(n) for m in LAYER_MODULES]
     out = {}
     for module in modules:
@@ -252,26 +233,27 @@ def _quantize_like(model: StageModel, tensors: dict[str, mx.array], quantization
 
 
 class PagedKV:
-    """Keys and values of every layer of the stage: ``[blocks * block_size, KV, hd]`` per layer, in
-    the activation dtype, zeros so that padded reads never meet NaN."""
+    """Keys and values of every layer of the stage: ``[blocks * block_size, KV, k_dim]`` and
+    ``[.., KV, v_dim]`` per layer (MLA: the latent and the rope key), in the activation dtype, zeros so
+    that padded reads never meet NaN."""
 
-    def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: mx.Dtype):
-        shape = (num_blocks * block_size, kv_heads, head_dim)
-        self.k = [mx.zeros(shape, dtype) for _ in range(layers)]
-        self.v = [mx.zeros(shape, dtype) for _ in range(layers)]
+    def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, k_dim: int, v_dim: int,
+                 dtype: mx.Dtype):
+        self.k = [mx.zeros((num_blocks * block_size, kv_heads, k_dim), dtype) for _ in range(layers)]
+        self.v = [mx.zeros((num_blocks * block_size, kv_heads, v_dim), dtype) for _ in range(layers)]
         self.block_size, self.dtype = block_size, dtype
         mx.eval(self.k, self.v)
 
     def write(self, layer: int, slots: mx.array, k: mx.array, v: mx.array) -> None:
-        self.k[layer][slots] = k.astype(self.dtype)  # slots: [T]; k, v: [T, KV, hd]
+        self.k[layer][slots] = k.astype(self.dtype)  # slots: [T]; k: [T, KV, k_dim], v: [T, KV, v_dim]
         self.v[layer][slots] = v.astype(self.dtype)
 
     def gather(self, layer: int, tables: mx.array, length: int) -> tuple[mx.array, mx.array]:
-        """tables: [B, nb] block ids -> keys, values [B, KV, length, hd] (whole blocks, cut to ``length``)."""
+        """tables: [B, nb] block ids -> keys, values [B, KV, length, k_dim / v_dim] (whole blocks, cut to ``length``)."""
         B, nb = tables.shape
 
         def one(pool: mx.array) -> mx.array:
-            blocks = pool.reshape(-1, self.block_size, *pool.shape[1:])[tables]  # [B, nb, bs, KV, hd]
+            blocks = pool.reshape(-1, self.block_size, *pool.shape[1:])[tables]  # [B, nb, bs, KV, dim]
             return blocks.reshape(B, nb * self.block_size, *pool.shape[1:])[:, :length].transpose(0, 2, 1, 3)
 
         return one(self.k[layer]), one(self.v[layer])
@@ -326,8 +308,8 @@ class _PagedView:
         self.offset = group.offset
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        B, KV, L, hd = keys.shape  # [B, KV, L, hd]
-        rows = lambda t: t.transpose(0, 2, 1, 3).reshape(B * L, KV, hd)  # noqa: E731
+        B, KV, L, _ = keys.shape  # keys [B, KV, L, k_dim], values [B, KV, L, v_dim]
+        rows = lambda t: t.transpose(0, 2, 1, 3).reshape(B * L, KV, t.shape[-1])  # noqa: E731
         self.kv.write(self.layer, self.group.slots, rows(keys), rows(values))
         k, v = self.kv.gather(self.layer, self.group.tables, self.group.length)
         return k.astype(keys.dtype), v.astype(values.dtype)
@@ -357,13 +339,14 @@ class MLXBackend:
         return cls(model, spec)
 
     def kv_block_bytes(self, block_size: int) -> int:
-        return 2 * len(self.model.layers) * block_size * self.model.kv_heads * self.model.head_dim * self.dtype.size
+        m = self.model
+        return len(m.layers) * block_size * m.kv_heads * (m.k_dim + m.v_dim) * self.dtype.size
 
     def init_kv(self, num_blocks: int, block_size: int, group_blocks: tuple[int, ...] = ()) -> None:
         if group_blocks:
             raise ValueError("an MLX stage keeps one KV group (its layers all attend to every position)")
-        self.kv = PagedKV(len(self.model.layers), num_blocks, block_size, self.model.kv_heads, self.model.head_dim,
-                          self.dtype)
+        m = self.model
+        self.kv = PagedKV(len(m.layers), num_blocks, block_size, m.kv_heads, m.k_dim, m.v_dim, self.dtype)
 
     def release(self, rid: str) -> None:
         self.sampler.release(rid)
