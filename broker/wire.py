@@ -94,6 +94,10 @@ class SamplingParams(_Strict):
     logprobs: TopLogprobs | None = None  # None: no logprobs; k: the sampled token's and the k most likely
     stop_token_ids: tuple[int, ...] = ()
     grammar: Grammar | None = None  # structured output, enforced by the last stage
+    # Tokens the request generated before this try (a resumed request): the sampler counts token
+    # numbers from the request's first one, so a seed draws the same token i on every try. Left out
+    # on the wire for a first try (None), so a stage of an earlier version still reads the message.
+    token_offset: Annotated[int, Field(ge=0)] | None = None
 
     @field_validator("logit_bias", mode="wrap")
     @classmethod
@@ -118,11 +122,18 @@ class SamplingParams(_Strict):
         the sampler bans stop tokens before, the gateway ignores stop strings before)."""
         return generated >= self.min_tokens
 
+    @property
+    def first_index(self) -> int:
+        """The number, within the whole request, of the first token this try generates."""
+        return self.token_offset or 0
+
     def rest(self, done: int) -> "SamplingParams":
-        """The parameters for the rest of a request that already has ``done`` tokens (a resubmission)."""
+        """The parameters for the rest of a request that already has ``done`` tokens (a resubmission):
+        what is left of max_tokens and min_tokens, and the token numbers going on from ``done``."""
         if not done:
             return self
-        rest = {"max_tokens": self.max_tokens - done, "min_tokens": max(0, self.min_tokens - done)}
+        rest = {"max_tokens": self.max_tokens - done, "min_tokens": max(0, self.min_tokens - done),
+                "token_offset": self.first_index + done}
         if self.grammar is not None:
             rest["grammar"] = self.grammar.model_copy(update={"replay": self.grammar.replay + done})
         return SamplingParams.model_validate(self.model_dump() | rest)  # validated: done < max_tokens
