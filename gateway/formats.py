@@ -91,11 +91,12 @@ def chat_logprobs(names: TokenNames, entries: Sequence[TokenLogprob]) -> ChatLog
 
 def completion_logprobs(names: TokenNames, entries: Sequence[TokenLogprob]) -> CompletionLogprobs:
     """OpenAI's legacy lists; each ``top_logprobs`` entry holds the most likely tokens and the sampled one."""
-    tops = []
+    tops: list[dict[str, float] | None] = []
     for e in entries:
         top = {names.text(t): lp for t, lp in e.top}
-        top.setdefault(names.text(e.token), e.logprob)
-        tops.append(top)
+        if e.logprob is not None:
+            top.setdefault(names.text(e.token), e.logprob)
+        tops.append(top if e.logprob is not None else None)
     return CompletionLogprobs(tokens=[names.text(e.token) for e in entries], token_logprobs=[e.logprob for e in entries],
                               top_logprobs=tops, text_offset=[e.offset for e in entries])
 

@@ -7,6 +7,8 @@ full KV blocks in its prefix cache: they compute only the prompt's last, partial
 :class:`Generation` turns one choice's tokens into :class:`Delta` s (text with stop strings applied,
 and the tokens' logprobs when asked); :func:`merged` interleaves the deltas of every choice. Every
 pipeline iterator is always closed (:func:`close_all`), so that the stages release the request.
+Prompt logprobs (completions' echo with logprobs) come with choice 0's first token; the other
+choices share them (they ask for none, and so use the prefix cache).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import anyio.lowlevel
 from transformers import PreTrainedTokenizerBase
 
 from parallax.broker.errors import RequestTimedOut
-from parallax.broker.wire import SamplingParams, TokenOut
+from parallax.broker.wire import Logprobs, SamplingParams, TokenOut
 
 from .detok import IncrementalDetokenizer, StopStrings
 from .metrics import GatewayMetrics, RequestTimer
@@ -68,9 +70,10 @@ class Job:
     echo: str = ""  # text before each choice's output (completions' echo: the prompt)
 
     def choice_params(self, choice: int) -> SamplingParams:
-        if self.params.seed is None or choice == 0:
+        if choice == 0:
             return self.params
-        return self.params.model_copy(update={"seed": choice_seed(self.params.seed, choice)})
+        seed = None if self.params.seed is None else choice_seed(self.params.seed, choice)
+        return self.params.model_copy(update={"seed": seed, "prompt_logprobs": None})  # choice 0's are shared
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,21 @@ class TokenLogprob:
     """One generated token's logprobs (from the last stage), placed in its choice's text."""
 
     token: int
-    logprob: float
+    logprob: float | None  # None: the prompt's first token (echo), which nothing predicts
     top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
     offset: int  # characters of the choice's text (echo included) before this token's
+
+
+def prompt_entries(tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int], scored: Sequence[Logprobs],
+                   echo: str) -> tuple[TokenLogprob, ...]:
+    """The prompt tokens' logprobs (``scored``: tokens 1.. from the last stage) placed in the echoed
+    prompt ``echo``: the first token has none; offsets as the prompt decodes token by token."""
+    detok, offset, entries = IncrementalDetokenizer(tokenizer, ()), 0, []
+    for i, token in enumerate(prompt_ids):
+        lp = scored[i - 1] if 0 < i <= len(scored) else None
+        entries.append(TokenLogprob(token, lp.logprob if lp else None, lp.top if lp else (), min(offset, len(echo))))
+        offset += len(detok.add(token))
+    return tuple(entries)
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,7 @@ class Generation:
         self._deadline: asyncio.TimerHandle | None = None
         self._offset = len(job.echo)  # characters of text so far
         self._logprobs: list[TokenLogprob] = []  # of tokens whose text is not out yet
+        self.prompt_logprobs: tuple[TokenLogprob, ...] = ()  # echo with logprobs: go out with the first delta
         self.completion_tokens = 0
 
     @classmethod
@@ -124,10 +140,18 @@ class Generation:
         try:
             generation._first = await anext(tokens, None)
             generation._arrived(generation._first)
+            if generation._first is not None and generation._first.prompt_logprobs is not None:
+                scored = generation._first.prompt_logprobs
+                generation.share(prompt_entries(tokenizer, job.prompt_ids, scored, job.echo))
         except BaseException:
             await generation.close()
             raise
         return generation
+
+    def share(self, entries: tuple[TokenLogprob, ...]) -> None:
+        """The prompt tokens' logprobs, sent before this choice's first token's."""
+        self.prompt_logprobs = entries
+        self._logprobs[:0] = entries
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """Text deltas; the last one has ``finish`` set. The pipeline is closed before it is yielded."""
@@ -204,9 +228,12 @@ async def start_choices(pipeline: Pipeline, job: Job, tokenizer: PreTrainedToken
     prompt's full blocks are then cached on every stage its route took), all together."""
     generations = [await Generation.start(pipeline, job, 0, tokenizer, metrics)]
     try:
+        shared = generations[0].prompt_logprobs
         others = (Generation.start(pipeline, job, i, tokenizer, metrics) for i in range(1, job.n))
         started = await asyncio.gather(*others, return_exceptions=True)
         generations += [g for g in started if isinstance(g, Generation)]
+        for generation in generations[1:]:
+            generation.share(shared)
         failed = [e for e in started if isinstance(e, BaseException)]
         if failed:
             raise failed[0]

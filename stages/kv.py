@@ -92,16 +92,17 @@ class Rows:
     write_slots: torch.Tensor  # [T] long
     prefills: list[Prefill]
     decode: Decode | None
-    sample_rows: torch.Tensor  # [S] long: the last row of every item that samples
+    sample_rows: torch.Tensor  # [S] long: the rows whose logits the last stage computes (each item's last ``outputs``)
     items: list[tuple[Sequence[int], int]]  # (block table, n) per item, in row order
     prompt: bool = False  # the rows are prompt rows, not generated tokens (the fused path projects them apart)
 
     @classmethod
-    def build(cls, parts: list[tuple[Sequence[int], int, int, bool]], block_size: int, device: torch.device,
+    def build(cls, parts: list[tuple[Sequence[int], int, int, int]], block_size: int, device: torch.device,
               prompt: bool = False) -> "Rows":
-        """parts: (block table, pos, n, sample) per item, in row order."""
+        """parts: (block table, pos, n, outputs) per item, in row order (``outputs``: its last rows whose
+        logits the last stage computes; 1 or True for the one it samples after)."""
         positions, writes, prefills, dec, sample, offset = [], [], [], [], [], 0
-        for table, pos, n, wants_sample in parts:
+        for table, pos, n, outputs in parts:
             t = torch.tensor(table, dtype=torch.long)
             pos_range = torch.arange(pos, pos + n)
             positions.append(pos_range)
@@ -111,8 +112,7 @@ class Rows:
             else:
                 read = slots_for(t, torch.arange(pos + n), block_size).to(device) if pos else None
                 prefills.append(Prefill(slice(offset, offset + n), pos, read))
-            if wants_sample:
-                sample.append(offset + n - 1)
+            sample.extend(range(offset + n - int(outputs), offset + n))
             offset += n
         return cls(
             torch.cat(positions).to(device), torch.cat(writes).to(device), prefills,
