@@ -162,11 +162,16 @@ class ChatFormat(Format):
                 for i in range(self._job.n)]
 
     def delta(self, delta: Delta) -> str:
-        text = self._streams[delta.index].feed(delta.text) if self._streams is not None else delta.text
-        if not text and not delta.logprobs:
-            return ""
-        logprobs = chat_logprobs(self._names, delta.logprobs) if self._logprobs else None
-        return self._chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=text), logprobs=logprobs)])
+        stream = self._streams[delta.index] if self._streams is not None else None
+        text = stream.feed(delta.text) if stream is not None else delta.text
+        calls = stream.take_calls() if stream is not None else []
+        chunks = ""
+        if text or delta.logprobs:
+            logprobs = chat_logprobs(self._names, delta.logprobs) if self._logprobs else None
+            chunks = self._chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=text), logprobs=logprobs)])
+        if calls:
+            chunks += self._chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(tool_calls=calls))])
+        return chunks
 
     def finish(self, choice: int, reason: FinishReason) -> str:
         chunks = ""
@@ -176,6 +181,7 @@ class ChatFormat(Format):
                 chunks = self._chunk([ChatChunkChoice(index=choice, delta=DeltaMessage(content=rest.content))])
             if rest.calls:
                 chunks += self._chunk([ChatChunkChoice(index=choice, delta=DeltaMessage(tool_calls=rest.calls))])
+            if self._streams[choice].complete:
                 reason = "tool_calls"
         return chunks + self._chunk([ChatChunkChoice(index=choice, delta=DeltaMessage(), finish_reason=reason)])
 

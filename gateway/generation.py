@@ -68,6 +68,7 @@ class Job:
     timeout_s: float | None  # the request's deadline, from its arrival
     n: int = 1  # choices
     echo: str = ""  # text before each choice's output (completions' echo: the prompt)
+    keep: frozenset[int] = frozenset()  # special token ids written as text (a tool format's markers)
 
     def choice_params(self, choice: int) -> SamplingParams:
         if choice == 0:
@@ -116,7 +117,7 @@ class Generation:
         self._finish: FinishReason | None = None  # how it ended (None while running, or aborted)
         self._params = job.params
         self._index = choice
-        self._detok = IncrementalDetokenizer(tokenizer, job.prompt_ids)
+        self._detok = IncrementalDetokenizer(tokenizer, job.prompt_ids, job.keep)
         self._stops = StopStrings(job.stops)
         self._first: TokenOut | None = None
         self._closed = False
