@@ -202,6 +202,7 @@ class Logprobs(_Strict):
 
     logprob: float  # of the sampled token
     top: tuple[tuple[int, float], ...] = ()  # the k most likely (token id, logprob), most likely first
+    rank: int | None = Field(None, ge=1)  # prompt logprobs only: the token's rank (1: the most likely)
 
 
 class TokenOut(_Strict):

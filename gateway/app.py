@@ -83,7 +83,7 @@ class _Gateway:
         prompt_ids = await run_in_threadpool(self._encode_prompt, prompt)
         echo = (prompt if isinstance(prompt, str) else self._decode(prompt_ids)) if body.echo else ""
         job = self._job(body, prompt_ids, "cmpl", "prompt", echo, await self._grammar(body))
-        return await self._serve(job, CompletionFormat(job, self._names), body.stream)
+        return await self._serve(job, CompletionFormat(job, self._names, body.prompt_logprobs), body.stream)
 
     async def abort(self, request_id: str) -> Response:
         """End a running request (the ``id`` its response carries): every stage frees its KV now and

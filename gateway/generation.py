@@ -85,6 +85,7 @@ class TokenLogprob:
     logprob: float | None  # None: the prompt's first token (echo), which nothing predicts
     top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
     offset: int  # characters of the choice's text (echo included) before this token's
+    rank: int | None = None  # a prompt token's rank (1: the most likely there)
 
 
 def prompt_entries(tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int], scored: Sequence[Logprobs],
@@ -94,7 +95,8 @@ def prompt_entries(tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int]
     detok, offset, entries = IncrementalDetokenizer(tokenizer, ()), 0, []
     for i, token in enumerate(prompt_ids):
         lp = scored[i - 1] if 0 < i <= len(scored) else None
-        entries.append(TokenLogprob(token, lp.logprob if lp else None, lp.top if lp else (), min(offset, len(echo))))
+        entries.append(TokenLogprob(token, lp.logprob if lp else None, lp.top if lp else (), min(offset, len(echo)),
+                                    lp.rank if lp else None))
         offset += len(detok.add(token))
     return tuple(entries)
 
@@ -105,6 +107,7 @@ class Delta:
     finish: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens whose text this delta completes
     index: int = 0  # the choice
+    prompt: tuple[TokenLogprob, ...] = ()  # the prompt tokens' logprobs, with the choice's first delta
 
 
 class Generation:
@@ -124,7 +127,8 @@ class Generation:
         self._deadline: asyncio.TimerHandle | None = None
         self._offset = len(job.echo)  # characters of text so far
         self._logprobs: list[TokenLogprob] = []  # of tokens whose text is not out yet
-        self.prompt_logprobs: tuple[TokenLogprob, ...] = ()  # echo with logprobs: go out with the first delta
+        self.prompt_logprobs: tuple[TokenLogprob, ...] = ()  # asked for: they go out with the first delta
+        self._prompt_sent = False
         self.completion_tokens = 0
 
     @classmethod
@@ -150,9 +154,8 @@ class Generation:
         return generation
 
     def share(self, entries: tuple[TokenLogprob, ...]) -> None:
-        """The prompt tokens' logprobs, sent before this choice's first token's."""
+        """The prompt tokens' logprobs, sent with this choice's first delta."""
         self.prompt_logprobs = entries
-        self._logprobs[:0] = entries
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """Text deltas; the last one has ``finish`` set. The pipeline is closed before it is yielded."""
@@ -169,7 +172,8 @@ class Generation:
             token = await self._next()
         self._finish = "stop"
         await self.close()  # the pipeline ended without a finish flag: treat it as a stop
-        yield Delta(self._stops.feed(self._detok.flush(), final=True)[0], "stop", self._take_logprobs(), self._index)
+        yield Delta(self._stops.feed(self._detok.flush(), final=True)[0], "stop", self._take_logprobs(), self._index,
+                    self._take_prompt())
 
     async def _next(self) -> TokenOut | None:
         # Shielded: a client disconnect must not cancel the pipeline's iterator mid-await (its cleanup
@@ -201,12 +205,19 @@ class Generation:
         match = self._params.can_stop(self.completion_tokens)
         text, hit = self._stops.feed(text, final=finish is not None, match=match)
         finish = "stop" if hit else finish
-        logprobs = self._take_logprobs() if text or finish is not None else ()
-        return Delta(text, finish, logprobs, self._index)
+        if not text and finish is None:
+            return Delta(text, finish, (), self._index)
+        return Delta(text, finish, self._take_logprobs(), self._index, self._take_prompt())
 
     def _take_logprobs(self) -> tuple[TokenLogprob, ...]:
         taken, self._logprobs = tuple(self._logprobs), []
         return taken
+
+    def _take_prompt(self) -> tuple[TokenLogprob, ...]:
+        if self._prompt_sent:
+            return ()
+        self._prompt_sent = True
+        return self.prompt_logprobs
 
     async def close(self) -> None:
         """Close the pipeline iterator (idempotent, and not cancellable: the stages must hear it)."""

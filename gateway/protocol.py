@@ -190,6 +190,7 @@ class CompletionRequest(GenerationRequest):
     prompt: PromptField
     echo: bool = False  # the prompt's text before each choice's output (with logprobs: the prompt tokens' too)
     logprobs: LegacyLogprobs | None = None
+    prompt_logprobs: TopLogprobs | None = None  # vLLM's extra: each choice's ``prompt_logprobs``
     best_of: int | None = None
     suffix: str | None = None
 
@@ -223,7 +224,8 @@ class CompletionRequest(GenerationRequest):
         return self.logprobs
 
     def requested_prompt_logprobs(self) -> int | None:
-        return self.logprobs if self.echo else None
+        asked = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        return max(asked) if asked else None
 
     def prompt_value(self) -> str | list[int]:
         """The single prompt, as text or token ids (the validator unwrapped one-element batches)."""
@@ -343,9 +345,23 @@ class ChatCompletionChunk(_Chunk):
     choices: list[ChatChunkChoice]
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry of a prompt position: a token's logprob, its rank (1: the most likely) and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
 class CompletionChoice(_Choice):
     text: str
     logprobs: CompletionLogprobs | None = None
+    # vLLM's extra: per prompt token (None for the first) the token and the most likely ones, by token id
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+
+    @model_serializer(mode="wrap")
+    def _asked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if k != "prompt_logprobs" or v is not None}
 
 
 class Completion(_Head):

@@ -161,21 +161,24 @@ def prompt_logprobs(logits: torch.Tensor, items: list[StepItem]) -> tuple[tuple[
             found: list[Logprobs] = []
             for a in range(0, len(score.targets), SCORE_ROWS):
                 targets = score.targets[a : a + SCORE_ROWS]
-                found += _logprobs(logits[at + a : at + a + len(targets)], list(targets), [score.top] * len(targets))
+                found += _logprobs(logits[at + a : at + a + len(targets)], list(targets), [score.top] * len(targets),
+                                   ranked=True)
             out.append(tuple(found))
         at += item.outputs
     return tuple(out)
 
 
-def _logprobs(logits: torch.Tensor, chosen: list[int], tops: list[int]) -> list[Logprobs]:
-    """Row i of ``logits`` [A, V]: log_softmax in float32, the logprob of ``chosen[i]`` and the
-    ``tops[i]`` most likely (id, logprob), most likely first."""
+def _logprobs(logits: torch.Tensor, chosen: list[int], tops: list[int], ranked: bool = False) -> list[Logprobs]:
+    """Row i of ``logits`` [A, V]: log_softmax in float32, the logprob of ``chosen[i]`` (and its rank:
+    1 + the tokens more likely, when ``ranked``) and the ``tops[i]`` most likely (id, logprob), most likely first."""
     rows = torch.log_softmax(logits.float(), dim=-1)  # [A, V]
     rows = torch.nan_to_num(rows, nan=LOWEST_LOGPROB, neginf=LOWEST_LOGPROB)
-    picked = rows.gather(1, torch.tensor(chosen, device=rows.device)[:, None])[:, 0].tolist()  # [A]
+    picked = rows.gather(1, torch.tensor(chosen, device=rows.device)[:, None])  # [A, 1]
+    ranks = ((rows > picked).sum(-1) + 1).tolist() if ranked else [None] * len(chosen)  # [A]
     k = min(max(tops), rows.shape[-1])
     values, ids = (t.tolist() for t in torch.topk(rows, k))  # [A, k] each, most likely first
-    return [Logprobs(logprob=lp, top=tuple(zip(i[:top], v[:top]))) for lp, i, v, top in zip(picked, ids, values, tops)]
+    return [Logprobs(logprob=lp, top=tuple(zip(i[:top], v[:top])), rank=rank)
+            for lp, rank, i, v, top in zip(picked[:, 0].tolist(), ranks, ids, values, tops)]
 
 
 def greedy(logits: torch.Tensor) -> list[int]:

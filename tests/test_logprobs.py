@@ -283,20 +283,22 @@ async def test_echo_puts_the_prompt_before_each_choice(stack, stream):
 @pytest.mark.parametrize("stream", [False, True])
 async def test_echo_with_logprobs_gives_the_prompt_tokens_logprobs(stack, reference, tokenizer, by_text, stream):
     """The legacy lists start with the prompt's tokens (the first one has no logprob), each equal to the
-    reference within 1e-4 over a prompt of several chunks; choice 1 shares choice 0's and uses the prefix cache."""
+    reference within 1e-4 over a prompt of several chunks; choice 1 shares choice 0's and uses the prefix
+    cache. vLLM's ``prompt_logprobs`` (asked alongside) gives the same values, with each token's rank."""
     c, client = stack.cluster, stack.client
     prompt_text = PROMPT + " " + PROMPT[::-1] + (" stream" if stream else "")  # each run its own prompt: no cached prefix
     prompt = tokenizer.encode(prompt_text)
     assert len(prompt) > 3 * CHUNK
     steps = record_steps(c)
     args = dict(model="tiny", prompt=prompt_text, max_tokens=3, temperature=0, n=2, echo=True, logprobs=2,
-                extra_body={"ignore_eos": True})
+                extra_body={"ignore_eos": True, "prompt_logprobs": 1})
     lists = {i: {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for i in range(2)}
-    texts = {0: "", 1: ""}
+    texts, vllm = {0: "", 1: ""}, {0: [], 1: []}
     if stream:
         async for chunk in await client.completions.create(**args, stream=True):
             for choice in chunk.choices:
                 texts[choice.index] += choice.text
+                vllm[choice.index] += (choice.model_extra or {}).get("prompt_logprobs") or []
                 for key in lists[choice.index] if choice.logprobs else ():
                     lists[choice.index][key] += getattr(choice.logprobs, key)
     else:
@@ -304,10 +306,20 @@ async def test_echo_with_logprobs_gives_the_prompt_tokens_logprobs(stack, refere
         assert response.usage.prompt_tokens == len(prompt) and response.usage.completion_tokens == 6
         for choice in response.choices:
             texts[choice.index], lists[choice.index] = choice.text, choice.logprobs.model_dump()
+            vllm[choice.index] = choice.model_extra["prompt_logprobs"]
     assert texts[0] == texts[1] and lists[0]["tokens"] == lists[1]["tokens"]
     assert {k: v[: len(prompt)] for k, v in lists[0].items()} == {k: v[: len(prompt)] for k, v in lists[1].items()}
     for got in lists.values():
         check_echoed(got, prompt, prompt_text, reference, by_text)
+    assert vllm[0] == vllm[1] and len(vllm[0]) == len(prompt) and vllm[0][0] is None
+    expected = reference_logprobs(reference, prompt[:1], prompt[1:])
+    for token, row, entry, legacy in zip(prompt[1:], expected, vllm[0][1:], lists[0]["token_logprobs"][1:]):
+        best = int(row.argmax())
+        rank = entry[str(token)]["rank"]  # 1 + the tokens more likely (ties within 1e-4 either way)
+        assert entry[str(token)]["logprob"] == legacy
+        assert int((row > row[token] + 1e-4).sum()) + 1 <= rank <= int((row > row[token] - 1e-4).sum()) + 1
+        assert entry[str(best)]["rank"] == 1 and abs(entry[str(best)]["logprob"] - float(row[best])) < 1e-4
+        assert set(entry) == {str(token), str(best)}
     assert texts[0].startswith(prompt_text)
     first_stage = next(node for node in steps if node.startswith("s0-"))
     prefill = [n for step in steps[first_stage] for (_, _, n, is_prompt) in step if is_prompt]
