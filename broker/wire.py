@@ -137,9 +137,9 @@ class SamplingParams(_Strict):
             return self
         rest = {"max_tokens": self.max_tokens - done, "min_tokens": max(0, self.min_tokens - done),
                 "token_offset": self.first_index + done}
-        rest["prompt_logprobs"] = None  # they came with the first token
         if self.grammar is not None:
             rest["grammar"] = self.grammar.model_copy(update={"replay": self.grammar.replay + done})
+        rest["prompt_logprobs"] = None  # they came with the first token
         return SamplingParams.model_validate(self.model_dump() | rest)  # validated: done < max_tokens
 
 
