@@ -1,6 +1,7 @@
 """How every Parallax process connects to NATS: :class:`NatsOptions` (servers, credentials, TLS, the
-JetStream domain of the registry) and :func:`connect` (a bounded first connect, endless reconnects
-after, one-line logs). The command-line flags that build the options are in :mod:`.cli`."""
+JetStream domain of the registry), :func:`connect` (a bounded first connect, endless reconnects
+after, one-line logs) and :func:`on_reconnect` (what a process does when its connection is back). The
+command-line flags that build the options are in :mod:`.cli`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import asyncio
 import logging
 import re
 import ssl
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -24,6 +27,7 @@ SCHEMES = ("nats", "tls", "ws", "wss")
 REFUSED = (nats.errors.AuthorizationError, nats.errors.SecureConnRequiredError, nats.errors.SecureConnWantedError,
            nats.errors.SecureConnFailedError, ssl.SSLError)  # retrying will not help
 _DOMAIN = re.compile(r"^[A-Za-z0-9_-]+$")  # a JetStream domain is one subject token
+_RECONNECT_CALLBACKS: weakref.WeakKeyDictionary[NATS, list[Callable[[], None]]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -171,10 +175,27 @@ def error_line(error: BaseException) -> str:
     return text
 
 
+def on_reconnect(nc: NATS, callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback()`` every time ``nc``, a connection made by :func:`connect`, is back after it was
+    lost (on the same server or another of the cluster), once its subscriptions are renewed. What was in
+    flight through the lost connection (messages published to it, messages for it) may be gone, and
+    nothing else says so. Returns the function that stops the calls."""
+    callbacks = _RECONNECT_CALLBACKS.setdefault(nc, [])
+    callbacks.append(callback)
+
+    def remove() -> None:
+        if callback in callbacks:
+            callbacks.remove(callback)
+
+    return remove
+
+
 async def connect(options: NatsOptions, name: str, first_connect_s: float = FIRST_CONNECT_S, **extra) -> NATS:
-    """Connect within ``first_connect_s``; once connected, reconnect forever (stages outlive blips).
-    A server that refuses this client (credentials, TLS) ends the first connect at once."""
+    """Connect within ``first_connect_s``; once connected, reconnect forever (stages outlive blips) and
+    call the :func:`on_reconnect` callbacks each time. A server that refuses this client (credentials,
+    TLS) ends the first connect at once."""
     url = options.url
+    nc = NATS()
     refused: asyncio.Future = asyncio.get_running_loop().create_future()
     last: list[BaseException] = []
 
@@ -185,14 +206,20 @@ async def connect(options: NatsOptions, name: str, first_connect_s: float = FIRS
         log.warning("NATS %s: %s", url, error_line(e))
 
     async def on_disconnect() -> None:
-        log.warning("NATS %s: disconnected, reconnecting", url)
+        if not nc.is_closed:  # nats-py calls this on close() too
+            log.warning("NATS %s: disconnected, reconnecting", url)
 
-    async def on_reconnect() -> None:
-        log.info("NATS %s: reconnected", url)
+    async def reconnected() -> None:
+        log.info("NATS %s: reconnected to %s", url, nc.connected_url.netloc if nc.connected_url else "?")
+        for callback in list(_RECONNECT_CALLBACKS.get(nc, ())):
+            try:
+                callback()
+            except Exception:  # one broken callback must not keep the others from running
+                log.exception("NATS %s: a reconnect callback failed", url)
 
-    connecting = asyncio.ensure_future(nats.connect(
+    connecting = asyncio.ensure_future(nc.connect(
         name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=on_error,
-        disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, **options.connect_kwargs(), **extra,
+        disconnected_cb=on_disconnect, reconnected_cb=reconnected, **options.connect_kwargs(), **extra,
     ))
     try:
         await asyncio.wait({connecting, refused}, timeout=first_connect_s, return_when=asyncio.FIRST_COMPLETED)
@@ -201,7 +228,7 @@ async def connect(options: NatsOptions, name: str, first_connect_s: float = FIRS
             connecting.cancel()
     if connecting.done() and not connecting.cancelled():
         if (error := connecting.exception()) is None:
-            return await _tls_as_asked(connecting.result(), options)
+            return await _tls_as_asked(nc, options)
         last[:] = [error]
     refusal = refused.result() if refused.done() else last[0] if last and refuses(last[0]) else None
     if refusal is not None:

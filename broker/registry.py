@@ -39,12 +39,23 @@ class ModelProfile(BaseModel):
     # weights of each decoder layer (dense and mixture-of-experts layers differ); None (records written
     # before it existed): every layer ``layer_bytes``
     layer_bytes_list: tuple[Annotated[int, Field(ge=0)], ...] | None = None
+    # each layer's sliding window (0: full attention), whose KV a stage keeps for at most that many positions
+    # of a request; None: every layer attends to all positions
+    kv_windows: tuple[Annotated[int, Field(ge=0)], ...] | None = None
 
     @model_validator(mode="after")
     def _per_layer(self) -> "ModelProfile":
-        if self.layer_bytes_list is not None and len(self.layer_bytes_list) != self.num_layers:
-            raise ValueError(f"layer_bytes_list has {len(self.layer_bytes_list)} entries for {self.num_layers} layers")
+        for name in ("layer_bytes_list", "kv_windows"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.num_layers:
+                raise ValueError(f"{name} has {len(value)} entries for {self.num_layers} layers")
         return self
+
+    def kv_reserve(self, tokens: int) -> tuple[int, ...]:
+        """KV bytes of every decoder layer for ``tokens`` positions of a request: all of them in a full-attention
+        layer, at most its window in a sliding one."""
+        windows = self.kv_windows or (0,) * self.num_layers
+        return tuple(self.kv_bytes_per_token * (min(tokens, w) if w else tokens) for w in windows)
 
     @property
     def per_layer(self) -> tuple[int, ...]:

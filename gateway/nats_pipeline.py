@@ -7,9 +7,13 @@ subject, so every hop goes to the chosen replica; tokens and errors come back on
 subject. A request is resumed, with its tokens so far, on a complete chain of live replicas when
 its route breaks: a stage hands it back (``preempted``: KV full, or the stage moved to other
 layers), a stage on its route dies or leaves its range (the gateway watches the registry, JetStream
-KV, whose keys expire ``KEY_TTL_S`` after a node's last heartbeat), or no token comes for
-``stall_timeout_s``. Every try runs under its own id (``rid``, ``rid~1``, ...): late tokens of an
-abandoned try find no stream and are dropped, and the stages drop work for an id they released.
+KV, whose keys expire ``KEY_TTL_S`` after a node's last heartbeat), no token comes for
+``stall_timeout_s``, a token of the route is missing, or this gateway's NATS connection was lost and
+is back (what was in flight through the lost server is gone: every running request resumes at once,
+and after a reconnect a try is sent once each stage of its route answers on its own subject again:
+a stage that lost the same server may still be reconnecting, and a prompt sent then would be lost).
+Every try runs under its own id (``rid``, ``rid~1``, ...): late tokens of an abandoned try find no
+stream and are dropped, and the stages drop work for an id they released.
 A resumed request waits up to ``chain_wait_s`` for a replica of a lost range, then fails with
 :class:`StageFailed`. :meth:`NatsPipeline.cancel` ends a running request at once (abort, deadline).
 """
@@ -23,15 +27,18 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Literal
+from typing import AsyncIterator, Callable, Literal
 
 import numpy as np
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from parallax import __version__
 from parallax.broker import chunks, subjects
 from parallax.broker.errors import ChainUnavailable, HopLost, ParallaxError, Retry, StageFailed, WireError
 from parallax.broker.wire import RETRYABLE, ErrorMsg, Forward, ForwardItem, Release, RequestMeta, SamplingParams, TokenOut, Tokens, encode
+from parallax.broker.connection import on_reconnect
 from parallax.broker.kv import Presence, nodes_bucket, watch_nodes
 from parallax.broker.observe import TraceContext, current_trace, trace_header
 from parallax.broker.tasks import stop_task
@@ -44,6 +51,7 @@ log = logging.getLogger(__name__)
 # id, a lost message). Well above the time a dead node takes to leave the registry.
 STALL_TIMEOUT_S = 4 * DEAD_NODE_NOTICED_S
 _CANCELLED = object()  # put into a request's queue by cancel(): wakes its reader at once
+_RECONNECTED = object()  # put into every running try's queue when the connection is back: the try resumes
 
 
 @dataclass(frozen=True)
@@ -95,12 +103,16 @@ class NatsPipeline:
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._presence: Presence | None = None
+        self._unhook: Callable[[], None] | None = None  # stops the reconnect callback
+        self._reconnects = 0  # how many times the connection came back
+        self._reachable: dict[str, int] = {}  # node id -> self._reconnects when it last answered its subject
         self.routes = RouteState()  # local in-flight counts per node, the round-robin turn
 
     async def start(self) -> None:
         """Subscribe to replies, load the registry (returns once the current nodes are known) and
         register this gateway."""
         await self.nc.subscribe(self.subject, cb=self._on_reply)
+        self._unhook = on_reconnect(self.nc, self._reconnected)
         kv = await nodes_bucket(self.nc, self.config.js_domain)
         ready = asyncio.Event()
         self._tasks.append(asyncio.create_task(watch_nodes(kv, self.registry, self._changed.set, ready)))
@@ -110,6 +122,9 @@ class NatsPipeline:
 
     async def close(self) -> None:
         """Deregister and stop watching (the connection stays the caller's)."""
+        if self._unhook is not None:
+            self._unhook()
+            self._unhook = None
         if self._presence is not None:
             await self._presence.__aexit__(None, None, None)
             self._presence = None
@@ -130,8 +145,9 @@ class NatsPipeline:
         """Stream tokens. A request whose route breaks (a stage preempted it or could not serve it
         from its prefix cache, a stage on its route died or went silent) is resubmitted with the
         tokens so far, up to ``max_retries`` times, with what is left of its max_tokens and
-        min_tokens (:meth:`SamplingParams.rest`): the caller sees one unbroken stream. The last
-        token carries the last stage's ``finish``."""
+        min_tokens and the number of its next token (:meth:`SamplingParams.rest`: a seeded request
+        draws what an undisturbed run draws): the caller sees one unbroken stream. The last token
+        carries the last stage's ``finish``."""
         request = _Request(trace=current_trace.get() or TraceContext.new())  # W3C traceparent of the HTTP request
         self._requests[rid] = request
         generated: list[int] = []
@@ -186,12 +202,15 @@ class NatsPipeline:
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = queue
         self.routes.acquire(hops)
-        finished, first = False, True
+        finished, count = False, 0
         try:
+            await self._until_reachable(route, request)
             await self._send(rid, prompt_ids, params, chain, prefix_cache, route, request.trace)
             while not finished:
-                event = await self._next(queue, chain, route, first, request)
-                first, finished = False, event.finish is not None
+                event = await self._next(queue, chain, route, count == 0, request)
+                if event.index != count:  # lost with a NATS server (the tokens of one try arrive in order)
+                    raise HopLost(f"token {count} from route {' -> '.join(route)} was lost (token {event.index} came)")
+                count, finished = count + 1, event.finish is not None
                 yield event
         finally:
             self.routes.release(hops)
@@ -215,6 +234,37 @@ class NatsPipeline:
         """Tell every stage to drop ``rid`` (a broadcast: each frees its KV at its next step)."""
         if not self.nc.is_closed:
             await self.nc.publish(subjects.release(self.config.model), encode(Release(rids=(rid,))))
+
+    def _reconnected(self) -> None:
+        """The connection is back after a loss (perhaps on another server of the cluster): prompts,
+        activations and tokens that were in flight through the lost server are gone, and no stage would
+        say so. Every running try resumes now, with its tokens so far, as when its route breaks."""
+        self._reconnects += 1
+        if self._streams:
+            log.warning("NATS connection back: resuming %d running requests", len(self._streams))
+        for queue in self._streams.values():
+            queue.put_nowait(_RECONNECTED)
+
+    async def _until_reachable(self, route: tuple[str, ...], request: _Request) -> None:
+        """After a reconnect, until every node of ``route`` has interest on its own subject (``parallax.stage.<id>``,
+        subscribed after its layer subject; NATS answers "no responders" at once while no server of the cluster
+        knows one), once per node and reconnect, at most ``chain_wait_s``: then the try goes anyway and the
+        usual timeouts stand."""
+        deadline = time.monotonic() + self.config.chain_wait_s
+        for node_id in route:
+            while self._reachable.get(node_id, 0) != self._reconnects:
+                request.check()
+                try:
+                    await self.nc.request(subjects.stage(node_id), b"", timeout=self.config.check_every_s)
+                except NoRespondersError:
+                    log.debug("stage %s has no interest on its subject yet (reconnecting?)", node_id)
+                    if time.monotonic() > deadline:
+                        return
+                    await asyncio.sleep(self.config.check_every_s / 5)
+                    continue
+                except NatsTimeout:  # subscribed, only slow to answer: work sent to it arrives
+                    pass
+                self._reachable[node_id] = self._reconnects
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -255,6 +305,8 @@ class NatsPipeline:
                 continue
             if event is _CANCELLED:
                 request.check()
+            if event is _RECONNECTED:
+                raise HopLost("this gateway's NATS connection was lost and is back")
             if isinstance(event, ErrorMsg):
                 raise (Retry(event.message, event.code) if event.code in RETRYABLE else StageFailed(event.message))
             return event

@@ -97,7 +97,8 @@ def permissions(role: str) -> Permissions:
       stage user serves every stage, so the key is ``stage.*`` (any stage's) and the layer
       subjects are every model's: per-node scoping would need one user per node id.
     - gateway: receives on gateway reply subjects; sends work and releases, asks ``parallax.metrics``
-      (its ``/metrics?cluster=1``); writes ``gateway.*``.
+      (its ``/metrics?cluster=1``) and ``parallax.stage.<node>`` (after a reconnect: is the stage back?);
+      writes ``gateway.*``.
     - scheduler: writes ``scheduler.*``, ``assign.*`` and ``leader``; sends nothing else.
     - admin: everything (``nats`` CLI, ``parallax status``, benchmarks' ``parallax.stats`` requests).
     - leaf: everything, for a leaf site's server link (what crosses it is limited by the users at each end).
@@ -111,7 +112,8 @@ def permissions(role: str) -> Permissions:
             allow_responses=STAGE_ANSWERS,
         )
     if role == "gateway":
-        return Permissions(publish=(LAYERS, RELEASE, subjects.METRICS, *REGISTRY_READ, *_kv_write(node_key("gateway", "*"))),
+        return Permissions(publish=(LAYERS, RELEASE, subjects.METRICS, STAGES, *REGISTRY_READ,
+                                    *_kv_write(node_key("gateway", "*"))),
                            subscribe=(GATEWAYS, *inbox))
     if role == "scheduler":
         keys = (node_key("scheduler", "*"), assign_key("*"), LEADER_KEY)

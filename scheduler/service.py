@@ -167,7 +167,8 @@ class Scheduler:
         cost = ModelCost(num_layers=profile.num_layers, layer_bytes=profile.layer_bytes,
                          kv_reserve_bytes=profile.kv_bytes_per_token * self.config.kv_reserve_tokens,
                          first_bytes=profile.first_bytes, last_bytes=profile.last_bytes, hop_ms=self.config.hop_ms,
-                         layer_bytes_list=profile.layer_bytes_list)
+                         layer_bytes_list=profile.layer_bytes_list,
+                         kv_reserve_list=profile.kv_reserve(self.config.kv_reserve_tokens) if profile.kv_windows else None)
         known = [n.layer_ms for n in nodes if n.layer_ms]
         default_ms = sorted(known)[len(known) // 2] if known else 1.0
         caps = [NodeCapacity(n.node_id, n.memory_offered, n.layer_ms or default_ms, n.layers if n.manual else None)

@@ -1,7 +1,8 @@
 """A stage started without ``--layers``: it registers as ``waiting`` with its memory, speed and the
 model's sizes, watches its key ``assign.<node_id>`` in the registry, and serves whatever range the
 leading scheduler writes there. A new range is loaded while the old one still serves; then the old
-one hands its running requests back to their gateways (they resume on a complete chain)."""
+one hands its running requests back to their gateways (they resume on a complete chain). A drain
+(SIGTERM) is the one of a ``--layers`` stage (:meth:`StageWorker.drain`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from parallax.broker.registry import Assignment, NodeInfo, State, assign_key
 from .backend import Backend
 from .compute import ComputeThread
 from .engine import EngineConfig
-from .worker import NodeFacts, StageWorker, WorkerConfig, _close, node_info
+from .worker import NodeFacts, StageWorker, WorkerConfig, _close, _first_set, node_info
 
 log = logging.getLogger(__name__)
 LoadFn = Callable[[int, int], Backend]  # (start, end) -> a loaded backend (runs in a thread; a download
@@ -46,22 +47,26 @@ class AutoStage:
         return node_info(self.config.node_id, self.model, self.num_layers, self.device, self.dtype, self.facts, self.state,
                          progress=self.progress if self.state == "loading" else None)
 
-    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None,
+                  drain: asyncio.Event | None = None) -> None:
+        """Serve what the scheduler assigns until ``stop`` is set (running requests are handed back at
+        once) or ``drain`` is set: then no new assignment is followed and the range served drains as a
+        ``--layers`` stage does (:meth:`StageWorker.drain`)."""
         nc = await connect(self.config.nats, name=f"parallax-stage-{self.config.node_id}")
         try:
             kv = await nodes_bucket(nc, self.config.nats.js_domain)
             async with Presence(kv, self.describe, self.config.heartbeat_s) as presence:
                 self._presence = presence
                 log.info("stage %s waiting for a layer assignment (key %s)", self.config.node_id, assign_key(self.config.node_id))
-                follow, stopped = asyncio.create_task(self._follow(kv, nc)), asyncio.create_task(stop.wait())
+                follow, ended = asyncio.create_task(self._follow(kv, nc)), asyncio.create_task(_first_set(stop, drain))
                 if ready is not None:
                     ready.set()
-                done, _ = await asyncio.wait({follow, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({follow, ended}, return_when=asyncio.FIRST_COMPLETED)
                 broken = follow.exception() if follow in done and not follow.cancelled() else None
                 await stop_task(follow)
-                await stop_task(stopped)
+                await stop_task(ended)
                 if self.worker is not None:
-                    await self.worker.detach("the stage is shutting down")
+                    await self.worker.leave(kv, stop, None if broken is not None else drain)
                 if broken is not None:
                     raise broken  # the watch broke: exit rather than serve blind
         finally:

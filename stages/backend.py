@@ -69,8 +69,9 @@ class StepItem:
     data: memoryview  # n rows: int32 token ids (first stage) or hidden states
     dtype: str
     sample: SampleSpec | None  # last stage only: sample a token after this item
-    blocks: tuple[int, ...]  # KV block table covering positions 0 .. pos+n-1
+    blocks: tuple[int, ...]  # KV block table covering positions 0 .. pos+n-1 (of the first KV group)
     prompt: bool  # rows of the prompt (prefill), not a generated token: a backend may compute the two apart
+    group_blocks: tuple[tuple[int, ...], ...] = ()  # the tables of the other KV groups (``init_kv``'s), if any
     score: PromptScore | None = None  # last stage only: the prompt logprobs of these rows
 
     @property
@@ -92,13 +93,16 @@ class StepOutput:
 class Backend(Protocol):
     spec: StageSpec
     kernels: dict[str, str]  # which kernel each projection runs (chosen by measurement at load), for the registry
+    kv_windows: tuple[int | None, ...]  # each layer's sliding window (None: full attention): ``blocks.kv_groups``
 
     def kv_block_bytes(self, block_size: int) -> int:
-        """Bytes of keys + values that one block of ``block_size`` positions takes on this stage."""
+        """Bytes of keys + values that one block of ``block_size`` positions takes on this stage (every layer)."""
         ...
 
-    def init_kv(self, num_blocks: int, block_size: int) -> None:
-        """Allocate the paged KV pool (the engine's BlockManager hands out its blocks)."""
+    def init_kv(self, num_blocks: int, block_size: int, group_blocks: tuple[int, ...] = ()) -> None:
+        """Allocate the paged KV pool (the engine's block managers hand out its blocks): one pool of
+        ``num_blocks`` for every layer; or, with ``group_blocks``, one per KV group of ``blocks.kv_groups(
+        kv_windows)``: ``num_blocks`` for the first, ``group_blocks`` for the others (``StepItem.group_blocks``)."""
         ...
 
     def run(self, items: list[StepItem]) -> StepOutput:

@@ -166,7 +166,7 @@ async def serve(args: argparse.Namespace) -> None:
             stage = AutoStage(source.name, facts.profile.num_layers, device, args.dtype,
                               lambda start, end: load(start, end, stage.downloaded), lambda b: engine_config(args, b),
                               config, facts, compute)
-            await stage.run(drain)  # a placed stage hands its requests back at once: the scheduler re-places its range
+            await stage.run(stop, drain=drain)
             return
         loaded = await compute.run(load, *layers)
         worker = await compute.run(StageWorker, loaded, config, engine_config(args, loaded), facts, compute)

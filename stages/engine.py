@@ -9,6 +9,10 @@ their KV blocks can be allocated and leave when they finish; nobody waits for a 
 The first stage cuts prompts into chunks; later stages run the chunks as they come. When the KV
 pool is full, new requests wait (FIFO); a running request that cannot grow preempts the newest one,
 which the gateway resubmits (prompt + tokens so far) and which is recomputed later.
+
+KV lives in one block pool per KV group (``blocks.KVSpace``): a stage's full-attention layers keep every
+position, each sliding window's layers only the window (a request gives back the blocks no later row of it
+reads, after every step). A stage with one kind of layer has one group.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from parallax.broker.wire import (
 from parallax.broker.errors import GrammarError
 
 from .backend import Backend, PromptScore, SampleSpec, StepItem, StepOutput
-from .blocks import BlockManager
+from .blocks import KVSpace, Prefix, Tables, kv_groups, split_blocks
 from .grammar import Constraint, Grammars
 
 log = logging.getLogger(__name__)
@@ -43,7 +47,7 @@ class EngineConfig:
     max_tokens_per_step: int = 512  # rows in one forward (a longer single item still runs alone)
     chunk_tokens: int = 512  # prompt chunk on the first stage (the worker also fits it to max_payload)
     block_size: int = 16  # positions per KV block
-    kv_blocks: int = 1024  # size of the KV pool in blocks (the CLI derives it from a memory budget)
+    kv_blocks: int = 1024  # KV budget in blocks of every layer (the CLI derives it from memory): ``split_blocks``
     prefix_cache: bool = True
     idle_timeout_s: float = 600.0  # drop a request nobody has touched for this long
     remember_released: int = 100_000  # released ids kept to ignore their late messages
@@ -68,7 +72,7 @@ class Sequence:
     rid: str
     meta: RequestMeta
     hop: int  # index of this stage in meta.chain (meta.route pins the replica of every hop)
-    table: list[int]  # KV blocks, in position order
+    kv: Tables  # KV blocks of each KV group, in position order
     length: int = 0  # rows whose KV is in the pool
     inbox: deque[Work] = field(default_factory=deque)  # rows received, not yet run
     pending: memoryview | None = None  # first stage: prompt ids (int32) not yet sent into a chunk
@@ -102,8 +106,11 @@ class Engine:
         self.grammars = grammars  # compiles structured-output grammars (last stage); None: such requests are refused
         self.config = config or EngineConfig()
         self.spec = backend.spec
-        self.blocks = BlockManager(self.config.kv_blocks, self.config.block_size, self.config.prefix_cache)
-        backend.init_kv(self.config.kv_blocks, self.config.block_size)
+        c = self.config
+        groups = kv_groups(backend.kv_windows)
+        sizes = split_blocks(groups, c.kv_blocks, c.block_size, c.max_batch_size, c.max_tokens_per_step)
+        self.blocks = KVSpace(groups, sizes, c.block_size, c.prefix_cache)
+        backend.init_kv(sizes[0], c.block_size, sizes[1:])
         self.seqs: dict[str, Sequence] = {}  # in admission order: the newest is preempted first
         self.waiting: OrderedDict[str, list[Work]] = OrderedDict()
         self.stats = Stats()
@@ -190,13 +197,13 @@ class Engine:
                 del self.waiting[rid]
                 self._fail(rid, first.meta.reply, problem[1], out, problem[0])
                 continue
-            reuse = self._reusable(first)
-            if reuse is None:
+            prefix = self._reusable(first)
+            if prefix is None:
                 del self.waiting[rid]
                 self._fail(rid, first.meta.reply, f"stage {self._range} no longer caches the prompt's prefix", out, "prefix_miss")
                 continue
             total = len(first.meta.prompt_ids)
-            if not self.blocks.can_allocate(total, reuse):
+            if not self.blocks.can_allocate(total, prefix, self.chunk_tokens):
                 if not self.seqs:  # nothing running will free blocks: it can never fit
                     del self.waiting[rid]
                     self._fail(rid, first.meta.reply, f"a prompt of {total} tokens does not fit in this stage's KV cache "
@@ -209,7 +216,7 @@ class Engine:
             except GrammarError as e:
                 self._fail(rid, first.meta.reply, str(e), out)
                 continue
-            self._start(works, self.blocks.allocate(total, reuse), len(reuse) * self.blocks.block_size, constraint)
+            self._start(works, self.blocks.allocate(total, prefix, self.chunk_tokens), prefix.tokens, constraint)
 
     def _constraint(self, meta: RequestMeta) -> Constraint | None:
         """The last stage's matcher for a structured output, over the tokens generated before a resubmission."""
@@ -240,22 +247,22 @@ class Engine:
             return "bad_request", "the first stage takes the whole prompt at position 0"
         return None
 
-    def _reusable(self, item: ForwardItem) -> list[int] | None:
-        """Blocks of the prompt's cached prefix to share; None when a later stage lacks what the
-        first stage skipped (``item.pos`` rows). A request that asks for prompt logprobs computes them all."""
-        prompt, bs = item.meta.prompt_ids, self.blocks.block_size
+    def _reusable(self, item: ForwardItem) -> Prefix | None:
+        """The prompt's cached prefix to share; None when a later stage lacks what the first stage
+        skipped (``item.pos`` rows). A request that asks for prompt logprobs computes them all."""
+        prompt = item.meta.prompt_ids
         if not item.meta.prefix_cache or item.meta.sampling.prompt_logprobs is not None:
-            return [] if item.pos == 0 else None
+            return self.blocks.no_prefix if item.pos == 0 else None
         if self.spec.first:
             return self.blocks.cached_prefix(prompt, len(prompt) - 1)  # the last token always runs
         hit = self.blocks.cached_prefix(prompt, item.pos)
-        return hit if len(hit) * bs == item.pos else None
+        return hit if hit.tokens == item.pos else None
 
-    def _start(self, works: list[Work], table: list[int], cached: int, constraint: Constraint | None) -> None:
+    def _start(self, works: list[Work], tables: Tables, cached: int, constraint: Constraint | None) -> None:
         item = works[0].item
         meta = item.meta
         hop = meta.chain.index((self.spec.start, self.spec.end))
-        seq = Sequence(item.rid, meta, hop, table, length=cached, constraint=constraint)
+        seq = Sequence(item.rid, meta, hop, tables, length=cached, constraint=constraint)
         seq.registered = cached // self.blocks.block_size
         self.stats.prefix_hit_tokens += cached
         self.stats.requests += 1
@@ -285,7 +292,7 @@ class Engine:
             if seq.rid in batch or seq.rid not in self.seqs:
                 continue
             work = self._next_chunk(seq, budget if batch else self.config.max_tokens_per_step)
-            if work is not None and self._in_order(seq, work, out):
+            if work is not None and self._in_order(seq, work, out) and self._grow(seq, work.item.pos + work.item.n, out):
                 batch[seq.rid] = (seq, work)
                 rows += work.item.n
         return [(s, w) for s, w in batch.values() if s.rid in self.seqs]  # preemption may have dropped some
@@ -316,19 +323,22 @@ class Engine:
 
     def _grow(self, seq: Sequence, rows: int, out: Outgoing) -> bool:
         """Make room for ``rows`` rows of ``seq``, preempting the newest requests if needed."""
-        while not self.blocks.can_grow(seq.table, rows):
+        while not self.blocks.can_grow(seq.kv, rows):
             victim = next(reversed(self.seqs.values()))  # the newest
             self.stats.preempted += 1
             self._fail(victim.rid, victim.reply, f"preempted on stage {self._range}: KV cache full", out, "preempted")
             if victim is seq:
                 return False
-        self.blocks.grow(seq.table, rows)
+        self.blocks.grow(seq.kv, rows)
         return True
 
     # --- run -------------------------------------------------------------------------------------
     def _run(self, batch: list[tuple[Sequence, Work]]) -> Outgoing:
-        items = [StepItem(w.item.rid, w.item.pos, w.item.n, w.data, w.dtype, self._sample_spec(s, w), tuple(s.table),
-                          prompt=w.item.pos < len(s.meta.prompt_ids), score=self._score(s, w)) for s, w in batch]
+        groups = len(self.blocks.groups) > 1
+        items = [StepItem(w.item.rid, w.item.pos, w.item.n, w.data, w.dtype, self._sample_spec(s, w), tuple(s.kv.tables[0]),
+                          w.item.pos < len(s.meta.prompt_ids), tuple(map(tuple, s.kv.tables[1:])) if groups else (),
+                          self._score(s, w))
+                 for s, w in batch]
         started, wall = time.perf_counter(), time.time()
         try:
             result = self.backend.run(items)
@@ -347,7 +357,7 @@ class Engine:
         for s, w in batch:
             s.length = w.item.pos + w.item.n
             s.touched = time.monotonic()
-            s.registered = self.blocks.register(s.table, s.meta.prompt_ids, s.registered, s.length)
+            s.registered = self.blocks.computed(s.kv, s.meta.prompt_ids, s.registered, s.length)
         return self._sampled(batch, result) if self.spec.last else self._forwarded(batch, result)
 
     def _sample_spec(self, seq: Sequence, w: Work) -> SampleSpec | None:
@@ -495,7 +505,7 @@ class Engine:
         for rid in rids:
             seq = self.seqs.pop(rid, None)
             if seq is not None:
-                self.blocks.release(seq.table)
+                self.blocks.release(seq.kv)
             self.waiting.pop(rid, None)
             self.backend.release(rid)
             self._released[rid] = None

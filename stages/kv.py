@@ -9,14 +9,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 
+class KVCache(Protocol):
+    """What attention reads and writes: each layer's keys and values by slot (``block * block_size +
+    offset``), the layer's KV group (``Rows.group``) and, for numba kernels, each layer's arrays."""
+
+    block_size: int
+    group_of: Sequence[int]  # [layer] -> its KV group
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def read_blocks(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def bits(self) -> tuple[Sequence[np.ndarray], Sequence[np.ndarray]]: ...
+
+
 class KVPool:
-    """``v_head_dim`` (default ``head_dim``) may differ from the keys' width; 0 for a model whose cache holds
-    one tensor per position (DeepSeek's MLA latent, in ``k``)."""
+    """One pool of blocks for every layer (one KV group). ``v_head_dim`` (default ``head_dim``) may differ from
+    the keys' width; 0 for a model whose cache holds one tensor per position (DeepSeek's MLA latent, in ``k``)."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, v_head_dim: int | None = None):
@@ -25,6 +42,7 @@ class KVPool:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape[:3] + (head_dim if v_head_dim is None else v_head_dim,), dtype=dtype, device=device)
         self.block_size, self.device = block_size, device
+        self.group_of = [0] * layers
         self._bits: tuple[np.ndarray, np.ndarray] | None = None
 
     def bits(self) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +80,38 @@ class KVPool:
                 v.index_select(0, flat).view(B, n * self.block_size, *v.shape[2:]))
 
 
+class GroupedKV:
+    """A stage's KV cache as one ``KVPool`` per KV group (``blocks.kv_groups``): a layer's keys live in its
+    group's pool, addressed by that group's block tables."""
+
+    def __init__(self, groups: Sequence[Sequence[int]], sizes: Sequence[int], kv_heads: int, head_dim: int,
+                 block_size: int, dtype: torch.dtype, device: torch.device, v_head_dim: int | None = None):
+        """groups: each group's layers; sizes: each group's blocks."""
+        self.pools = [KVPool(len(layers), kv_heads, head_dim, n, block_size, dtype, device, v_head_dim)
+                      for layers, n in zip(groups, sizes)]
+        where = {layer: (g, j) for g, layers in enumerate(groups) for j, layer in enumerate(layers)}
+        if sorted(where) != list(range(len(where))):
+            raise ValueError(f"KV groups {groups} do not hold every layer once")
+        self.group_of = [where[i][0] for i in range(len(where))]
+        self._slot = [where[i][1] for i in range(len(where))]  # [layer] -> its index in its group's pool
+        self.block_size, self.device = block_size, device
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.pools[self.group_of[layer]].write(self._slot[layer], slots, k, v)
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pools[self.group_of[layer]].read(self._slot[layer], slots)
+
+    def read_blocks(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pools[self.group_of[layer]].read_blocks(self._slot[layer], tables)
+
+    def bits(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Each layer's keys and values [slots, KV, hd] as numpy arrays (see ``KVPool.bits``)."""
+        groups = [pool.bits() for pool in self.pools]
+        where = list(zip(self.group_of, self._slot))
+        return [groups[g][0][j] for g, j in where], [groups[g][1][j] for g, j in where]
+
+
 def slots_for(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
     return table[positions // block_size] * block_size + positions % block_size
 
@@ -95,30 +145,35 @@ class Rows:
     sample_rows: torch.Tensor  # [S] long: the rows whose logits the last stage computes (each item's last ``outputs``)
     items: list[tuple[Sequence[int], int]]  # (block table, n) per item, in row order
     prompt: bool = False  # the rows are prompt rows, not generated tokens (the fused path projects them apart)
+    more: tuple["Rows", ...] = ()  # the same rows addressed by the other KV groups' tables (groups 1, 2, ...)
+
+    def group(self, g: int) -> "Rows":
+        """The rows as KV group ``g``'s block tables address them (``KVCache.group_of``)."""
+        return self if g == 0 else self.more[g - 1]
 
     @classmethod
     def build(cls, parts: list[tuple[Sequence[int], int, int, int]], block_size: int, device: torch.device,
-              prompt: bool = False) -> "Rows":
+              prompt: bool = False, more: Sequence[Sequence[Sequence[int]]] = ()) -> "Rows":
         """parts: (block table, pos, n, outputs) per item, in row order (``outputs``: its last rows whose
-        logits the last stage computes; 1 or True for the one it samples after)."""
-        positions, writes, prefills, dec, sample, offset = [], [], [], [], [], 0
-        for table, pos, n, outputs in parts:
-            t = torch.tensor(table, dtype=torch.long)
-            pos_range = torch.arange(pos, pos + n)
-            positions.append(pos_range)
-            writes.append(slots_for(t, pos_range, block_size))
-            if n == 1:
-                dec.append((offset, table[: pos // block_size + 1], pos + 1))
-            else:
-                read = slots_for(t, torch.arange(pos + n), block_size).to(device) if pos else None
-                prefills.append(Prefill(slice(offset, offset + n), pos, read))
+        logits the last stage computes; 1 or True for the one it samples after); ``more``: per item, its
+        block tables in the other KV groups (none: one group)."""
+        positions, sample, offset = [], [], 0
+        for _, pos, n, outputs in parts:
+            positions.append(torch.arange(pos, pos + n))
             sample.extend(range(offset + n - int(outputs), offset + n))
             offset += n
-        return cls(
-            torch.cat(positions).to(device), torch.cat(writes).to(device), prefills,
-            _decode(dec, device) if dec else None, torch.tensor(sample, dtype=torch.long, device=device),
-            [(table, n) for table, _, n, _ in parts], prompt,
-        )
+        rows = cls(torch.cat(positions).to(device), *_addressed(parts, positions, block_size, device),
+                   torch.tensor(sample, dtype=torch.long, device=device), [(t, n) for t, _, n, _ in parts], prompt)
+        if more:
+            rows.more = tuple(rows._other([tables[g] for tables in more], parts, positions, block_size, device)
+                              for g in range(len(more[0])))
+        return rows
+
+    def _other(self, tables: list[Sequence[int]], parts: list[tuple[Sequence[int], int, int, int]],
+               positions: list[torch.Tensor], block_size: int, device: torch.device) -> "Rows":
+        parts = [(table, pos, n, s) for table, (_, pos, n, s) in zip(tables, parts)]
+        return Rows(self.positions, *_addressed(parts, positions, block_size, device), self.sample_rows,
+                    [(t, n) for t, _, n, _ in parts], self.prompt)
 
     def row_tables(self) -> np.ndarray:
         """[T, nb] int64: each row's block table (its item's, padded with block 0), for kernels that
@@ -129,6 +184,22 @@ class Rows:
             tables[row : row + n, : len(table)] = table
             row += n
         return tables
+
+
+def _addressed(parts: list[tuple[Sequence[int], int, int, bool]], positions: list[torch.Tensor], block_size: int,
+               device: torch.device) -> tuple[torch.Tensor, list[Prefill], Decode | None]:
+    """Where the rows of ``parts`` (one block table each) write their keys, and what they read."""
+    writes, prefills, dec, offset = [], [], [], 0
+    for (table, pos, n, _), pos_range in zip(parts, positions):
+        t = torch.tensor(table, dtype=torch.long)
+        writes.append(slots_for(t, pos_range, block_size))
+        if n == 1:
+            dec.append((offset, table[: pos // block_size + 1], pos + 1))
+        else:
+            read = slots_for(t, torch.arange(pos + n), block_size).to(device) if pos else None
+            prefills.append(Prefill(slice(offset, offset + n), pos, read))
+        offset += n
+    return torch.cat(writes).to(device), prefills, _decode(dec, device) if dec else None
 
 
 def _decode(items: list[tuple[int, list[int], int]], device: torch.device) -> Decode:

@@ -343,6 +343,7 @@ class MLXBackend:
         self.kv: PagedKV | None = None
         self.sampler = Sampler()
         self.kernels: dict[str, str] = {}  # MLX picks its own kernels
+        self.kv_windows: tuple[int | None, ...] = (None,) * len(model.layers)  # sliding windows are refused at load
 
     @classmethod
     def load(cls, path: Path, model_name: str, start: int, end: int, dtype: str, device: str | None = None,
@@ -358,7 +359,9 @@ class MLXBackend:
     def kv_block_bytes(self, block_size: int) -> int:
         return 2 * len(self.model.layers) * block_size * self.model.kv_heads * self.model.head_dim * self.dtype.size
 
-    def init_kv(self, num_blocks: int, block_size: int) -> None:
+    def init_kv(self, num_blocks: int, block_size: int, group_blocks: tuple[int, ...] = ()) -> None:
+        if group_blocks:
+            raise ValueError("an MLX stage keeps one KV group (its layers all attend to every position)")
         self.kv = PagedKV(len(self.model.layers), num_blocks, block_size, self.model.kv_heads, self.model.head_dim,
                           self.dtype)
 

@@ -31,7 +31,9 @@ def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelP
     float32), or in the ``quantize`` format
     ("q8_0", "q4_0") when float matrices are quantized at load; vectors (norms, biases) and the KV
     cache in the serving dtype. Q4_0/Q4_K blocks that a bf16 stage may hold in torch's int4 layout
-    (``stages.int4pack``: 20 bytes per 32 weights instead of 18) count at that size: the most it holds."""
+    (``stages.int4pack``: 20 bytes per 32 weights instead of 18) count at that size: the most it holds.
+    KV: bytes of one position in one layer, and each layer's sliding window (a stage keeps at most that many
+    positions of a request there: ``ModelProfile.kv_reserve``)."""
     if quantize is not None and quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
     config = read_config(path)
@@ -46,9 +48,10 @@ def model_profile(path: Path, dtype: str, quantize: str | None = None) -> ModelP
     embed = held.get("model.embed_tokens.weight", 0)
     head = held.get("lm_head.weight", embed) + held.get("model.norm.weight", 0)
     kv_heads, k_dim, v_dim = args.kv_dims
+    windows = tuple(args.window(i) or 0 for i in range(args.num_hidden_layers))
     return ModelProfile(num_layers=args.num_hidden_layers, layer_bytes=max(layers), first_bytes=embed,
                         last_bytes=head, kv_bytes_per_token=kv_heads * (k_dim + v_dim) * size,
-                        layer_bytes_list=tuple(layers))
+                        layer_bytes_list=tuple(layers), kv_windows=windows if any(windows) else None)
 
 
 def _held_bytes(path: Path, dtype: torch.dtype, quantize: str | None,

@@ -3,6 +3,7 @@ temperature, top-k, top-p; and the raw model's log-probabilities of the sampled 
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
@@ -32,13 +33,18 @@ def sample_step(sampler: "Sampler", logits: torch.Tensor, items: list[StepItem])
 
 
 class Sampler:
-    """Keeps one random generator per request so that a seed gives the same text every time."""
+    """Draws token ``i`` of a request (``i`` counted from its first generated token, across every try
+    of it: :attr:`SamplingParams.first_index` + the try's own count) with a generator seeded from
+    ``(seed, i)`` (:func:`token_seed`): counter-based, so a request resumed on another stage with its
+    tokens so far draws exactly what an undisturbed run would, given the same logits. A request without
+    a seed gets a random one, kept until it is released."""
 
     def __init__(self) -> None:
-        self._generators: dict[str, torch.Generator] = {}
+        self._generator = torch.Generator()  # re-seeded for every token: one draw each
+        self._seeds: dict[str, int] = {}  # the random seed of each running request sent without one
 
     def release(self, rid: str) -> None:
-        self._generators.pop(rid, None)
+        self._seeds.pop(rid, None)
 
     def sample(self, logits: torch.Tensor, rids: list[str], specs: list[SampleSpec]) -> list[int]:
         logits = apply_masks(logits, [spec.constraint for spec in specs])  # constrained rows only
@@ -54,14 +60,21 @@ class Sampler:
         if p.greedy:
             return int(torch.argmax(logits))
         probs = torch.softmax(_truncate(logits / p.temperature, p.top_k, p.top_p), dim=-1)
-        return int(torch.multinomial(probs.cpu(), 1, generator=self._generator(rid, p.seed)))
+        return int(torch.multinomial(probs.cpu(), 1, generator=self._generator_for(rid, spec)))
 
-    def _generator(self, rid: str, seed: int | None) -> torch.Generator:
-        if rid not in self._generators:
-            g = torch.Generator()
-            g.manual_seed(seed if seed is not None else random.getrandbits(63))
-            self._generators[rid] = g
-        return self._generators[rid]
+    def _generator_for(self, rid: str, spec: SampleSpec) -> torch.Generator:
+        seed = spec.params.seed
+        if seed is None:
+            seed = self._seeds.setdefault(rid, random.getrandbits(63))
+        self._generator.manual_seed(token_seed(seed, spec.params.first_index + spec.step))
+        return self._generator
+
+
+def token_seed(seed: int, index: int) -> int:
+    """The generator seed for token ``index`` of a request seeded ``seed`` (any int): 64 bits of
+    BLAKE2b over both, so neighbouring seeds and indices give unrelated streams (~2 us)."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def _plain_greedy(spec: SampleSpec) -> bool:

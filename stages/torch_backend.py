@@ -18,7 +18,8 @@ from parallax.broker.model import gguf_file
 
 from . import kernels
 from .backend import StageSpec, StepItem, StepOutput
-from .kv import KVPool, Rows
+from .blocks import kv_groups
+from .kv import GroupedKV, KVCache, KVPool, Rows
 from .models import QUANTIZE_TYPES, UnsupportedModel, already_quantized, architecture
 from .gguf_weights import GGUFWeights
 from .mxfp4 import MXFP4Matrix
@@ -39,7 +40,8 @@ class TorchBackend:
         self.device, self.dtype = torch.device(spec.device), DTYPES[spec.dtype]
         kv_heads, k_dim, self._v_dim = model.args.kv_dims
         self._kv_shape = (len(model.layers), kv_heads, k_dim)
-        self.kv: KVPool | None = None
+        self.kv_windows = tuple(layer.self_attn.window for layer in model.layers)
+        self.kv: KVCache | None = None
         self.sampler = Sampler()
         self.kernels: dict[str, str] = model.kernel_picks  # chosen by the kernel tuning at load
 
@@ -59,8 +61,15 @@ class TorchBackend:
     def kv_block_bytes(self, block_size: int) -> int:
         return KVPool.bytes_per_block(*self._kv_shape, block_size, self.dtype, self._v_dim)
 
-    def init_kv(self, num_blocks: int, block_size: int) -> None:
-        self.kv = KVPool(*self._kv_shape, num_blocks, block_size, self.dtype, self.device, self._v_dim)
+    def init_kv(self, num_blocks: int, block_size: int, group_blocks: tuple[int, ...] = ()) -> None:
+        if not group_blocks:
+            self.kv = KVPool(*self._kv_shape, num_blocks, block_size, self.dtype, self.device, self._v_dim)
+            return
+        groups = kv_groups(self.kv_windows)
+        if len(groups) != 1 + len(group_blocks):
+            raise ValueError(f"this stage's layers form {len(groups)} KV groups; got the sizes of {1 + len(group_blocks)}")
+        self.kv = GroupedKV([g.layers for g in groups], (num_blocks, *group_blocks), *self._kv_shape[1:], block_size,
+                            self.dtype, self.device, self._v_dim)
 
     def run(self, items: list[StepItem]) -> StepOutput:
         groups = self._groups(items)
@@ -86,7 +95,8 @@ class TorchBackend:
     def _forward(self, items: list[StepItem]) -> torch.Tensor:
         x = self._inputs(items)  # [T] ids or [T, D] hidden
         parts = [(i.blocks, i.pos, i.n, i.outputs) for i in items]
-        rows = Rows.build(parts, self.kv.block_size, self.device, prompt=all(i.prompt for i in items))
+        more = [i.group_blocks for i in items] if items[0].group_blocks else ()
+        rows = Rows.build(parts, self.kv.block_size, self.device, prompt=all(i.prompt for i in items), more=more)
         with torch.inference_mode():
             return self.model(x, rows, self.kv)
 

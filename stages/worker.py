@@ -147,13 +147,18 @@ class StageWorker:
                 if ready is not None:
                     ready.set()
                 await _first_set(stop, drain)
-                if drain is not None and drain.is_set() and not stop.is_set():
-                    await self.drain(kv, stop)
-                await self.detach("the stage is shutting down")
+                await self.leave(kv, stop, drain)
         finally:
             await _close(nc)
             if self._owns_compute:
                 self.compute.close()
+
+    async def leave(self, kv: KeyValue, stop: asyncio.Event, drain: asyncio.Event | None) -> None:
+        """Stop serving because the stage shuts down: after a drain (:meth:`drain`) when ``drain`` is
+        set and ``stop`` is not, else at once (running requests are handed back)."""
+        if drain is not None and drain.is_set() and not stop.is_set():
+            await self.drain(kv, stop)
+        await self.detach("the stage is shutting down")
 
     async def drain(self, kv: KeyValue, hurry: asyncio.Event) -> None:
         """Refuse new requests; return once the running ones can be handed back (another live stage

@@ -7,12 +7,14 @@ tests start, reuse it.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
 
 from parallax.broker.server import EmbeddedServer, NatsServerError, ServerConfig, free_port
 
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SMOLLM2_VOCAB = 49152
 _TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=4096)
@@ -31,6 +33,19 @@ def start_nats_server(config_file: Path | None = None, **config) -> EmbeddedServ
         except NatsServerError as exc:  # another process took the free port between the two calls
             error = exc
     raise error
+
+
+def deploy_config(auth_dir: Path, name: str, **replace: str) -> Path:
+    """deploy/<name> beside ``auth_dir`` (``parallax auth init``'s output), its /etc/parallax paths pointing
+    there and its JetStream store in a fresh folder there; ``replace``: old -> new text (each must occur)."""
+    root, tag = auth_dir.parent, uuid.uuid4().hex[:6]
+    text = (DEPLOY / name).read_text().replace("/etc/parallax/", f"{root}/").replace("/var/lib/nats", str(root / f"js-{tag}"))
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    path = root / f"{tag}-{name}"
+    path.write_text(text)
+    return path
 
 
 NEEDS_SMOLLM2 = frozenset({"smollm2_path", "smollm2_served", "smollm2_tokenizer"})  # the fixtures that convert SmolLM2

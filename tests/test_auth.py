@@ -26,9 +26,9 @@ from parallax.auth import ROLES, public_key
 from parallax.broker import subjects
 from parallax.broker.connection import NatsOptions, connect
 from parallax.broker.errors import NatsUnreachable
-from parallax.broker.kv import NODES_BUCKET, CasBucket, Presence, nodes_bucket
+from parallax.broker.kv import CasBucket, Presence, nodes_bucket
 from parallax.broker.registry import LEADER_KEY, NodeInfo, assign_key
-from parallax.broker.server import free_port, nats_server_binary
+from parallax.broker.server import nats_server_binary
 from parallax.broker.wire import SamplingParams
 from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
 from parallax.stages.engine import EngineConfig
@@ -36,9 +36,8 @@ from parallax.stages.micro import SERVICE
 from parallax.stages.torch_backend import TorchBackend
 from parallax.stages.worker import StageWorker, WorkerConfig
 from tests.cluster import make_tiny_model, reference_greedy
-from tests.conftest import start_nats_server
+from tests.conftest import DEPLOY, deploy_config, start_nats_server
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 HOSTS = ("parallax-hub.example", "10.1.2.3")
 DENIED_S = 0.5  # how long a JetStream write waits for the ack a denied publish never gets
 
@@ -157,54 +156,6 @@ def test_deploy_configs_are_valid_with_auth_inits_output(auth_dir: Path):
         done = subprocess.run([nats_server_binary(), "-t", "-c", str(deploy_config(auth_dir, conf.name))],
                               capture_output=True, text=True, timeout=30, env={**os.environ, "PARALLAX_NATS_NAME": "nats-1"})
         assert done.returncode == 0, (conf.name, done.stdout + done.stderr)
-
-
-def deploy_config(auth_dir: Path, name: str, **replace: str) -> Path:
-    """deploy/<name> beside auth_dir's folder, its /etc/parallax paths pointing there, ``replace`` applied."""
-    root, tag = auth_dir.parent, uuid.uuid4().hex[:6]
-    text = (DEPLOY / name).read_text().replace("/etc/parallax/", f"{root}/").replace("/var/lib/nats", str(root / f"js-{tag}"))
-    for old, new in replace.items():
-        assert old in text, old
-        text = text.replace(old, new)
-    path = root / f"{tag}-{name}"
-    path.write_text(text)
-    return path
-
-
-async def test_a_leaf_site_joins_the_hub_over_tls_with_the_deploy_configs(auth_dir: Path):
-    """deploy/nats-server.conf (hub) and deploy/leaf-site.conf (site) as written, on free ports: the leaf link
-    comes up over mutual TLS as the leaf role; work crosses it; a stage at the site reads the hub's registry
-    (--js-domain hub) and writes its key through the leaf ($JS.hub.API.$KV..., the nats-py 2.16 workaround)."""
-    leaf_port = free_port()
-    hub_conf = deploy_config(auth_dir, "nats-server.conf", **{"port: 7422": f"port: {leaf_port}", "http: ": "# http: "})
-    site_conf = deploy_config(auth_dir, "leaf-site.conf", **{"hub.example.com:7422": f"127.0.0.1:{leaf_port}", "http: ": "# "})
-    # the configs' own jetstream blocks (domains hub and site-a); -a/-p put the client ports on free ones
-    hub = start_nats_server(jetstream=False, extra_args=("-c", str(hub_conf)))
-    site = start_nats_server(jetstream=False, extra_args=("-c", str(site_conf)))
-    try:
-        stage, gateway = await connect_as(site, auth_dir, "stage"), await connect_as(hub, auth_dir, "gateway")
-        try:
-            got: list[bytes] = []
-            subject = subjects.node("m", 0, 1, "site-stage")
-            await stage.subscribe(subject, cb=collect(got))
-            await stage.flush()
-            for _ in range(50):  # until the leaf link carries the subscription
-                await gateway.publish(subject, b"hop")
-                if await until(lambda: bool(got), 0.2):
-                    break
-            assert got[:1] == [b"hop"]
-            kv = await nodes_bucket(gateway)
-            ack = await stage.request(f"$JS.hub.API.$KV.{NODES_BUCKET}.stage.site-stage", b'{"node_id": "site-stage"}',
-                                      timeout=5)
-            assert orjson.loads(ack.data).get("domain") == "hub"
-            assert (await kv.get("stage.site-stage")).value == b'{"node_id": "site-stage"}'
-            assert (await (await nodes_bucket(stage, "hub")).get("stage.site-stage")).value is not None
-        finally:
-            await stage.close()
-            await gateway.close()
-    finally:
-        site.stop()
-        hub.stop()
 
 
 def deploy_commands() -> list[list[str]]:

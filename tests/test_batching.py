@@ -86,8 +86,9 @@ async def test_prefix_miss_on_a_later_stage_is_retried_without_the_cache(nats_ur
     async with cluster(nats_url, tiny, "tiny", LAYERS, [(0, 3), (3, 6)]) as c:
         await c.generate(system + [1], max_tokens=2)
         later = engines(c)[1]
-        later.blocks.by_hash.clear()  # the second stage forgot the prefix (as if evicted)
-        later.blocks.hash_of = [None] * later.blocks.num_blocks
+        for blocks in later.blocks.managers:  # the second stage forgot the prefix (as if evicted)
+            blocks.by_hash.clear()
+            blocks.hash_of = [None] * blocks.num_blocks
         assert await c.generate(system + [2], max_tokens=6) == reference_greedy(tiny, system + [2], 6)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import report
+from bench import report, soak
 from bench.client import apply_event, completion_body
 from bench.natsstats import StatsClient, merge_peaks, summarize_stages
 from bench.prompts import WORDS, build_prompts, sentence, token_prompt
@@ -243,6 +243,47 @@ def test_kv_bytes_per_token():
     config = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
     assert kv_bytes_per_token(config, "bfloat16") == 2 * 30 * 3 * 64 * 2
     assert kv_bytes_per_token({}, "float32") is None
+
+
+# ------------------------------------------------------------------------------------------- soak
+def test_soak_args_defaults_and_restart_period():
+    cfg = soak.config_from_args(soak.build_parser().parse_args([]))
+    assert cfg == soak.SoakConfig() and cfg.minutes == 20 and cfg.restart_period_s == 240  # every 4 of 20 minutes
+    short = soak.config_from_args(soak.build_parser().parse_args(["--minutes", "3", "--stage-args", "--threads 1"]))
+    assert short.restart_period_s == 60 and short.stage_args == ("--threads", "1")
+    assert soak.SoakConfig(minutes=3, restart_every_s=45).restart_period_s == 45
+    assert soak.SoakConfig(minutes=0).restart_period_s == 240
+    with pytest.raises(ValueError, match="--concurrency must be at least 1"):
+        soak.SoakConfig(concurrency=0)
+    assert soak.main(["--minutes", "-1"]) == 2  # a clear error before anything starts
+
+
+def test_soak_judges_every_request():
+    ref = "The quick brown fox"
+    assert soak.judge("stream", ref, ref, None, True).status == "ok"
+    assert soak.judge("plain", "The quick brown cat", ref, None, True).status == "wrong"
+    assert soak.judge("stream", "The quick", ref, None, False).status == "wrong"  # ended without [DONE]
+    assert soak.judge("disconnect", "The quick", ref, None, False).status == "disconnected"
+    assert soak.judge("disconnect", "A quick", ref, None, False).status == "wrong"
+    aborted = {"message": "request cmpl-1 was aborted", "code": "request_aborted"}
+    assert soak.judge("abort", "The", ref, aborted, True).status == "aborted"
+    assert soak.judge("abort", "Th3", ref, aborted, True).status == "wrong"
+    draining = {"message": "stage b0 is shutting down", "code": "stage_failed"}
+    assert soak.judge("stream", "", ref, draining, True) == soak.Outcome("stream", "error", "stage b0 is shutting down")
+    assert soak.judge("plain", "", ref, {}, True).status == "unclear"
+    assert soak.error_key("request cmpl-9f3a was aborted on 4a5b6c7d8e after 12.5 s") == "request # was aborted on # after N s"
+    log = ("request r1: stage 15:30 no longer caches the prompt's prefix; resubmitting with 0 tokens so far\n"
+           "request r2: stage b0 left layers 15:30: the stage is shutting down; resubmitting with 6 tokens so far\n"
+           "request r2: stage b0 serving layers 15:30 stopped while serving the request; resuming on live replicas with 6 tokens so far\n")
+    assert soak.resumed_tries(log) == 2  # the fresh resubmission (0 tokens) does not count
+
+
+def test_soak_rss_drift_after_warmup():
+    flat = [(-5.0, 100)] + [(float(t), 1000 + t % 3) for t in range(0, 100, 10)]
+    assert soak.rss_drift(flat, warmup_s=0) == pytest.approx(0.0, abs=0.01)
+    growing = [(float(t), 1000 + 10 * t) for t in range(0, 200, 10)]
+    assert soak.rss_drift(growing, warmup_s=60) == pytest.approx((2800 - 1700) / 1700)  # medians of t 60-80 and 170-190
+    assert soak.rss_drift(growing[:8], warmup_s=60) is None  # two samples after warm-up: no drift
 
 
 # ------------------------------------------------------------------------------------ end to end

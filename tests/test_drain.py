@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import time
 import uuid
 from dataclasses import replace
 
@@ -18,12 +19,16 @@ import pytest
 
 from parallax.broker.connection import NatsOptions
 from parallax.broker.errors import ChainUnavailable, StageFailed
+from parallax.broker.kv import nodes_bucket
+from parallax.broker.registry import Assignment, assign_key
 from parallax.broker.wire import SamplingParams
 from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
 from parallax.procs import ProcessGroup, pid_alive
+from parallax.stages.auto import AutoStage
 from parallax.stages.engine import EngineConfig
+from parallax.stages.profile import model_profile
 from parallax.stages.torch_backend import TorchBackend
-from parallax.stages.worker import StageWorker, WorkerConfig
+from parallax.stages.worker import NodeFacts, StageWorker, WorkerConfig
 from tests.cluster import Cluster, cluster, make_tiny_model, reference_greedy
 
 LAYERS = 6
@@ -51,6 +56,15 @@ async def add_drainable(c: Cluster, start: int, end: int, drain_timeout_s: float
     return node_id, drain, task
 
 
+async def refusing(engine, timeout_s: float = 10.0) -> None:
+    """Until a drained stage has read the registry, found no replica and refuses new requests (the
+    drain starts at the signal, the refusal once the registry has been read)."""
+    deadline = time.monotonic() + timeout_s
+    while engine.draining is None:
+        assert time.monotonic() < deadline, "the drain never began refusing new requests"
+        await asyncio.sleep(0.01)
+
+
 async def wait_registered(c: Cluster, count: int) -> None:
     while len(c.pipeline.registry.serving("tiny")) < count:
         await asyncio.sleep(0.05)
@@ -70,6 +84,7 @@ async def test_without_a_replica_the_running_stream_finishes_and_new_requests_fa
         running = stream(c, 80)
         tokens = [(await anext(running)).token for _ in range(10)]
         drain.set()
+        await refusing(c.stages[node_id][2].engine)
         with pytest.raises(StageFailed, match=f"stage {node_id} is shutting down and takes no new requests"):
             await c.generate(PROMPT, max_tokens=5)
         while len(tokens) < 70:
@@ -124,6 +139,50 @@ async def test_with_a_replica_the_running_stream_moves_there_at_once(nats_url, t
         assert tokens == expected
         assert c.stages[other[0]][2].engine.stats.steps > 0
         assert await c.settled()
+
+
+async def start_placed(c: Cluster, node_id: str, start: int, end: int,
+                       tiny) -> tuple[AutoStage, asyncio.Event, asyncio.Event, asyncio.Task]:
+    """An :class:`AutoStage` (``parallax-stage`` without ``--layers``) assigned ``start:end`` through its
+    registry key, as the scheduler does; returns it, its stop and drain events (SIGTERM) and its task."""
+    facts = NodeFacts(manual=False, profile=model_profile(tiny, "float32"), memory_offered=1 << 30)
+    config = WorkerConfig(nats=NatsOptions(c.url), node_id=node_id, heartbeat_s=0.2, debug_delay_ms=10)
+    stage = AutoStage("tiny", LAYERS, "cpu", "float32", lambda a, b: TorchBackend.load(tiny, "tiny", a, b, "float32", "cpu"),
+                      lambda b: EngineConfig(kv_blocks=256), config, facts)
+    stop, drain, ready = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(stage.run(stop, ready, drain))
+    await asyncio.wait_for(ready.wait(), 30)
+    assignment = Assignment(node_id=node_id, model="tiny", start=start, end=end)
+    await (await nodes_bucket(c.nc)).put(assign_key(node_id), assignment.model_dump_json().encode())
+    return stage, stop, drain, task
+
+
+async def test_a_stage_placed_by_the_scheduler_drains_like_one_given_layers(nats_url, tiny):
+    """A placed stage (no ``--layers``), the only one of 3:6, drains mid-stream: new requests fail
+    with the reason, the stream ends here with the undisturbed tokens, then the stage returns (the
+    hand-over to a replica is the same code: StageWorker.leave)."""
+    expected = reference_greedy(tiny, PROMPT, 80)
+    async with cluster(nats_url, tiny, "tiny", LAYERS, [(0, 3)]) as c:
+        stage, stop, drain, task = await start_placed(c, "placed", 3, 6, tiny)
+        try:
+            await wait_registered(c, 2)
+            running = stream(c, 80)
+            tokens = [(await anext(running)).token for _ in range(10)]
+            drain.set()
+            await refusing(stage.worker.engine)
+            with pytest.raises(StageFailed, match="stage placed is shutting down and takes no new requests"):
+                await c.generate(PROMPT, max_tokens=5)
+            while len(tokens) < 70:
+                tokens.append((await anext(running)).token)
+            assert not task.done()  # still draining: its stream is not over
+            tokens += [e.token async for e in running]
+            assert tokens == expected
+            await asyncio.wait_for(task, 30)
+            assert task.exception() is None
+            assert await c.settled()
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
 
 
 # --------------------------------------------------------------------------- real processes, signals

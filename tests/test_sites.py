@@ -1,6 +1,7 @@
 """How processes connect (NatsOptions and the shared flags, TLS and nkeys against a real server), and
-the sites of issue 13: a hub and a leaf-node site with their own JetStream domains, and a 3-server
-cluster with a replicated registry."""
+the sites of issue 13 with authenticated roles and TLS on, as deploy/ ships them: a hub and a leaf-node
+site with their own JetStream domains joined over mutual TLS, and a 3-server cluster (routes over
+mutual TLS) with a replicated registry that loses a server mid-load."""
 
 from __future__ import annotations
 
@@ -10,19 +11,22 @@ import contextlib
 import datetime
 import ipaddress
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+import nats
 import pytest
+from nats.aio.client import Client as NATS
 from nats.js import errors as js_errors
 
 from parallax.broker.cli import add_nats_args, nats_options
 from parallax.broker.connection import DEFAULT_URL, NatsOptions, connect
-from parallax.broker.errors import NatsUnreachable, UsageError
+from parallax.broker.errors import NatsUnreachable, RegistryError, UsageError
 from parallax.broker.kv import NODES_BUCKET, CasBucket, nodes_bucket
 from parallax.broker.registry import LEADER_KEY
 from parallax.broker.server import EmbeddedServer, free_port
-from parallax.broker.tasks import stop_task
 from parallax.broker.wire import SamplingParams
 from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
 from parallax.scheduler.service import Scheduler, SchedulerConfig
@@ -32,7 +36,7 @@ from parallax.stages.worker import StageWorker, WorkerConfig
 from parallax.status import fetch_snapshot
 
 from .cluster import make_tiny_model, reference_greedy
-from .conftest import start_nats_server
+from .conftest import deploy_config, start_nats_server
 
 log = logging.getLogger(__name__)
 LAYERS, PROMPT, NEW_TOKENS = 4, [5, 9, 33, 101, 7], 24
@@ -182,7 +186,7 @@ def test_parallax_commands_take_the_flags_and_up_passes_them_on(tmp_path, capsys
         assert command[command.index("--nats"):][:4] == ["--nats", "nats://a:1,nats://b:2", "--js-domain", "hub"]
 
 
-# --- sites: servers, stages and a gateway in this process ----------------------------------------
+# --- sites with auth and TLS: servers from deploy/, stages and a gateway in this process -------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, list[int]]:
     """A 4-layer float32 random Llama and its greedy completion of PROMPT."""
@@ -190,10 +194,20 @@ def tiny(tmp_path_factory) -> tuple[Path, list[int]]:
     return path, reference_greedy(path, PROMPT, NEW_TOKENS)
 
 
-def server_conf(folder: Path, name: str, body: str) -> Path:
-    path = folder / f"{name}.conf"
-    path.write_text(f'server_name: {name}\n{body}')
-    return path
+@pytest.fixture(scope="module")
+def auth_dir(tmp_path_factory) -> Path:
+    """``parallax auth init``: an nkey per role, their permissions, a CA and the servers' certificate."""
+    import parallax.cli as cli
+
+    directory = tmp_path_factory.mktemp("sites") / "auth"
+    assert cli.main(["auth", "init", str(directory)]) == 0
+    return directory
+
+
+def as_role(auth_dir: Path, role: str, servers: list[EmbeddedServer], js_domain: str | None = None) -> NatsOptions:
+    """How a process of ``role`` connects: ``--nats tls://... --nkey DIR/<role>.nk --tls-ca DIR/ca.pem``."""
+    return NatsOptions(tuple(s.url.replace("nats://", "tls://") for s in servers), nkey=auth_dir / f"{role}.nk",
+                       tls_ca=auth_dir / "ca.pem", js_domain=js_domain)
 
 
 async def until_jetstream(options: NatsOptions, domain: str | None = None, limit_s: float = 20.0) -> None:
@@ -214,22 +228,24 @@ async def until_jetstream(options: NatsOptions, domain: str | None = None, limit
 
 
 @contextlib.asynccontextmanager
-async def serving(path: Path, stages: list[tuple[int, int, NatsOptions]], gateway: NatsOptions, first_delay_ms: float = 0.0,
-                  **pipeline):
-    """Stages (start, end, how each connects; the first one sleeps ``first_delay_ms`` after every step)
-    and a NatsPipeline (``pipeline``: PipelineConfig fields); yields (pipeline, workers)."""
+async def serving(path: Path, stages: list[tuple[int, int, NatsOptions | Callable[[NATS], NatsOptions]]], gateway: NatsOptions,
+                  first_delay_ms: float = 0.0, **pipeline):
+    """The gateway's connection, stages (start, end, how each connects: options, or options made from the
+    gateway's connection; the first one sleeps ``first_delay_ms`` after every step) and a NatsPipeline
+    (``pipeline``: PipelineConfig fields); yields (pipeline, workers)."""
     running: list[tuple[asyncio.Event, asyncio.Task, StageWorker]] = []
-    nc = pipe = None
+    nc = await connect(gateway, name="test-gateway")
+    pipe = None
     try:
         for start, end, options in stages:
             backend = await asyncio.to_thread(TorchBackend.load, path, "tiny", start, end, "float32", "cpu")
-            config = WorkerConfig(nats=options, node_id=f"s{start}-{end}-{uuid.uuid4().hex[:4]}", heartbeat_s=0.2,
+            config = WorkerConfig(nats=options if isinstance(options, NatsOptions) else options(nc),
+                                  node_id=f"s{start}-{end}-{uuid.uuid4().hex[:4]}", heartbeat_s=0.2,
                                   debug_delay_ms=0.0 if running else first_delay_ms)
             worker = StageWorker(backend, config, EngineConfig(kv_blocks=256))
             stop, ready = asyncio.Event(), asyncio.Event()
             running.append((stop, asyncio.create_task(worker.run(stop, ready)), worker))
             await asyncio.wait_for(ready.wait(), 30)
-        nc = await connect(gateway, name="test-gateway")
         pipe = NatsPipeline(nc, PipelineConfig(model="tiny", num_layers=LAYERS, js_domain=gateway.js_domain, **pipeline))
         await pipe.start()
         yield pipe, [w for _, _, w in running]
@@ -240,8 +256,7 @@ async def serving(path: Path, stages: list[tuple[int, int, NatsOptions]], gatewa
                 await asyncio.wait_for(task, 30)
         if pipe is not None:
             await pipe.close()
-        if nc is not None:
-            await nc.close()
+        await nc.close()
 
 
 async def until(condition, limit_s: float) -> None:
@@ -253,45 +268,46 @@ async def until(condition, limit_s: float) -> None:
     await asyncio.wait_for(poll(), limit_s)
 
 
-async def tokens(stream) -> list[int]:
-    return [e.token async for e in stream]
+def greedy_params() -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
 async def greedy(pipe: NatsPipeline) -> list[int]:
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    return [e.token async for e in pipe.generate(uuid.uuid4().hex, PROMPT, params)]
+    return [e.token async for e in pipe.generate(uuid.uuid4().hex, PROMPT, greedy_params())]
+
+
+def permission_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "permission" in r.getMessage()]
 
 
 @pytest.fixture(scope="module")
-def hub_and_leaf(tmp_path_factory):
-    """A hub (JetStream domain "hub") and a leaf-node site (domain "leaf") joined by a leaf link."""
-    folder = tmp_path_factory.mktemp("sites")
+def hub_and_leaf(auth_dir: Path):
+    """deploy/nats-server.conf (the hub, JetStream domain "hub") and deploy/leaf-site.conf (a site, domain
+    "site-a") as shipped, on free ports: the site's server dials the hub over mutual TLS as the leaf role."""
     link = free_port()
+    hub_conf = deploy_config(auth_dir, "nats-server.conf", **{"port: 7422": f"port: {link}", "http: ": "# http: "})
+    site_conf = deploy_config(auth_dir, "leaf-site.conf", **{"hub.example.com:7422": f"127.0.0.1:{link}", "http: ": "# "})
     started: list[EmbeddedServer] = []
     try:
-        started.append(start_nats_server(server_conf(folder, "hub", f"""
-jetstream {{ domain: hub, store_dir: "{folder}/hub" }}
-leafnodes {{ listen: "127.0.0.1:{link}" }}
-""")))
-        started.append(start_nats_server(server_conf(folder, "leaf", f"""
-jetstream {{ domain: leaf, store_dir: "{folder}/leaf" }}
-leafnodes {{ remotes: [ {{ url: "nats://127.0.0.1:{link}" }} ] }}
-""")))
+        started.append(start_nats_server(hub_conf))
+        started.append(start_nats_server(site_conf))
         yield started[0], started[1]
     finally:
         for server in started:
             server.stop()
 
 
-async def test_registry_writes_from_a_leaf_site_land_in_the_hub(hub_and_leaf):
-    """Every kind of registry write a leaf-side process makes (a heartbeat with a TTL, a compare-and-set,
-    the lock, a delete) lands in the hub's bucket, never in the leaf's own domain."""
-    hub, leaf = hub_and_leaf
-    await until_jetstream(NatsOptions(leaf.url), "hub")
-    leaf_nc = await connect(NatsOptions(leaf.url, js_domain="hub"), name="test-leaf")
-    hub_nc = await connect(NatsOptions(hub.url), name="test-hub")
+async def test_registry_writes_from_a_leaf_site_land_in_the_hub(hub_and_leaf, auth_dir):
+    """Every kind of registry write a leaf-side process makes under its role (a stage: a heartbeat with
+    a TTL, a compare-and-set, a delete; a scheduler: the lock) lands in the hub's bucket, never in the
+    site's own domain."""
+    hub, site = hub_and_leaf
+    await until_jetstream(as_role(auth_dir, "admin", [site]), "hub")
+    stage_nc = await connect(as_role(auth_dir, "stage", [site], "hub"), name="test-leaf-stage")
+    scheduler_nc = await connect(as_role(auth_dir, "scheduler", [site], "hub"), name="test-leaf-scheduler")
+    hub_nc = await connect(as_role(auth_dir, "admin", [hub]), name="test-hub")
     try:
-        bucket = CasBucket(await nodes_bucket(leaf_nc, "hub"))  # created from the leaf, in the hub
+        bucket = CasBucket(await nodes_bucket(stage_nc, "hub"))  # created from the site, in the hub
         seen = await nodes_bucket(hub_nc)
         key = f"stage.leaf-{uuid.uuid4().hex[:6]}"
         first = await bucket.put(key, b"beat 1", ttl_s=5)
@@ -299,86 +315,121 @@ async def test_registry_writes_from_a_leaf_site_land_in_the_hub(hub_and_leaf):
         assert (await seen.get(key)).value == b"beat 2" and second > first
         with pytest.raises(js_errors.KeyWrongLastSequenceError):
             await bucket.write(key, b"stale", last=first)
-        assert await bucket.lock(LEADER_KEY, b"leaf-scheduler", 0, ttl_s=5) is not None
+        lock = CasBucket(await nodes_bucket(scheduler_nc, "hub"))
+        assert await lock.lock(LEADER_KEY, b"leaf-scheduler", 0, ttl_s=5) is not None
         assert (await seen.get(LEADER_KEY)).value == b"leaf-scheduler"
         assert await bucket.delete(key, second)
         with pytest.raises(js_errors.KeyNotFoundError):
             await seen.get(key)
-        with pytest.raises(js_errors.BucketNotFoundError):  # nothing went to the leaf's own JetStream
-            await leaf_nc.jetstream().key_value(NODES_BUCKET)
+        with pytest.raises(js_errors.BucketNotFoundError):  # nothing went to the site's own JetStream
+            await stage_nc.jetstream().key_value(NODES_BUCKET)
     finally:
-        await leaf_nc.close()
-        await hub_nc.close()
+        for nc in (stage_nc, scheduler_nc, hub_nc):
+            await nc.close()
 
 
-async def test_a_pipeline_across_a_leaf_link_serves_the_reference(hub_and_leaf, tiny):
-    """Stage 0:2 at the leaf site (registry in the hub's domain), stage 2:4, the gateway and a scheduler
-    at the hub... and the scheduler's lock taken from the leaf side: a greedy completion equals the
-    single-process reference. The hop leaf -> hub is logged (what the hub stage measured)."""
-    hub, leaf = hub_and_leaf
+async def test_a_pipeline_across_a_leaf_link_serves_the_reference(hub_and_leaf, auth_dir, tiny, caplog):
+    """Stage 0:2 at the site (registry in the hub's domain), stage 2:4 and the gateway at the hub, and a
+    scheduler at the site, each with its role's nkey and the CA: a greedy completion equals the
+    single-process reference, the scheduler's lock is taken from the site, and no process is denied
+    anything. The hop site -> hub is logged (what the hub stage measured)."""
+    hub, site = hub_and_leaf
     path, expected = tiny
-    await until_jetstream(NatsOptions(leaf.url), "hub")
-    leaf_side, hub_side = NatsOptions(leaf.url, js_domain="hub"), NatsOptions(hub.url)
-    scheduler = Scheduler(SchedulerConfig(nats=leaf_side, node_id="leaf-sched", settle_s=0.1))
+    await until_jetstream(as_role(auth_dir, "admin", [site]), "hub")
+    site_stage, hub_stage = as_role(auth_dir, "stage", [site], "hub"), as_role(auth_dir, "stage", [hub])
+    scheduler = Scheduler(SchedulerConfig(nats=as_role(auth_dir, "scheduler", [site], "hub"), node_id="leaf-sched",
+                                          settle_s=0.1))
     stop, ready = asyncio.Event(), asyncio.Event()
     leading = asyncio.create_task(scheduler.run(stop, ready))
     try:
-        async with serving(path, [(0, 2, leaf_side), (2, 4, hub_side)], hub_side) as (pipe, workers):
+        async with serving(path, [(0, 2, site_stage), (2, 4, hub_stage)], as_role(auth_dir, "gateway", [hub])) as (pipe, workers):
             assert await greedy(pipe) == expected
             log.info("leaf -> hub hop as stage 2:4 measured it (ms): %s", workers[1].stats()["hop_ms"])
             await asyncio.wait_for(ready.wait(), 10)
             await until(lambda: scheduler.leading, 10)
-            status = await fetch_snapshot(hub_side)
+            status = await fetch_snapshot(as_role(auth_dir, "admin", [hub]))
             assert status[LEADER_KEY] == b"leaf-sched"
             assert {k.split(".")[0] for k in status} >= {"stage", "gateway", "scheduler"}
     finally:
         stop.set()
         await asyncio.wait_for(leading, 30)
+    assert permission_lines(caplog) == []
 
 
 @pytest.fixture
-def three_servers(tmp_path):
-    """A 3-server cluster (routes), JetStream on each."""
+def three_servers(auth_dir: Path):
+    """deploy/cluster.conf as shipped on three servers (routes over mutual TLS, JetStream domain "hub"),
+    each named and given free ports."""
     routes = [free_port() for _ in range(3)]
-    urls = ", ".join(f'"nats-route://127.0.0.1:{port}"' for port in routes)
+    names = {f"nats-{k + 1}.example.com:6222": f"127.0.0.1:{port}" for k, port in enumerate(routes)}
     started: list[EmbeddedServer] = []
     try:
         for i, port in enumerate(routes):
-            started.append(start_nats_server(server_conf(tmp_path, f"n{i}", f"""
-jetstream {{ store_dir: "{tmp_path}/n{i}" }}
-cluster {{ name: parallax, listen: "127.0.0.1:{port}", routes: [ {urls} ] }}
-""")))
+            conf = deploy_config(auth_dir, "cluster.conf", **names, **{
+                "server_name: $PARALLAX_NATS_NAME": f"server_name: nats-{i + 1}", "0.0.0.0:6222": f"127.0.0.1:{port}",
+                "port: 7422": f"port: {free_port()}", "http: ": "# http: "})
+            started.append(start_nats_server(conf))
         yield started
     finally:
         for server in started:
             server.stop()
 
 
-async def test_a_cluster_loses_a_server_mid_load_and_keeps_serving(three_servers, tiny):
-    """Every process gets the three URLs. The registry bucket has 3 replicas. The server the gateway
-    talks to is killed while 4 requests stream: they finish with the reference tokens (resumed after
-    the reconnect), a stage heartbeat still lands and `parallax status` still reads the registry."""
+async def test_a_cluster_loses_a_server_mid_load_and_keeps_serving(three_servers, auth_dir, tiny, caplog):
+    """The processes connect with their role's nkey and the CA; the gateway and stage 2:4 get the three URLs,
+    stage 0:2 only the URL of the server the gateway landed on (it learns the others from the cluster). The
+    registry bucket has 3 replicas. That server stops while 4 requests stream: the gateway and stage 0:2
+    reconnect to others; the gateway resumes the requests as soon as it is back (neither ``stall_timeout_s``,
+    left at its default, nor ``first_token_timeout_s`` passes), sends each once stage 0:2 is back too, and
+    they finish with the reference tokens; a stage heartbeat still lands and `parallax status` still reads
+    the registry."""
     path, expected = tiny
-    everyone = NatsOptions(tuple(s.url for s in three_servers))
-    await until_jetstream(everyone)
-    async with serving(path, [(0, 2, everyone), (2, 4, everyone)], everyone, first_delay_ms=15.0,
-                       stall_timeout_s=1.5) as (pipe, workers):
+    everyone = lambda role: as_role(auth_dir, role, three_servers)  # noqa: E731
+    by_port = {s.config.port: s for s in three_servers}
+    beside_gateway = lambda gateway_nc: as_role(auth_dir, "stage", [by_port[gateway_nc.connected_url.port]])  # noqa: E731
+    await until_jetstream(everyone("admin"))
+    async with serving(path, [(0, 2, beside_gateway), (2, 4, everyone("stage"))], everyone("gateway"),
+                       first_delay_ms=15.0) as (pipe, workers):
+        assert pipe.config.stall_timeout_s > 10 and pipe.config.first_token_timeout_s > 60
         kv = await nodes_bucket(pipe.nc)
         assert (await kv.status()).stream_info.config.num_replicas == 3
-        streams = [pipe.generate(uuid.uuid4().hex, PROMPT, SamplingParams(temperature=0, max_tokens=NEW_TOKENS,
-                                                                           ignore_eos=True)) for _ in range(4)]
+        rids = [uuid.uuid4().hex for _ in range(4)]
+        streams = [pipe.generate(rid, PROMPT, greedy_params()) for rid in rids]
         firsts = [[(await anext(s)).token for _ in range(3)] for s in streams]  # every request is under way
-        victim = next(s for s in three_servers if s.config.port == pipe.nc.connected_url.port)
-        victim.stop()
-        rests = await asyncio.wait_for(asyncio.gather(*(tokens(s) for s in streams)), 120)
-        assert [first + rest for first, rest in zip(firsts, rests)] == [expected] * 4
         stage_key = f"stage.{workers[0].config.node_id}"
-        survivors = NatsOptions(tuple(s.url for s in three_servers if s is not victim))
         before = (await kv.get(stage_key)).revision
+        victim = by_port[pipe.nc.connected_url.port]
+        assert workers[0].nc.connected_url.port == victim.config.port
+        stopped = time.time()
+        victim.stop()  # the process ends; JetStream hands its leaderships over (a SIGKILL: README)
+        rests = await asyncio.wait_for(asyncio.gather(*(timed(s) for s in streams)), 60)
+        assert [first + [t for t, _ in rest] for first, rest in zip(firsts, rests)] == [expected] * 4
+        assert workers[0].nc.connected_url.port != victim.config.port
+        resumes = [(r.created, r.getMessage()) for r in caplog.records if "resuming on live replicas" in r.getMessage()]
+        for rid, rest in zip(rids, rests):  # each resumed first for the reconnect (a registry outage may add more)
+            at, line = next((at, line) for at, line in resumes if rid in line)
+            assert "connection was lost and is back" in line, resumes
+            log.info("server stopped -> request resumed %.3f s -> its next token %.3f s", at - stopped,
+                     next(t for _, t in rest if t >= at) - stopped)
 
         async def beat_landed() -> bool:
-            return (await kv.get(stage_key)).revision > before
+            with contextlib.suppress(nats.errors.TimeoutError, js_errors.Error):
+                return (await kv.get(stage_key)).revision > before
+            return False
 
         await until(beat_landed, 30)
-        snapshot = await fetch_snapshot(survivors)
-        assert {stage_key, f"stage.{workers[1].config.node_id}"} <= set(snapshot)
+        log.info("server stopped -> a stage heartbeat lands again: %.1f s", time.time() - stopped)
+        survivors = as_role(auth_dir, "admin", [s for s in three_servers if s is not victim])
+
+        async def status_lists_both() -> bool:  # a replica that was behind catches up (direct gets read any replica)
+            with contextlib.suppress(RegistryError):
+                return {stage_key, f"stage.{workers[1].config.node_id}"} <= set(await fetch_snapshot(survivors))
+            return False
+
+        await until(status_lists_both, 30)
+    assert permission_lines(caplog) == []
+
+
+async def timed(stream) -> list[tuple[int, float]]:
+    """The rest of a token stream, each token with the time it came (``time.time()``)."""
+    return [(e.token, time.time()) async for e in stream]

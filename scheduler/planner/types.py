@@ -20,6 +20,7 @@ class ModelCost:
     last_bytes: int = 0
     hop_ms: float = 1.0
     layer_bytes_list: tuple[int, ...] | None = None  # weights of each layer where they differ (None: layer_bytes each)
+    kv_reserve_list: tuple[int, ...] | None = None  # KV reserve of each layer where they differ (None: kv_reserve_bytes)
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_layers, int) or self.num_layers < 1:
@@ -30,11 +31,12 @@ class ModelCost:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if not self.hop_ms >= 0:
             raise ValueError(f"hop_ms must be >= 0, got {self.hop_ms!r}")
-        if self.layer_bytes_list is not None:
-            sizes = tuple(self.layer_bytes_list)
-            if len(sizes) != self.num_layers or not all(isinstance(v, int) and v >= 0 for v in sizes):
-                raise ValueError(f"layer_bytes_list must hold {self.num_layers} integers >= 0, got {sizes!r}")
-            object.__setattr__(self, "layer_bytes_list", sizes)
+        for name in ("layer_bytes_list", "kv_reserve_list"):
+            if getattr(self, name) is not None:
+                sizes = tuple(getattr(self, name))
+                if len(sizes) != self.num_layers or not all(isinstance(v, int) and v >= 0 for v in sizes):
+                    raise ValueError(f"{name} must hold {self.num_layers} integers >= 0, got {sizes!r}")
+                object.__setattr__(self, name, sizes)
 
     @property
     def per_layer(self) -> int:
@@ -45,7 +47,8 @@ class ModelCost:
     def layer_costs(self) -> tuple[int, ...]:
         """Bytes each served layer takes: its weights plus its KV reserve."""
         sizes = self.layer_bytes_list or (self.layer_bytes,) * self.num_layers
-        return tuple(size + self.kv_reserve_bytes for size in sizes)
+        reserves = self.kv_reserve_list or (self.kv_reserve_bytes,) * self.num_layers
+        return tuple(size + kv for size, kv in zip(sizes, reserves))
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from torch import nn
 
 from parallax.broker.errors import UnsupportedModel
 
-from ..kv import Decode, KVPool
+from ..kv import Decode, KVCache
 from ..mxfp4 import MXFP4Matrix
 from .llama import Attention, DecoderLayer, Linear, RMSNorm, StageModel as LlamaStageModel
 from .moe import MoEArgs, by_expert
@@ -91,7 +91,7 @@ class SinkAttention(Attention):
         self.sinks = nn.Parameter(torch.zeros(args.num_attention_heads), requires_grad=False)
         self.scale = self.hd ** -0.5
 
-    def _decode(self, q: torch.Tensor, d: Decode, kv: KVPool) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, d: Decode, kv: KVCache) -> torch.Tensor:
         B, KV = q.shape[0], self.kv_heads  # q: [B, H, hd]
         keys, values, mask = self._decode_keys(d, kv)  # [B, KV, L, hd] x2, [B, 1, 1, L]
         scores = q.view(B, KV, -1, self.hd) @ keys.transpose(2, 3) * self.scale  # [B, KV, G, L]

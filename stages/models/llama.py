@@ -12,7 +12,7 @@ and head one object on a stage that holds both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
@@ -25,7 +25,7 @@ from parallax.broker.errors import UnsupportedModel
 
 from .. import kernels
 from . import FULL, SLIDING, check_layer_types
-from ..kv import Decode, KVPool, Rows
+from ..kv import Decode, KVCache, Rows
 from ..quant import QuantMatrix
 
 if TYPE_CHECKING:
@@ -234,7 +234,7 @@ class Attention(nn.Module):
         self.qkv_proj = fuse([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rows: Rows, kv: KVPool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rows: Rows, kv: KVCache) -> torch.Tensor:
         T, H, KV = x.shape[0], self.heads, self.kv_heads  # x: [T, D]
         qkv = self.qkv_proj(x).view(T, H + 2 * KV, self.hd)
         qk, v = qkv[:, : H + KV], qkv[:, H + KV :]
@@ -242,6 +242,7 @@ class Attention(nn.Module):
             qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), 1)
         qk = apply_rope(qk, *rope)  # [T, H + KV, hd]
         q, k = qk[:, :H], qk[:, H:]
+        rows = rows.group(kv.group_of[self.layer])  # as this layer's KV group addresses them
         kv.write(self.layer, rows.write_slots, k, v)
         if not rows.prefills:  # decode only: the rows are the decoding requests, in order
             return self.o_proj(self._decode(q, rows.decode, kv).view(T, self.heads * self.hd))
@@ -253,7 +254,7 @@ class Attention(nn.Module):
             out[p.rows] = self._prefill(q[p.rows], keys, values, p.pos)
         return self.o_proj(out.view(T, self.heads * self.hd))
 
-    def _decode(self, q: torch.Tensor, d: Decode, kv: KVPool) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, d: Decode, kv: KVCache) -> torch.Tensor:
         B = q.shape[0]  # q: [B, H, hd]
         keys, values, mask = self._decode_keys(d, kv)  # [B, KV, L, hd] x2, [B, 1, 1, L] or None
         # the G = H / KV query heads of a KV head attend as G query rows: one SDPA unit per KV head
@@ -261,7 +262,7 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q.view(B, self.kv_heads, -1, self.hd), keys, values, attn_mask=mask)
         return o.reshape(B, self.heads, self.hd)  # [B, KV, G, hd] -> [B, H, hd]
 
-    def _decode_keys(self, d: Decode, kv: KVPool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _decode_keys(self, d: Decode, kv: KVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The keys and values the decoding rows attend to, [B, KV, L, hd] each, and the mask of the visible ones
         ([B, 1, 1, L] bool, None: all). With a sliding window only the blocks from the earliest window start of
         the batch on are read, and each row sees its own last ``window`` keys."""
@@ -328,7 +329,7 @@ class DecoderLayer(nn.Module):
             )
         return self.__dict__["_arrays"]
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rows: Rows, kv: KVPool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], rows: Rows, kv: KVCache) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, rows, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -413,7 +414,7 @@ class StageModel(nn.Module):
     def weight_bytes(self) -> int:
         return sum(self.held().values())
 
-    def forward(self, x: torch.Tensor, rows: Rows, kv: KVPool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: Rows, kv: KVCache) -> torch.Tensor:
         """x: token ids [T] (first stage) or hidden [T, D]. Returns hidden [T, D], or logits
         [S, V] of the rows in ``rows.sample_rows`` on the last stage."""
         h = self.embed_tokens(x) if self.first else x
@@ -441,15 +442,16 @@ class StageModel(nn.Module):
         """Generated-token rows one fused step takes (0: no fused path)."""
         return kernels.MAX_ROWS if self.fused else 0
 
-    def _forward_fused(self, h: torch.Tensor, rows: Rows, kv: KVPool) -> torch.Tensor:
+    def _forward_fused(self, h: torch.Tensor, rows: Rows, kv: KVCache) -> torch.Tensor:
         tables = rows.row_tables()  # [T, nb]
         mode = FUSED_MODES[self.dtype]
         batch = kernels.RowBatch.build(rows.positions.numpy(), self.inv_freq.float().numpy(), self.attention_scaling,
                                        rows.write_slots.numpy(), tables, kv.block_size, rows.prompt, mode)
+        batches = [batch] + [replace(batch, write_slots=r.write_slots.numpy(), tables=r.row_tables()) for r in rows.more]
         k_cache, v_cache = kv.bits()
         x = h.float().numpy().copy()  # [T, D] float32 (bf16 values in BF16 mode), updated layer by layer
         for i, layer in enumerate(self.layers):
-            layer.run_fused(x, batch, k_cache[i], v_cache[i])
+            layer.run_fused(x, batches[kv.group_of[i]], k_cache[i], v_cache[i])
         if not self.last:
             return torch.from_numpy(x).to(h.dtype)
         normed = kernels.norm_rows(x[rows.sample_rows.numpy()], _f32(self.norm.weight), self.norm.eps, mode)  # [S, D]
