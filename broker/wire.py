@@ -92,6 +92,9 @@ class SamplingParams(_Strict):
     presence_penalty: Penalty = Field(0.0, exclude_if=_zero)  # minus this once when the token is in the output
     logit_bias: tuple[tuple[TokenId, LogitBias], ...] = Field((), exclude_if=_empty)  # (token id, added to its logit)
     logprobs: TopLogprobs | None = None  # None: no logprobs; k: the sampled token's and the k most likely
+    # None: none; k: the logprobs of every prompt token after the first and the k most likely there,
+    # sent with the first token (the last stage computes every prompt row: no prefix cache for them)
+    prompt_logprobs: TopLogprobs | None = None
     stop_token_ids: tuple[int, ...] = ()
     grammar: Grammar | None = None  # structured output, enforced by the last stage
     # Tokens the request generated before this try (a resumed request): the sampler counts token
@@ -136,6 +139,7 @@ class SamplingParams(_Strict):
                 "token_offset": self.first_index + done}
         if self.grammar is not None:
             rest["grammar"] = self.grammar.model_copy(update={"replay": self.grammar.replay + done})
+        rest["prompt_logprobs"] = None  # they came with the first token
         return SamplingParams.model_validate(self.model_dump() | rest)  # validated: done < max_tokens
 
 
@@ -198,6 +202,7 @@ class Logprobs(_Strict):
 
     logprob: float  # of the sampled token
     top: tuple[tuple[int, float], ...] = ()  # the k most likely (token id, logprob), most likely first
+    rank: int | None = Field(None, ge=1)  # prompt logprobs only: the token's rank (1: the most likely)
 
 
 class TokenOut(_Strict):
@@ -206,6 +211,8 @@ class TokenOut(_Strict):
     index: int  # 0 for the first generated token
     finish: Finish | None = None  # set on a request's last token: the gateway trusts it
     logprobs: Logprobs | None = None  # only when the request asked (SamplingParams.logprobs)
+    # on the first token of a request that asked (SamplingParams.prompt_logprobs): prompt tokens 1.. in order
+    prompt_logprobs: tuple[Logprobs, ...] | None = None
 
 
 class Tokens(_Strict):

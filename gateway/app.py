@@ -46,7 +46,7 @@ from .protocol import (
     ModelCard,
     ModelList,
 )
-from .tools import ToolFormat, format_of, tool_grammar
+from .tools import ToolFormat, format_of, special_ids, tool_grammar
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,8 @@ class _Gateway:
         self._check_model(body.model)
         tools = self._tool_format(body)
         prompt_ids = await run_in_threadpool(self._encode_chat, body)
-        job = self._job(body, prompt_ids, "chatcmpl", "messages", grammar=await self._grammar(body, tools))
+        job = self._job(body, prompt_ids, "chatcmpl", "messages", grammar=await self._grammar(body, tools),
+                        keep=special_ids(tools, self._tokenizer) if tools is not None else frozenset())
         fmt = ChatFormat(job, self._names, tools, body.parallel_tool_calls is not False)
         return await self._serve(job, fmt, body.stream)
 
@@ -82,7 +83,7 @@ class _Gateway:
         prompt_ids = await run_in_threadpool(self._encode_prompt, prompt)
         echo = (prompt if isinstance(prompt, str) else self._decode(prompt_ids)) if body.echo else ""
         job = self._job(body, prompt_ids, "cmpl", "prompt", echo, await self._grammar(body))
-        return await self._serve(job, CompletionFormat(job, self._names), body.stream)
+        return await self._serve(job, CompletionFormat(job, self._names, body.prompt_logprobs), body.stream)
 
     async def abort(self, request_id: str) -> Response:
         """End a running request (the ``id`` its response carries): every stage frees its KV now and
@@ -159,7 +160,7 @@ class _Gateway:
             raise APIError(400, one_line(str(exc)), code="invalid_grammar") from None
 
     def _job(self, req: GenerationRequest, prompt_ids: list[int], prefix: str, prompt_param: str, echo: str = "",
-             grammar: Grammar | None = None) -> Job:
+             grammar: Grammar | None = None, keep: frozenset[int] = frozenset()) -> Job:
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param=prompt_param)
         vocab = len(self._tokenizer)
@@ -184,6 +185,7 @@ class _Gateway:
             timeout_s=req.timeout or self._request_timeout_s,
             n=req.n,
             echo=echo,
+            keep=keep,
         )
 
     def _max_tokens(self, prompt_len: int, requested: int | None, prompt_param: str) -> int:
@@ -256,12 +258,19 @@ _ERRORS = {
 }
 
 
+# one server-sent event (OpenAPI 3.0/3.1 tools read a text/event-stream ``schema`` per event): ``data`` is a
+# chunk's JSON, an error's JSON, or ``[DONE]``
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                             "retry": {"type": "integer"}}}
+
+
 def _documented(ok: type[BaseModel], errors: Sequence[int]) -> dict[int | str, dict[str, Any]]:
     """The responses of a route for /openapi.json: ``ok`` on 200 (JSON, or SSE events when the body
     asks for ``stream``) and OpenAI error JSON for each of ``errors``."""
     responses: dict[int | str, dict[str, Any]] = {200: {"model": ok}}
     if ok in (ChatCompletion, Completion):
-        responses[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        responses[200]["content"] = {"text/event-stream": {"schema": _SSE_EVENT}}
     return responses | {code: {"model": ErrorResponse, "description": _ERRORS[code]} for code in errors}
 
 

@@ -5,13 +5,17 @@ tokens can hold part of a UTF-8 character, so a token's text is only emitted onc
 complete characters. It decodes a small sliding window of tokens (the usual "prefix / read offset"
 scheme of TGI and vLLM), so the cost per token does not grow with the length of the sequence.
 
+Special tokens are dropped, but for the ids in ``keep``, written as their text: a tool request keeps
+its format's markers (``[TOOL_CALLS]``, ``<|python_tag|>``, harmony's ``<|channel|>`` ...) so that
+the tool parser sees them.
+
 ``StopStrings`` cuts the text at the first stop string and holds back text that could still turn
 into one, so a stop string never reaches the client, not even in a stream.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -21,9 +25,11 @@ _REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int],
+                 keep: Collection[int] = frozenset()) -> None:
         self._tokenizer = tokenizer
-        self._special = frozenset(tokenizer.all_special_ids)
+        self._keep = {token: str(tokenizer.convert_ids_to_tokens(token)) for token in keep}  # id -> its text
+        self._special = frozenset(tokenizer.all_special_ids) - frozenset(keep)
         self._window: list[int] = list(prompt_ids[max(0, len(prompt_ids) - _PROMPT_CONTEXT) :])
         self._read = len(self._window)  # window[:read] has been emitted, window[read:] is held back
         self._prefix_text = self._decode(self._window)
@@ -54,6 +60,18 @@ class IncrementalDetokenizer:
         return new
 
     def _decode(self, ids: list[int]) -> str:
+        if not self._keep or self._keep.keys().isdisjoint(ids):
+            return self._plain(ids)
+        parts, run = [], []
+        for token in ids:  # the runs between kept tokens decode on their own
+            if token in self._keep:
+                parts += [self._plain(run), self._keep[token]]
+                run = []
+            else:
+                run.append(token)
+        return "".join(parts) + self._plain(run)
+
+    def _plain(self, ids: list[int]) -> str:
         text = self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return str(text)  # a flat list of ids decodes to one string
 

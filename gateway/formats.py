@@ -31,6 +31,7 @@ from .protocol import (
     CompletionLogprobs,
     DeltaMessage,
     FinishReason,
+    PromptLogprob,
     TokenLogprob as ChatTokenLogprob,
     TopLogprob,
     Usage,
@@ -89,15 +90,30 @@ def chat_logprobs(names: TokenNames, entries: Sequence[TokenLogprob]) -> ChatLog
     return ChatLogprobs(content=content)
 
 
-def completion_logprobs(names: TokenNames, entries: Sequence[TokenLogprob]) -> CompletionLogprobs:
-    """OpenAI's legacy lists; each ``top_logprobs`` entry holds the most likely tokens and the sampled one."""
-    tops = []
+def completion_logprobs(names: TokenNames, entries: Sequence[TokenLogprob], k: int) -> CompletionLogprobs:
+    """OpenAI's legacy lists; each ``top_logprobs`` entry holds the ``k`` most likely tokens and the sampled one."""
+    tops: list[dict[str, float] | None] = []
     for e in entries:
-        top = {names.text(t): lp for t, lp in e.top}
-        top.setdefault(names.text(e.token), e.logprob)
-        tops.append(top)
+        top = {names.text(t): lp for t, lp in e.top[:k]}
+        if e.logprob is not None:
+            top.setdefault(names.text(e.token), e.logprob)
+        tops.append(top if e.logprob is not None else None)
     return CompletionLogprobs(tokens=[names.text(e.token) for e in entries], token_logprobs=[e.logprob for e in entries],
                               top_logprobs=tops, text_offset=[e.offset for e in entries])
+
+
+def vllm_prompt_logprobs(names: TokenNames, entries: Sequence[TokenLogprob], k: int) -> list[dict[str, PromptLogprob] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token, None for the first, else the token and the ``k``
+    most likely there, by token id."""
+    out: list[dict[str, PromptLogprob] | None] = []
+    for e in entries:
+        if e.logprob is None:
+            out.append(None)
+            continue
+        top = {str(t): PromptLogprob(logprob=lp, rank=r, decoded_token=names.text(t)) for r, (t, lp) in enumerate(e.top[:k], 1)}
+        top.setdefault(str(e.token), PromptLogprob(logprob=e.logprob, rank=e.rank, decoded_token=names.text(e.token)))
+        out.append(top)
+    return out
 
 
 @dataclass
@@ -107,11 +123,13 @@ class Outcome:
     text: list[str] = field(default_factory=list)
     finish: FinishReason = "stop"
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt: list[TokenLogprob] = field(default_factory=list)
 
     def add(self, delta: Delta) -> None:
         self.text.append(delta.text)
         self.finish = delta.finish or self.finish
         self.logprobs += delta.logprobs
+        self.prompt += delta.prompt
 
 
 class Format(ABC):
@@ -161,11 +179,16 @@ class ChatFormat(Format):
                 for i in range(self._job.n)]
 
     def delta(self, delta: Delta) -> str:
-        text = self._streams[delta.index].feed(delta.text) if self._streams is not None else delta.text
-        if not text and not delta.logprobs:
-            return ""
-        logprobs = chat_logprobs(self._names, delta.logprobs) if self._logprobs else None
-        return self._chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=text), logprobs=logprobs)])
+        stream = self._streams[delta.index] if self._streams is not None else None
+        text = stream.feed(delta.text) if stream is not None else delta.text
+        calls = stream.take_calls() if stream is not None else []
+        chunks = ""
+        if text or delta.logprobs:
+            logprobs = chat_logprobs(self._names, delta.logprobs) if self._logprobs else None
+            chunks = self._chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(content=text), logprobs=logprobs)])
+        if calls:
+            chunks += self._chunk([ChatChunkChoice(index=delta.index, delta=DeltaMessage(tool_calls=calls))])
+        return chunks
 
     def finish(self, choice: int, reason: FinishReason) -> str:
         chunks = ""
@@ -175,6 +198,7 @@ class ChatFormat(Format):
                 chunks = self._chunk([ChatChunkChoice(index=choice, delta=DeltaMessage(content=rest.content))])
             if rest.calls:
                 chunks += self._chunk([ChatChunkChoice(index=choice, delta=DeltaMessage(tool_calls=rest.calls))])
+            if self._streams[choice].complete:
                 reason = "tool_calls"
         return chunks + self._chunk([ChatChunkChoice(index=choice, delta=DeltaMessage(), finish_reason=reason)])
 
@@ -194,7 +218,22 @@ class ChatFormat(Format):
 
 
 class CompletionFormat(Format):
+    """Text completions: with echo and logprobs, the legacy lists start with the prompt's tokens; vLLM's
+    ``prompt_logprobs`` when asked."""
+
     _chunk_type = CompletionChunk
+
+    def __init__(self, job: Job, names: TokenNames, prompt_logprobs: int | None = None) -> None:
+        super().__init__(job, names)
+        self._prompt_logprobs = prompt_logprobs
+
+    def _choice(self, index: int, text: str, entries: Sequence[TokenLogprob], prompt: Sequence[TokenLogprob],
+                finish: FinishReason | None = None) -> CompletionChoice:
+        echoed = tuple(prompt) if self._job.echo else ()
+        logprobs = completion_logprobs(self._names, echoed + tuple(entries), self._job.params.logprobs) if self._logprobs else None
+        asked = self._prompt_logprobs is not None and prompt
+        vllm = vllm_prompt_logprobs(self._names, prompt, self._prompt_logprobs) if asked else None
+        return CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs, prompt_logprobs=vllm)
 
     def opening(self) -> list[str]:
         if not self._job.echo:
@@ -202,15 +241,13 @@ class CompletionFormat(Format):
         return [self._chunk([CompletionChoice(index=i, text=self._job.echo)]) for i in range(self._job.n)]
 
     def delta(self, delta: Delta) -> str:
-        logprobs = completion_logprobs(self._names, delta.logprobs) if self._logprobs else None
-        return self._chunk([CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs)])
+        return self._chunk([self._choice(delta.index, delta.text, delta.logprobs, delta.prompt)])
 
     def finish(self, choice: int, reason: FinishReason) -> str:
         return self._chunk([CompletionChoice(index=choice, text="", finish_reason=reason)])
 
     def complete(self, outcomes: Sequence[Outcome], usage: Usage) -> BaseModel:
-        choices = [CompletionChoice(index=i, text=self._job.echo + "".join(o.text), finish_reason=o.finish,
-                                    logprobs=completion_logprobs(self._names, o.logprobs) if self._logprobs else None)
+        choices = [self._choice(i, self._job.echo + "".join(o.text), o.logprobs, o.prompt, o.finish)
                    for i, o in enumerate(outcomes)]
         return Completion(**self._head(), choices=choices, usage=usage)
 
@@ -241,7 +278,7 @@ async def events(generations: Sequence[Generation], fmt: Format, job: Job) -> As
         for chunk in fmt.opening():
             yield chunk
         async for delta in merged(generations):
-            if (delta.text or delta.logprobs) and (chunk := fmt.delta(delta)):
+            if (delta.text or delta.logprobs or delta.prompt) and (chunk := fmt.delta(delta)):
                 yield chunk
             if delta.finish is not None:
                 yield fmt.finish(delta.index, delta.finish)

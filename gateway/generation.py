@@ -7,6 +7,8 @@ full KV blocks in its prefix cache: they compute only the prompt's last, partial
 :class:`Generation` turns one choice's tokens into :class:`Delta` s (text with stop strings applied,
 and the tokens' logprobs when asked); :func:`merged` interleaves the deltas of every choice. Every
 pipeline iterator is always closed (:func:`close_all`), so that the stages release the request.
+Prompt logprobs (completions' echo with logprobs) come with choice 0's first token; the other
+choices share them (they ask for none, and so use the prefix cache).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import anyio.lowlevel
 from transformers import PreTrainedTokenizerBase
 
 from parallax.broker.errors import RequestTimedOut
-from parallax.broker.wire import SamplingParams, TokenOut
+from parallax.broker.wire import Logprobs, SamplingParams, TokenOut
 
 from .detok import IncrementalDetokenizer, StopStrings
 from .metrics import GatewayMetrics, RequestTimer
@@ -66,11 +68,13 @@ class Job:
     timeout_s: float | None  # the request's deadline, from its arrival
     n: int = 1  # choices
     echo: str = ""  # text before each choice's output (completions' echo: the prompt)
+    keep: frozenset[int] = frozenset()  # special token ids written as text (a tool format's markers)
 
     def choice_params(self, choice: int) -> SamplingParams:
-        if self.params.seed is None or choice == 0:
+        if choice == 0:
             return self.params
-        return self.params.model_copy(update={"seed": choice_seed(self.params.seed, choice)})
+        seed = None if self.params.seed is None else choice_seed(self.params.seed, choice)
+        return self.params.model_copy(update={"seed": seed, "prompt_logprobs": None})  # choice 0's are shared
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,23 @@ class TokenLogprob:
     """One generated token's logprobs (from the last stage), placed in its choice's text."""
 
     token: int
-    logprob: float
+    logprob: float | None  # None: the prompt's first token (echo), which nothing predicts
     top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
     offset: int  # characters of the choice's text (echo included) before this token's
+    rank: int | None = None  # a prompt token's rank (1: the most likely there)
+
+
+def prompt_entries(tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int], scored: Sequence[Logprobs],
+                   echo: str) -> tuple[TokenLogprob, ...]:
+    """The prompt tokens' logprobs (``scored``: tokens 1.. from the last stage) placed in the echoed
+    prompt ``echo``: the first token has none; offsets as the prompt decodes token by token."""
+    detok, offset, entries = IncrementalDetokenizer(tokenizer, ()), 0, []
+    for i, token in enumerate(prompt_ids):
+        lp = scored[i - 1] if 0 < i <= len(scored) else None
+        entries.append(TokenLogprob(token, lp.logprob if lp else None, lp.top if lp else (), min(offset, len(echo)),
+                                    lp.rank if lp else None))
+        offset += len(detok.add(token))
+    return tuple(entries)
 
 
 @dataclass(frozen=True)
@@ -89,6 +107,7 @@ class Delta:
     finish: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens whose text this delta completes
     index: int = 0  # the choice
+    prompt: tuple[TokenLogprob, ...] = ()  # the prompt tokens' logprobs, with the choice's first delta
 
 
 class Generation:
@@ -101,13 +120,15 @@ class Generation:
         self._finish: FinishReason | None = None  # how it ended (None while running, or aborted)
         self._params = job.params
         self._index = choice
-        self._detok = IncrementalDetokenizer(tokenizer, job.prompt_ids)
+        self._detok = IncrementalDetokenizer(tokenizer, job.prompt_ids, job.keep)
         self._stops = StopStrings(job.stops)
         self._first: TokenOut | None = None
         self._closed = False
         self._deadline: asyncio.TimerHandle | None = None
         self._offset = len(job.echo)  # characters of text so far
         self._logprobs: list[TokenLogprob] = []  # of tokens whose text is not out yet
+        self.prompt_logprobs: tuple[TokenLogprob, ...] = ()  # asked for: they go out with the first delta
+        self._prompt_sent = False
         self.completion_tokens = 0
 
     @classmethod
@@ -124,10 +145,17 @@ class Generation:
         try:
             generation._first = await anext(tokens, None)
             generation._arrived(generation._first)
+            if generation._first is not None and generation._first.prompt_logprobs is not None:
+                scored = generation._first.prompt_logprobs
+                generation.share(prompt_entries(tokenizer, job.prompt_ids, scored, job.echo))
         except BaseException:
             await generation.close()
             raise
         return generation
+
+    def share(self, entries: tuple[TokenLogprob, ...]) -> None:
+        """The prompt tokens' logprobs, sent with this choice's first delta."""
+        self.prompt_logprobs = entries
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """Text deltas; the last one has ``finish`` set. The pipeline is closed before it is yielded."""
@@ -144,7 +172,8 @@ class Generation:
             token = await self._next()
         self._finish = "stop"
         await self.close()  # the pipeline ended without a finish flag: treat it as a stop
-        yield Delta(self._stops.feed(self._detok.flush(), final=True)[0], "stop", self._take_logprobs(), self._index)
+        yield Delta(self._stops.feed(self._detok.flush(), final=True)[0], "stop", self._take_logprobs(), self._index,
+                    self._take_prompt())
 
     async def _next(self) -> TokenOut | None:
         # Shielded: a client disconnect must not cancel the pipeline's iterator mid-await (its cleanup
@@ -176,12 +205,19 @@ class Generation:
         match = self._params.can_stop(self.completion_tokens)
         text, hit = self._stops.feed(text, final=finish is not None, match=match)
         finish = "stop" if hit else finish
-        logprobs = self._take_logprobs() if text or finish is not None else ()
-        return Delta(text, finish, logprobs, self._index)
+        if not text and finish is None:
+            return Delta(text, finish, (), self._index)
+        return Delta(text, finish, self._take_logprobs(), self._index, self._take_prompt())
 
     def _take_logprobs(self) -> tuple[TokenLogprob, ...]:
         taken, self._logprobs = tuple(self._logprobs), []
         return taken
+
+    def _take_prompt(self) -> tuple[TokenLogprob, ...]:
+        if self._prompt_sent:
+            return ()
+        self._prompt_sent = True
+        return self.prompt_logprobs
 
     async def close(self) -> None:
         """Close the pipeline iterator (idempotent, and not cancellable: the stages must hear it)."""
@@ -204,9 +240,12 @@ async def start_choices(pipeline: Pipeline, job: Job, tokenizer: PreTrainedToken
     prompt's full blocks are then cached on every stage its route took), all together."""
     generations = [await Generation.start(pipeline, job, 0, tokenizer, metrics)]
     try:
+        shared = generations[0].prompt_logprobs
         others = (Generation.start(pipeline, job, i, tokenizer, metrics) for i in range(1, job.n))
         started = await asyncio.gather(*others, return_exceptions=True)
         generations += [g for g in started if isinstance(g, Generation)]
+        for generation in generations[1:]:
+            generation.share(shared)
         failed = [e for e in started if isinstance(e, BaseException)]
         if failed:
             raise failed[0]

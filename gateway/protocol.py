@@ -2,7 +2,7 @@
 
 Requests ignore unknown fields, like vLLM does, so that stock OpenAI clients (which send ``user``,
 ``metadata`` ...) work. Fields that would change the meaning of the answer and that the gateway
-cannot honour (``tools``, ``suffix``, ``best_of``, ``echo`` with ``logprobs`` ...) are rejected with a clear message.
+cannot honour (``suffix``, ``best_of`` other than ``n`` ...) are rejected with a clear message.
 Sampling fields take their bounds from the wire's :class:`SamplingParams` and default to None,
 which means "SamplingParams' default" (:meth:`GenerationRequest.sampling`).
 """
@@ -126,12 +126,16 @@ class GenerationRequest(StructuredRequest):
         """How many most likely tokens to report besides each sampled one; None: no logprobs."""
         return None
 
+    def requested_prompt_logprobs(self) -> int | None:
+        """How many most likely tokens to report at each prompt token; None: no prompt logprobs."""
+        return None
+
     def sampling(self, max_tokens: int, stop_token_ids: tuple[int, ...]) -> SamplingParams:
         """The wire's parameters: the fields the client sent, SamplingParams' defaults for the rest.
         Raises ``ValidationError`` when they do not fit together (min_tokens > max_tokens)."""
         sent = {name: getattr(self, name) for name in _SAMPLED if getattr(self, name) is not None}
         return SamplingParams(**sent, max_tokens=max_tokens, stop_token_ids=stop_token_ids,
-                              logprobs=self.requested_logprobs())
+                              logprobs=self.requested_logprobs(), prompt_logprobs=self.requested_prompt_logprobs())
 
 
 _SAMPLED = tuple(sorted(set(GenerationRequest.model_fields) & set(SamplingParams.model_fields) - {"max_tokens"}))
@@ -184,8 +188,9 @@ class ChatCompletionRequest(GenerationRequest, ToolsRequest):
 
 class CompletionRequest(GenerationRequest):
     prompt: PromptField
-    echo: bool = False  # the prompt's text before each choice's output
+    echo: bool = False  # the prompt's text before each choice's output (with logprobs: the prompt tokens' too)
     logprobs: LegacyLogprobs | None = None
+    prompt_logprobs: TopLogprobs | None = None  # vLLM's extra: each choice's ``prompt_logprobs``
     best_of: int | None = None
     suffix: str | None = None
 
@@ -199,13 +204,6 @@ class CompletionRequest(GenerationRequest):
         if len(prompt) == 0:
             raise ValueError("prompt must not be empty")
         return prompt
-
-    @field_validator("logprobs")
-    @classmethod
-    def _not_with_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and info.data.get("echo"):
-            raise ValueError("logprobs with echo is not supported (it needs the prompt tokens' logprobs)")
-        return value
 
     @field_validator("best_of")
     @classmethod
@@ -224,6 +222,10 @@ class CompletionRequest(GenerationRequest):
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
+
+    def requested_prompt_logprobs(self) -> int | None:
+        asked = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        return max(asked) if asked else None
 
     def prompt_value(self) -> str | list[int]:
         """The single prompt, as text or token ids (the validator unwrapped one-element batches)."""
@@ -292,11 +294,12 @@ class ChatLogprobs(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """Text completions' (legacy) logprobs: one entry per token in every list."""
+    """Text completions' (legacy) logprobs: one entry per token in every list (with ``echo``, the prompt's
+    tokens first: the first one has no logprob, None)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]  # the most likely tokens and the sampled one
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]  # the most likely tokens and the sampled (or prompt) one
     text_offset: list[int]  # where each token's text starts in the choice's text
 
 
@@ -342,9 +345,23 @@ class ChatCompletionChunk(_Chunk):
     choices: list[ChatChunkChoice]
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry of a prompt position: a token's logprob, its rank (1: the most likely) and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
 class CompletionChoice(_Choice):
     text: str
     logprobs: CompletionLogprobs | None = None
+    # vLLM's extra: per prompt token (None for the first) the token and the most likely ones, by token id
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+
+    @model_serializer(mode="wrap")
+    def _asked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if k != "prompt_logprobs" or v is not None}
 
 
 class Completion(_Head):

@@ -2,10 +2,14 @@
 
 The tools go into the chat template (``gateway/chat.py``); the model answers in its template's
 format, picked from the template text: Hermes/Qwen ``<tool_call>{json}</tool_call>``, Llama-3 JSON
-``{"name": ..., "parameters": ...}`` or Mistral ``[TOOL_CALLS][...]``. :class:`ToolStream` turns
-the generated text into content and ``tool_calls``: it holds back text that may start a call,
-and output that does not parse stays text. ``tool_choice`` ``required`` or a named function is
-enforced by the structured-output mask: the grammar of exactly one call in the template's format.
+``{"name": ..., "parameters": ...}`` (after ``<|python_tag|>`` or not), Mistral ``[TOOL_CALLS][...]``
+or gpt-oss harmony ``<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}<|call|>``.
+Markers that are special tokens (:attr:`ToolFormat.special`) are kept in the text of a tool request
+by the detokenizer, so that the parser sees them. :class:`ToolStream` turns the generated text into
+content and ``tool_calls``: it holds back text that may start a call, streams each call as it is
+written (its name once complete, then its arguments in pieces) and parses the whole at the end;
+output that does not parse stays text. ``tool_choice`` ``required`` or a named function is enforced
+by the structured-output mask: the grammar of exactly one call in the template's format.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import re
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from transformers import PreTrainedTokenizerBase
 
 from parallax.broker.errors import GrammarError
 from parallax.broker.wire import Grammar
@@ -81,21 +86,32 @@ class FunctionCall(BaseModel):
     name: str | None = None
     arguments: str | None = None  # JSON text, as OpenAI sends it
 
+    @model_serializer(mode="wrap")
+    def _no_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}  # a streamed piece of arguments
+
 
 class ToolCall(BaseModel):
     index: int | None = None  # streamed deltas only
-    id: str | None = None
+    id: str | None = None  # None: a later delta of a streamed call
     type: Literal["function"] | None = "function"
     function: FunctionCall
 
     @model_serializer(mode="wrap")
-    def _no_index(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if k != "index" or v is not None}
+    def _no_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None or k not in ("index", "id", "type")}
 
 
 def _call(name: str, arguments: Any, index: int | None = None) -> ToolCall:
-    return ToolCall(index=index, id=f"call_{uuid.uuid4().hex[:24]}",
-                    function=FunctionCall(name=name, arguments=json.dumps(arguments, ensure_ascii=False)))
+    return _opening(name, json.dumps(arguments, ensure_ascii=False), index)
+
+
+def _opening(name: str, arguments: str, index: int | None) -> ToolCall:
+    return ToolCall(index=index, id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=arguments))
+
+
+def _more(index: int, arguments: str) -> ToolCall:
+    return ToolCall(index=index, type=None, function=FunctionCall(arguments=arguments))
 
 
 # ------------------------------------------------------------------------------------ formats
@@ -104,6 +120,11 @@ class ToolFormat(ABC):
 
     marker: str  # text that starts the calls
     arguments_key = "arguments"
+    special: tuple[str, ...] = ()  # markers that are special tokens in this family's tokenizers
+
+    def scanner(self) -> "CallScanner":
+        """Follows the calls in the text from the marker on as it arrives."""
+        return JsonCalls((self.arguments_key, "arguments", "parameters"))
 
     @abstractmethod
     def parse(self, text: str) -> list[tuple[str, Any]] | None:
@@ -165,6 +186,7 @@ class Llama3Json(ToolFormat):
 
     marker = "{"
     arguments_key = "parameters"
+    special = ("<|python_tag|>",)
 
     def parse(self, text: str) -> list[tuple[str, Any]] | None:
         text, decoder, calls, at = text.removeprefix("<|python_tag|>").strip(), json.JSONDecoder(), [], 0
@@ -186,6 +208,7 @@ class Mistral(ToolFormat):
     """Mistral: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``."""
 
     marker = "[TOOL_CALLS]"
+    special = ("[TOOL_CALLS]",)
 
     def parse(self, text: str) -> list[tuple[str, Any]] | None:
         calls = _loads(text.removeprefix(self.marker).strip())
@@ -198,10 +221,32 @@ class Mistral(ToolFormat):
         return _wrapped("[TOOL_CALLS][", call, "]")
 
 
+class Harmony(ToolFormat):
+    """gpt-oss harmony: ``<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}<|call|>``
+    (``<|call|>`` ends the turn: the model writes one call)."""
+
+    marker = "<|channel|>commentary to=functions."
+    special = ("<|channel|>", "<|constrain|>", "<|message|>", "<|call|>", "<|start|>", "<|end|>")
+    _CALL = re.compile(r"<\|channel\|>commentary to=functions\.([^\s<]+)\s*(?:<\|constrain\|>\s*\w*\s*)?"
+                       r"<\|message\|>(.*?)(?:<\|call\|>|$)", re.DOTALL)
+
+    def parse(self, text: str) -> list[tuple[str, Any]] | None:
+        calls = [(name, _loads(body)) for name, body in self._CALL.findall(text)]
+        return calls if calls and all(isinstance(args, dict) for _, args in calls) else None
+
+    def grammar(self, call: _Schema) -> Grammar:
+        raise GrammarError("a required or named tool_choice is not supported with the harmony format")
+
+    def scanner(self) -> "CallScanner":
+        return HarmonyCalls()
+
+
 def format_of(template: str) -> ToolFormat | None:
     """The call format a chat template teaches its model (None: the template takes no tools)."""
     if "tools" not in template:
         return None
+    if "<|channel|>" in template and "functions." in template:
+        return Harmony()
     if "<tool_call>" in template:
         return Hermes()
     if "[TOOL_CALLS]" in template:
@@ -209,6 +254,13 @@ def format_of(template: str) -> ToolFormat | None:
     if "<|python_tag|>" in template or '"parameters"' in template or "parameters" in template:
         return Llama3Json()
     return None
+
+
+def special_ids(fmt: ToolFormat, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """The ids of the format's markers that are added (special) tokens of ``tokenizer``: the
+    detokenizer writes them as text in a tool request's output."""
+    added = tokenizer.get_added_vocab()  # text -> id
+    return frozenset(added[marker] for marker in fmt.special if marker in added)
 
 
 def tool_grammar(fmt: ToolFormat, req: ToolsRequest) -> Grammar | None:
@@ -226,38 +278,181 @@ class Parsed:
     calls: list[ToolCall]
 
 
+@dataclass
+class Progress:
+    """One call as far as it is written: its name once complete, the raw text of its arguments so far."""
+
+    name: str | None = None
+    arguments: str = ""
+
+
+class CallScanner(Protocol):
+    calls: list[Progress]
+
+    def feed(self, text: str) -> None:
+        """More of the text from the marker on."""
+
+
+class JsonCalls:
+    """Calls written as JSON objects (any text around them: tags, ``[``, ``;``): each top-level object
+    is a call; its first-level ``"name"`` string, and the raw text of its arguments object (the first of
+    ``keys`` present), character by character as they arrive."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.calls: list[Progress] = []
+        self._keys = keys
+        self._depth = 0  # brackets open in the current call (0: between calls)
+        self._string: list[str] | None = None  # a first-level string being read (a key or a value)
+        self._in_string = self._escaped = False
+        self._key: str | None = None  # the first-level key whose value comes next
+        self._value = False  # after the key's colon
+        self._arguments = 0  # depth at which the arguments object closes (0: not in it)
+
+    def feed(self, text: str) -> None:
+        for ch in text:
+            self._char(ch)
+
+    def _char(self, ch: str) -> None:
+        if self._depth == 0:
+            if ch == "{":
+                self.calls.append(Progress())
+                self._depth, self._key, self._value, self._arguments = 1, None, False, 0
+            return
+        call = self.calls[-1]
+        if self._arguments:
+            call.arguments += ch
+        if self._in_string:
+            self._string_char(ch, call)
+        elif ch == '"':
+            self._in_string = True
+            self._string = [] if self._depth == 1 else None
+        elif ch in "{[":
+            if self._depth == 1 and ch == "{" and self._value and self._key in self._keys and not call.arguments:
+                self._arguments, call.arguments = 1, "{"
+            self._depth += 1
+        elif ch in "}]":
+            self._depth -= 1
+            self._arguments = 0 if self._depth <= self._arguments else self._arguments
+        elif self._depth == 1 and ch in ":,":
+            self._value = ch == ":"
+            self._key = self._key if ch == ":" else None
+
+    def _string_char(self, ch: str, call: Progress) -> None:
+        if self._escaped:
+            self._escaped = False
+        elif ch == "\\":
+            self._escaped = True
+        elif ch == '"':
+            self._in_string = False
+            if self._string is not None:
+                text = _loads('"' + "".join(self._string) + '"')
+                if not self._value:
+                    self._key = text
+                elif self._key == "name" and isinstance(text, str) and call.name is None:
+                    call.name = text
+                self._string = None
+            return
+        if self._string is not None:
+            self._string.append(ch)
+
+
+class HarmonyCalls:
+    """Harmony calls: the name from the header (``to=functions.NAME``), the arguments from the body
+    after ``<|message|>`` up to ``<|call|>`` (a piece of which is held back)."""
+
+    _NAME = re.compile(r"to=functions\.([^\s<]+)[\s<]")
+    _END = "<|call|>"
+
+    def __init__(self) -> None:
+        self.calls: list[Progress] = []
+        self._text = ""
+
+    def feed(self, text: str) -> None:
+        self._text += text
+        self.calls = []
+        for head in self._text.split(Harmony.marker[: Harmony.marker.index(" ")])[1:]:  # one per "<|channel|>"
+            if (name := self._NAME.search("<|channel|>" + head)) is None:
+                continue
+            _, _, body = head.partition("<|message|>")
+            body = body.split(self._END)[0] if self._END in body else body[: len(body) - _partial(body, self._END)]
+            self.calls.append(Progress(name.group(1), body.strip() if "<|message|>" in head else ""))
+
+
+def _partial(text: str, marker: str) -> int:
+    """How many trailing characters of ``text`` could still grow into ``marker``."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[len(text) - size :]):
+            return size
+    return 0
+
+
 class ToolStream:
     """Generated text in, content and tool calls out. Text is passed on at once unless it may be the
-    start of a call (a prefix of the marker); from the marker on it is held, and parsed at the end."""
+    start of a call (a prefix of the marker); from the marker on it is held, each call streamed as it
+    is written (:meth:`take_calls`), and the whole parsed at the end (:meth:`finish`)."""
 
     def __init__(self, fmt: ToolFormat, parallel: bool = True) -> None:
         self._fmt, self._parallel = fmt, parallel
         self._held = ""
         self._calling = False
         self._emitted = False  # some content went out: a Llama-3 JSON call must start the output
+        self._scanner = fmt.scanner()
+        self._sent: list[Progress] = []  # what take_calls sent of each call
+        self.complete = False  # the output parsed into calls (finish)
 
     def feed(self, text: str) -> str:
         """Content to send now (possibly "")."""
         if self._calling:
             self._held += text
+            self._scanner.feed(text)
             return ""
         held = self._held + text
         start = self._marker_at(held)
         if start is not None:
             self._calling, self._held = True, held[start:]
+            self._scanner.feed(self._held)
             return self._out(held[:start])
         keep = self._partial(held)
         self._held = held[len(held) - keep :] if keep else ""
         return self._out(held[: len(held) - keep])
 
+    def take_calls(self) -> list[ToolCall]:
+        """The deltas of the calls written since the last take: a call's name (with its id) once it is
+        complete, then the new text of its arguments."""
+        deltas = []
+        for index, call in enumerate(self._scanner.calls[: None if self._parallel else 1]):
+            if call.name is None:
+                break  # calls go out in order
+            if index == len(self._sent):
+                self._sent.append(Progress(call.name, call.arguments))
+                deltas.append(_opening(call.name, call.arguments, index))
+            elif len(call.arguments) > len(sent := self._sent[index].arguments):
+                self._sent[index].arguments = call.arguments
+                deltas.append(_more(index, call.arguments[len(sent) :]))
+        return deltas
+
     def finish(self) -> Parsed:
-        """What is left: the calls (with their index), or the held text when it does not parse."""
+        """What is left: the calls (with their index) or what is missing of the streamed ones, or the
+        held text when it does not parse (nothing of it streamed)."""
         held, self._held = self._held, ""
+        pending = self.take_calls() if self._sent else []
         calls = self._fmt.parse(held) if self._calling else None
         if not calls:
-            return Parsed(held, [])
+            return Parsed("" if self._sent else held, pending)
+        self.complete = True
         calls = calls if self._parallel else calls[:1]
-        return Parsed("", [_call(name, args, k) for k, (name, args) in enumerate(calls)])
+        rest = [self._rest(k, name, args) for k, (name, args) in enumerate(calls)]
+        return Parsed("", pending + [call for call in rest if call is not None])
+
+    def _rest(self, index: int, name: str, arguments: Any) -> ToolCall | None:
+        if index >= len(self._sent):
+            return _call(name, arguments, index)
+        sent = self._sent[index].arguments
+        if _loads(sent) == arguments:
+            return None
+        if not sent.strip():  # no arguments object was written (the parser's default: {})
+            return _more(index, json.dumps(arguments, ensure_ascii=False))
+        return None  # streamed as written: the pieces hold what the model wrote
 
     def _out(self, text: str) -> str:
         self._emitted = self._emitted or bool(text.strip())
@@ -277,11 +472,7 @@ class ToolStream:
         """How many trailing characters could still grow into the marker."""
         if self._fmt.marker == "{":  # blanks, or a piece of <|python_tag|>, at the start of the output
             return len(text) if not self._emitted and "<|python_tag|>".startswith(text.strip()) else 0
-        marker = self._fmt.marker
-        for size in range(min(len(marker) - 1, len(text)), 0, -1):
-            if marker.startswith(text[len(text) - size :]):
-                return size
-        return 0
+        return _partial(text, self._fmt.marker)
 
 
 def parse_all(fmt: ToolFormat, text: str, parallel: bool = True) -> Parsed:

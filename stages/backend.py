@@ -54,6 +54,14 @@ class SampleSpec:
 
 
 @dataclass(frozen=True)
+class PromptScore:
+    """Last stage: the prompt logprobs of an item's rows; its row ``j`` predicts ``targets[j]``."""
+
+    targets: tuple[int, ...]  # the prompt ids after the item's first rows (all of them but a final chunk's last)
+    top: int  # the most likely tokens reported besides each target
+
+
+@dataclass(frozen=True)
 class StepItem:
     rid: str
     pos: int
@@ -64,6 +72,13 @@ class StepItem:
     blocks: tuple[int, ...]  # KV block table covering positions 0 .. pos+n-1 (of the first KV group)
     prompt: bool  # rows of the prompt (prefill), not a generated token: a backend may compute the two apart
     group_blocks: tuple[tuple[int, ...], ...] = ()  # the tables of the other KV groups (``init_kv``'s), if any
+    score: PromptScore | None = None  # last stage only: the prompt logprobs of these rows
+
+    @property
+    def outputs(self) -> int:
+        """Rows whose logits the last stage computes: its scored rows and the one it samples after, the
+        item's last ones (a scored item's targets and sample cover all its rows)."""
+        return (len(self.score.targets) if self.score is not None else 0) + (self.sample is not None)
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,7 @@ class StepOutput:
     row_bytes: int  # bytes per row of ``hidden``
     tokens: tuple[int, ...]  # one per item with a SampleSpec, in order (last stage)
     logprobs: tuple[Logprobs | None, ...] = ()  # one per token when a request asked for them, else empty
+    prompt_logprobs: tuple[tuple[Logprobs, ...] | None, ...] = ()  # one per item when one is scored, else empty
 
 
 class Backend(Protocol):

@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 
 from parallax.broker import subjects
 from parallax.broker.wire import (
-    DTYPE_SIZES, ErrorCode, ErrorMsg, Finish, Forward, ForwardItem, Release, RequestMeta, TokenOut, Tokens, encode,
+    DTYPE_SIZES, ErrorCode, ErrorMsg, Finish, Forward, ForwardItem, Logprobs, Release, RequestMeta, TokenOut, Tokens,
+    encode,
 )
 
 from parallax.broker.errors import GrammarError
 
-from .backend import Backend, SampleSpec, StepItem, StepOutput
+from .backend import Backend, PromptScore, SampleSpec, StepItem, StepOutput
 from .blocks import KVSpace, Prefix, Tables, kv_groups, split_blocks
 from .grammar import Constraint, Grammars
 
@@ -79,6 +80,7 @@ class Sequence:
     registered: int = 0  # blocks already in the prefix cache
     generated: list[int] = field(default_factory=list)  # last stage only
     constraint: Constraint | None = None  # last stage: the structured output's matcher
+    prompt_logprobs: list[Logprobs] = field(default_factory=list)  # last stage: scored so far, sent with the first token
     touched: float = field(default_factory=time.monotonic)
 
     @property
@@ -237,6 +239,8 @@ class Engine:
             return "bad_request", f"the request's route pins layers {self._range} to {pinned}, not to {self.node_id}"
         if any(token >= self.spec.vocab_size for token, _ in meta.sampling.logit_bias):
             return "bad_request", f"logit_bias names a token id outside the vocabulary (0..{self.spec.vocab_size - 1})"
+        if meta.sampling.first_index >= len(meta.prompt_ids):
+            return "bad_request", f"token_offset {meta.sampling.first_index} is not within the prompt of {len(meta.prompt_ids)} tokens"
         if len(meta.prompt_ids) + 1 > self.spec.max_positions:
             return "bad_request", f"the prompt is longer than the model's context of {self.spec.max_positions}"
         if self.spec.first and (item.pos != 0 or item.n != len(meta.prompt_ids)):
@@ -245,9 +249,9 @@ class Engine:
 
     def _reusable(self, item: ForwardItem) -> Prefix | None:
         """The prompt's cached prefix to share; None when a later stage lacks what the first stage
-        skipped (``item.pos`` rows)."""
+        skipped (``item.pos`` rows). A request that asks for prompt logprobs computes them all."""
         prompt = item.meta.prompt_ids
-        if not item.meta.prefix_cache:
+        if not item.meta.prefix_cache or item.meta.sampling.prompt_logprobs is not None:
             return self.blocks.no_prefix if item.pos == 0 else None
         if self.spec.first:
             return self.blocks.cached_prefix(prompt, len(prompt) - 1)  # the last token always runs
@@ -332,7 +336,8 @@ class Engine:
     def _run(self, batch: list[tuple[Sequence, Work]]) -> Outgoing:
         groups = len(self.blocks.groups) > 1
         items = [StepItem(w.item.rid, w.item.pos, w.item.n, w.data, w.dtype, self._sample_spec(s, w), tuple(s.kv.tables[0]),
-                          w.item.pos < len(s.meta.prompt_ids), tuple(map(tuple, s.kv.tables[1:])) if groups else ())
+                          w.item.pos < len(s.meta.prompt_ids), tuple(map(tuple, s.kv.tables[1:])) if groups else (),
+                          self._score(s, w))
                  for s, w in batch]
         started, wall = time.perf_counter(), time.time()
         try:
@@ -361,7 +366,14 @@ class Engine:
         params = seq.meta.sampling
         history = seq.meta.prompt_ids + tuple(seq.generated) if params.repetition_penalty != 1.0 else ()
         counted = params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
-        return SampleSpec(params, history, len(seq.generated), seq.constraint, tuple(seq.generated) if counted else ())
+        return SampleSpec(params, history, len(seq.generated), seq.constraint, _output(seq) if counted else ())
+
+    def _score(self, seq: Sequence, w: Work) -> PromptScore | None:
+        """The last stage's prompt logprobs of a prompt chunk: row j predicts prompt token pos + j + 1."""
+        top = seq.meta.sampling.prompt_logprobs
+        if top is None or not self.spec.last or w.item.pos >= len(seq.meta.prompt_ids):
+            return None
+        return PromptScore(seq.meta.prompt_ids[w.item.pos + 1 : w.item.pos + w.item.n + 1], top)
 
     # --- postprocess -----------------------------------------------------------------------------
     def _forwarded(self, batch: list[tuple[Sequence, Work]], result: StepOutput) -> Outgoing:
@@ -394,6 +406,8 @@ class Engine:
     def _sampled(self, batch: list[tuple[Sequence, Work]], result: StepOutput) -> Outgoing:
         tokens = iter(result.tokens)
         logprobs = iter(result.logprobs or [None] * len(result.tokens))
+        for (seq, _), scored in zip(batch, result.prompt_logprobs):
+            seq.prompt_logprobs += scored or ()
         replies: dict[str, list[TokenOut]] = {}
         loops: dict[str, tuple[list[ForwardItem], list[memoryview]]] = {}
         finished: list[str] = []
@@ -406,7 +420,8 @@ class Engine:
                 continue
             seq.generated.append(token)
             index, finish = len(seq.generated) - 1, self._finish(seq, token)
-            out_token = TokenOut(rid=seq.rid, token=token, index=index, finish=finish, logprobs=logprob)
+            out_token = TokenOut(rid=seq.rid, token=token, index=index, finish=finish, logprobs=logprob,
+                                 prompt_logprobs=self._prompt_logprobs(seq) if index == 0 else None)
             replies.setdefault(seq.reply, []).append(out_token)
             if finish:
                 finished.append(seq.rid)
@@ -422,6 +437,13 @@ class Engine:
         for seq, message in broken:
             self._fail(seq.rid, seq.reply, message, out, "internal")
         return out
+
+    @staticmethod
+    def _prompt_logprobs(seq: Sequence) -> tuple[Logprobs, ...] | None:
+        if seq.meta.sampling.prompt_logprobs is None:
+            return None
+        scored, seq.prompt_logprobs = tuple(seq.prompt_logprobs), []
+        return scored
 
     @staticmethod
     def _advance(seq: Sequence, token: int, broken: list[tuple[Sequence, str]]) -> bool:
@@ -502,6 +524,14 @@ class Engine:
     @property
     def _range(self) -> str:
         return f"{self.spec.start}:{self.spec.end}"
+
+
+def _output(seq: Sequence) -> tuple[int, ...]:
+    """The request's output so far: the tokens generated before this try (a resumed request's prompt
+    ends with them, ``token_offset`` of them) and this try's."""
+    resumed = seq.meta.sampling.first_index
+    prompt = seq.meta.prompt_ids
+    return prompt[len(prompt) - resumed :] + tuple(seq.generated) if resumed else tuple(seq.generated)
 
 
 def _ids(token: int) -> memoryview:

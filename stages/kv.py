@@ -142,7 +142,7 @@ class Rows:
     write_slots: torch.Tensor  # [T] long
     prefills: list[Prefill]
     decode: Decode | None
-    sample_rows: torch.Tensor  # [S] long: the last row of every item that samples
+    sample_rows: torch.Tensor  # [S] long: the rows whose logits the last stage computes (each item's last ``outputs``)
     items: list[tuple[Sequence[int], int]]  # (block table, n) per item, in row order
     prompt: bool = False  # the rows are prompt rows, not generated tokens (the fused path projects them apart)
     more: tuple["Rows", ...] = ()  # the same rows addressed by the other KV groups' tables (groups 1, 2, ...)
@@ -152,15 +152,15 @@ class Rows:
         return self if g == 0 else self.more[g - 1]
 
     @classmethod
-    def build(cls, parts: list[tuple[Sequence[int], int, int, bool]], block_size: int, device: torch.device,
+    def build(cls, parts: list[tuple[Sequence[int], int, int, int]], block_size: int, device: torch.device,
               prompt: bool = False, more: Sequence[Sequence[Sequence[int]]] = ()) -> "Rows":
-        """parts: (block table, pos, n, sample) per item, in row order; ``more``: per item, its block tables
-        in the other KV groups (none: one group)."""
+        """parts: (block table, pos, n, outputs) per item, in row order (``outputs``: its last rows whose
+        logits the last stage computes; 1 or True for the one it samples after); ``more``: per item, its
+        block tables in the other KV groups (none: one group)."""
         positions, sample, offset = [], [], 0
-        for _, pos, n, wants_sample in parts:
+        for _, pos, n, outputs in parts:
             positions.append(torch.arange(pos, pos + n))
-            if wants_sample:
-                sample.append(offset + n - 1)
+            sample.extend(range(offset + n - int(outputs), offset + n))
             offset += n
         rows = cls(torch.cat(positions).to(device), *_addressed(parts, positions, block_size, device),
                    torch.tensor(sample, dtype=torch.long, device=device), [(t, n) for t, _, n, _ in parts], prompt)
@@ -169,7 +169,7 @@ class Rows:
                               for g in range(len(more[0])))
         return rows
 
-    def _other(self, tables: list[Sequence[int]], parts: list[tuple[Sequence[int], int, int, bool]],
+    def _other(self, tables: list[Sequence[int]], parts: list[tuple[Sequence[int], int, int, int]],
                positions: list[torch.Tensor], block_size: int, device: torch.device) -> "Rows":
         parts = [(table, pos, n, s) for table, (_, pos, n, s) in zip(tables, parts)]
         return Rows(self.positions, *_addressed(parts, positions, block_size, device), self.sample_rows,

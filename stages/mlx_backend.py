@@ -39,7 +39,7 @@ from parallax.broker.model import gguf_file
 from .backend import StageSpec, StepItem, StepOutput
 from .mlx_arch import architecture, sanitize
 from .models import QUANTIZE_TYPES
-from .sampling import Sampler, token_logprobs
+from .sampling import Sampler, sample_step
 from .torch_backend import checkpoint_index
 
 log = logging.getLogger(__name__)
@@ -362,16 +362,14 @@ class MLXBackend:
             hidden = done[mx.array(where)]  # [T, D] in item order
             mx.eval(hidden, self.kv.k, self.kv.v)
             return StepOutput(_to_bytes(hidden), hidden.shape[1] * hidden.itemsize, ())
-        sampled = [i for i in items if i.sample is not None]
-        last_rows = [int(where[int(starts[k + 1]) - 1]) for k, i in enumerate(items) if i.sample is not None]
-        if not sampled:
+        # each item's last ``outputs`` rows (the scored prompt rows, the one it samples after), in item order
+        out_rows = [int(where[r]) for k, i in enumerate(items) for r in range(int(starts[k + 1]) - i.outputs, int(starts[k + 1]))]
+        if not out_rows:
             mx.eval(self.kv.k, self.kv.v)
             return StepOutput(None, 0, ())
-        logits = self.model.head(done[mx.array(last_rows)])  # [S, V]
+        logits = self.model.head(done[mx.array(out_rows)])  # [R, V]
         mx.eval(logits, self.kv.k, self.kv.v)
-        rows, specs = _to_torch(logits), [i.sample for i in sampled]  # rows: [S, V]
-        tokens = self.sampler.sample(rows, [i.rid for i in sampled], specs)
-        return StepOutput(None, 0, tuple(tokens), token_logprobs(rows, specs, tokens))
+        return sample_step(self.sampler, _to_torch(logits), items)
 
     def _groups(self, items: list[StepItem], starts: np.ndarray) -> list[Group]:
         bs = self.kv.block_size

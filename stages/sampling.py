@@ -11,10 +11,25 @@ import torch
 
 from parallax.broker.wire import Logprobs
 
-from .backend import SampleSpec
+from .backend import SampleSpec, StepItem, StepOutput
 from .grammar import apply_masks
 
 LOWEST_LOGPROB = -9999.0  # reported for a token of probability 0 (OpenAI's floor; -inf has no JSON form)
+SCORE_ROWS = 64  # prompt rows whose float32 log_softmax is held at once (64 x vocab floats)
+
+
+def sample_step(sampler: "Sampler", logits: torch.Tensor, items: list[StepItem]) -> StepOutput:
+    """The last stage's output of one step. logits: [R, V], each item's ``outputs`` rows in item order
+    (its scored prompt rows, then the row it samples after)."""
+    sampled = [i for i in items if i.sample is not None]
+    specs = [i.sample for i in sampled]
+    rows = logits  # [S, V]: the rows sampled from
+    if any(i.score is not None for i in items):
+        ends = torch.tensor([i.outputs for i in items]).cumsum(0)
+        last = [int(end) - 1 for item, end in zip(items, ends) if item.sample is not None]
+        rows = logits[torch.tensor(last, dtype=torch.long, device=logits.device)]
+    tokens = sampler.sample(rows, [i.rid for i in sampled], specs)
+    return StepOutput(None, 0, tuple(tokens), token_logprobs(rows, specs, tokens), prompt_logprobs(logits, items))
 
 
 class Sampler:
@@ -136,17 +151,47 @@ def token_logprobs(logits: torch.Tensor, specs: list[SampleSpec], tokens: list[i
     asked = [i for i, spec in enumerate(specs) if spec.params.logprobs is not None]
     if not asked:
         return ()
-    rows = torch.log_softmax(logits[asked].float(), dim=-1)  # [A, V]
-    rows = torch.nan_to_num(rows, nan=LOWEST_LOGPROB, neginf=LOWEST_LOGPROB)
-    sampled = torch.tensor([tokens[i] for i in asked], device=rows.device)  # [A]
-    chosen = rows.gather(1, sampled[:, None])[:, 0].tolist()  # [A]
-    k = min(max(specs[i].params.logprobs for i in asked), rows.shape[-1])
-    values, ids = (t.tolist() for t in torch.topk(rows, k))  # [A, k] each, most likely first
+    found = _logprobs(logits[asked], [tokens[i] for i in asked], [specs[i].params.logprobs for i in asked])
     out: list[Logprobs | None] = [None] * len(specs)
-    for j, i in enumerate(asked):
-        top = specs[i].params.logprobs
-        out[i] = Logprobs(logprob=chosen[j], top=tuple(zip(ids[j][:top], values[j][:top])))
+    for i, logprobs in zip(asked, found):
+        out[i] = logprobs
     return tuple(out)
+
+
+def prompt_logprobs(logits: torch.Tensor, items: list[StepItem]) -> tuple[tuple[Logprobs, ...] | None, ...]:
+    """The raw model's log-probabilities of each scored item's prompt tokens (its ``score.targets``)
+    and the ``score.top`` most likely tokens at each, from its first rows of ``logits`` ([R, V], each
+    item's ``outputs`` rows in item order), ``SCORE_ROWS`` rows at a time; () when no item is scored."""
+    if all(item.score is None for item in items):
+        return ()
+    out: list[tuple[Logprobs, ...] | None] = []
+    at = 0
+    for item in items:
+        score = item.score
+        if score is None:
+            out.append(None)
+        else:
+            found: list[Logprobs] = []
+            for a in range(0, len(score.targets), SCORE_ROWS):
+                targets = score.targets[a : a + SCORE_ROWS]
+                found += _logprobs(logits[at + a : at + a + len(targets)], list(targets), [score.top] * len(targets),
+                                   ranked=True)
+            out.append(tuple(found))
+        at += item.outputs
+    return tuple(out)
+
+
+def _logprobs(logits: torch.Tensor, chosen: list[int], tops: list[int], ranked: bool = False) -> list[Logprobs]:
+    """Row i of ``logits`` [A, V]: log_softmax in float32, the logprob of ``chosen[i]`` (and its rank:
+    1 + the tokens more likely, when ``ranked``) and the ``tops[i]`` most likely (id, logprob), most likely first."""
+    rows = torch.log_softmax(logits.float(), dim=-1)  # [A, V]
+    rows = torch.nan_to_num(rows, nan=LOWEST_LOGPROB, neginf=LOWEST_LOGPROB)
+    picked = rows.gather(1, torch.tensor(chosen, device=rows.device)[:, None])  # [A, 1]
+    ranks = ((rows > picked).sum(-1) + 1).tolist() if ranked else [None] * len(chosen)  # [A]
+    k = min(max(tops), rows.shape[-1])
+    values, ids = (t.tolist() for t in torch.topk(rows, k))  # [A, k] each, most likely first
+    return [Logprobs(logprob=lp, top=tuple(zip(i[:top], v[:top])), rank=rank)
+            for lp, rank, i, v, top in zip(picked[:, 0].tolist(), ranks, ids, values, tops)]
 
 
 def greedy(logits: torch.Tensor) -> list[int]:

@@ -24,7 +24,7 @@ from .models import QUANTIZE_TYPES, UnsupportedModel, already_quantized, archite
 from .gguf_weights import GGUFWeights
 from .mxfp4 import MXFP4Matrix
 from .quant import QuantMatrix
-from .sampling import Sampler, token_logprobs
+from .sampling import Sampler, sample_step
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int32": torch.int32}
@@ -77,10 +77,7 @@ class TorchBackend:
         out = outs[0] if len(groups) == 1 else _in_item_order(items, groups, outs, self.spec.last)
         if not self.spec.last:
             return StepOutput(_to_bytes(out), out.shape[1] * out.element_size(), ())
-        sampled = [i for i in items if i.sample is not None]
-        specs = [i.sample for i in sampled]
-        tokens = self.sampler.sample(out, [i.rid for i in sampled], specs)
-        return StepOutput(None, 0, tuple(tokens), token_logprobs(out, specs, tokens))
+        return sample_step(self.sampler, out, items)  # out: [R, V], each item's ``outputs`` rows
 
     def _groups(self, items: list[StepItem]) -> list[list[int]]:
         """Item indices per forward. Where the model has a fused path, generated tokens run apart
@@ -97,7 +94,7 @@ class TorchBackend:
 
     def _forward(self, items: list[StepItem]) -> torch.Tensor:
         x = self._inputs(items)  # [T] ids or [T, D] hidden
-        parts = [(i.blocks, i.pos, i.n, i.sample is not None) for i in items]
+        parts = [(i.blocks, i.pos, i.n, i.outputs) for i in items]
         more = [i.group_blocks for i in items] if items[0].group_blocks else ()
         rows = Rows.build(parts, self.kv.block_size, self.device, prompt=all(i.prompt for i in items), more=more)
         with torch.inference_mode():
@@ -116,11 +113,11 @@ class TorchBackend:
 
 
 def _in_item_order(items: list[StepItem], groups: list[list[int]], outs: list[torch.Tensor], last: bool) -> torch.Tensor:
-    """Rows of several forwards back in item order: each item's n hidden rows, or its one logits row
-    when it samples (last stage)."""
+    """Rows of several forwards back in item order: each item's n hidden rows, or its ``outputs`` logits
+    rows (last stage)."""
     pieces: dict[int, torch.Tensor] = {}
     for group, out in zip(groups, outs):
-        sizes = [(1 if items[i].sample is not None else 0) if last else items[i].n for i in group]
+        sizes = [items[i].outputs if last else items[i].n for i in group]
         pieces.update(zip(group, out.split(sizes)))
     return torch.cat([pieces[i] for i in range(len(items))])
 

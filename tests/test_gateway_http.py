@@ -470,7 +470,6 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], int, str]] = [
     ({"prompt": [1, -2]}, 400, "prompt"),
     ({"prompt": [1, 10**9]}, 400, "vocabulary"),
     ({"prompt": "hi", "n": 65}, 400, "64"),
-    ({"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo"),
     ({"prompt": "hi", "logprobs": 6}, 400, "logprobs"),
     ({"prompt": "hi", "best_of": 2}, 400, "best_of"),
     ({"prompt": "hi", "n": 2, "best_of": 1}, 400, "best_of"),

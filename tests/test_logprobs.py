@@ -1,7 +1,8 @@
-"""logprobs, n > 1, echo, logit_bias and frequency / presence penalties through the official openai
-client: the gateway app (in process, over an ASGI transport) on a NatsPipeline, two stages of a tiny
-float32 Llama in process on a real nats-server. The references are computed here from transformers'
-float32 logits. The tokenizer is a small byte-level BPE trained here (no SmolLM2 needed)."""
+"""logprobs, n > 1, echo (with the prompt tokens' logprobs), logit_bias and frequency / presence
+penalties through the official openai client: the gateway app (in process, over an ASGI transport) on
+a NatsPipeline, two stages of a tiny float32 Llama in process on a real nats-server, prompts cut into
+chunks of ``CHUNK`` tokens. The references are computed here from transformers' float32 logits. The
+tokenizer is a small byte-level BPE trained here (no SmolLM2 needed)."""
 
 from __future__ import annotations
 
@@ -17,18 +18,21 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from parallax.broker.wire import SamplingParams, TokenOut, Tokens, encode
+from parallax.broker.wire import Forward, ForwardItem, RequestMeta, SamplingParams, TokenOut, Tokens, decode, encode
 from parallax.gateway.app import create_app
 from parallax.gateway.formats import TokenNames
 from parallax.gateway.generation import choice_seed
 from parallax.stages.backend import SampleSpec
+from parallax.stages.engine import Engine, EngineConfig
 from parallax.stages.sampling import Sampler, token_logprobs
+from parallax.stages.torch_backend import TorchBackend
 from tests.cluster import Cluster, make_tiny_model, record_steps
 from tests.conftest import start_nats_server
 
 in_module_loop = pytest.mark.asyncio(loop_scope="module")  # the tests that share the module's cluster
 LAYERS = 4
 BLOCK = 16  # EngineConfig's default block size: the prefix cache shares whole blocks
+CHUNK = 16  # the first stage's prefill chunk (its smallest: one block)
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CORPUS = ["The quick brown fox jumps over the lazy dog. " * 3, "Parallax serves language models over NATS. ",
@@ -90,7 +94,7 @@ async def stack(tiny, tokenizer) -> AsyncIterator[Stack]:
     c = Cluster(server.url, tiny, "tiny", LAYERS)
     try:
         for a, b in [(0, 2), (2, LAYERS)]:
-            await c.add_stage(a, b)
+            await c.add_stage(a, b, engine=EngineConfig(kv_blocks=512, chunk_tokens=CHUNK))
         await c.connect()
         app = create_app(c.pipeline, tokenizer, "tiny", 4096, [tokenizer.eos_token_id])
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as http:
@@ -188,7 +192,7 @@ def test_unused_features_leave_the_wire_as_it_was():
     frame = encode(Tokens(items=(TokenOut(rid="r", token=7, index=0),)))
     assert frame == b'PXW1\x00\x00\x00;{"kind":"tokens","items":[{"rid":"r","token":7,"index":0}]}'
     sent = SamplingParams(temperature=0.5, seed=3).model_dump(mode="json", exclude_none=True)
-    assert not {"frequency_penalty", "presence_penalty", "logit_bias", "logprobs"} & set(sent)
+    assert not {"frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "prompt_logprobs", "token_offset"} & set(sent)
 
 
 # ------------------------------------------------------------------------------------------ n > 1
@@ -275,6 +279,68 @@ async def test_echo_puts_the_prompt_before_each_choice(stack, stream):
     assert texts == {0: PROMPT + plain, 1: PROMPT + plain}
 
 
+@in_module_loop
+@pytest.mark.parametrize("stream", [False, True])
+async def test_echo_with_logprobs_gives_the_prompt_tokens_logprobs(stack, reference, tokenizer, by_text, stream):
+    """The legacy lists start with the prompt's tokens (the first one has no logprob), each equal to the
+    reference within 1e-4 over a prompt of several chunks; choice 1 shares choice 0's and uses the prefix
+    cache. vLLM's ``prompt_logprobs`` (asked alongside) gives the same values, with each token's rank."""
+    c, client = stack.cluster, stack.client
+    prompt_text = PROMPT + " " + PROMPT[::-1] + (" stream" if stream else "")  # each run its own prompt: no cached prefix
+    prompt = tokenizer.encode(prompt_text)
+    assert len(prompt) > 3 * CHUNK
+    steps = record_steps(c)
+    args = dict(model="tiny", prompt=prompt_text, max_tokens=3, temperature=0, n=2, echo=True, logprobs=2,
+                extra_body={"ignore_eos": True, "prompt_logprobs": 1})
+    lists = {i: {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for i in range(2)}
+    texts, vllm = {0: "", 1: ""}, {0: [], 1: []}
+    if stream:
+        async for chunk in await client.completions.create(**args, stream=True):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+                vllm[choice.index] += (choice.model_extra or {}).get("prompt_logprobs") or []
+                for key in lists[choice.index] if choice.logprobs else ():
+                    lists[choice.index][key] += getattr(choice.logprobs, key)
+    else:
+        response = await client.completions.create(**args)
+        assert response.usage.prompt_tokens == len(prompt) and response.usage.completion_tokens == 6
+        for choice in response.choices:
+            texts[choice.index], lists[choice.index] = choice.text, choice.logprobs.model_dump()
+            vllm[choice.index] = choice.model_extra["prompt_logprobs"]
+    assert texts[0] == texts[1] and lists[0]["tokens"] == lists[1]["tokens"]
+    assert {k: v[: len(prompt)] for k, v in lists[0].items()} == {k: v[: len(prompt)] for k, v in lists[1].items()}
+    for got in lists.values():
+        check_echoed(got, prompt, prompt_text, reference, by_text)
+    assert vllm[0] == vllm[1] and len(vllm[0]) == len(prompt) and vllm[0][0] is None
+    expected = reference_logprobs(reference, prompt[:1], prompt[1:])
+    for token, row, entry, legacy in zip(prompt[1:], expected, vllm[0][1:], lists[0]["token_logprobs"][1:]):
+        best = int(row.argmax())
+        rank = entry[str(token)]["rank"]  # 1 + the tokens more likely (ties within 1e-4 either way)
+        assert entry[str(token)]["logprob"] == legacy
+        assert int((row > row[token] + 1e-4).sum()) + 1 <= rank <= int((row > row[token] - 1e-4).sum()) + 1
+        assert entry[str(best)]["rank"] == 1 and abs(entry[str(best)]["logprob"] - float(row[best])) < 1e-4
+        assert set(entry) == {str(token), str(best)}
+    assert texts[0].startswith(prompt_text)
+    first_stage = next(node for node in steps if node.startswith("s0-"))
+    prefill = [n for step in steps[first_stage] for (_, _, n, is_prompt) in step if is_prompt]
+    assert max(prefill) <= CHUNK and sum(prefill) == len(prompt) + len(prompt) % BLOCK  # choice 1: the partial block
+    assert await c.settled()
+
+
+def check_echoed(got: dict, prompt: list[int], prompt_text: str, reference, by_text) -> None:
+    ids = [by_text[t] for t in got["tokens"]]
+    assert ids[: len(prompt)] == prompt and len(ids) == len(prompt) + 3
+    assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+    expected = reference_logprobs(reference, prompt[:1], ids[1:])  # row i: the logprobs of token i + 1
+    tops = [{by_text[t]: lp for t, lp in top.items()} for top in got["top_logprobs"][1:]]
+    assert all(ids[i + 1] in top for i, top in enumerate(tops))  # the prompt's (or sampled) token is always there
+    check_against(expected, ids[1:], got["token_logprobs"][1:],
+                  [{t: lp for t, lp in top.items() if t in dict(list(top.items())[:2])} for top in tops])
+    assert ids[len(prompt) :] == [int(row.argmax()) for row in expected[len(prompt) - 1 :]]  # greedy output
+    offsets = got["text_offset"]
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[len(prompt)] == len(prompt_text)
+
+
 # ------------------------------------------------------------------------------ logit bias, penalties
 @in_module_loop
 async def test_logit_bias_forces_and_bans_tokens(stack, reference, tokenizer, by_text):
@@ -315,6 +381,28 @@ async def test_penalties_equal_a_reference_by_hand(stack, reference, tokenizer, 
     assert expected != penalized_greedy(reference, prompt, 12, 0.0, 0.0)  # the penalty changed the output
 
 
+def test_penalties_count_the_tokens_of_earlier_tries(tiny, reference, tokenizer):
+    """A resumed try (its prompt ends with the ``token_offset`` tokens generated before) penalizes them
+    as output, as an undisturbed run would: in process, one stage's engine."""
+    prompt, frequency, presence = tokenizer.encode("numbers 0123456789 and words"), 1.5, 0.5
+    whole = penalized_greedy(reference, prompt, 10, frequency, presence)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, frequency_penalty=frequency,
+                            presence_penalty=presence).rest(4)
+    assert params.token_offset == 4 and params.max_tokens == 6
+    backend = TorchBackend.load(tiny, "tiny", 0, LAYERS, "float32", "cpu")
+    engine = Engine(backend, "solo", EngineConfig(kv_blocks=64, block_size=8))
+    resumed = prompt + whole[:4]
+    meta = RequestMeta(reply="gw", chain=((0, LAYERS),), route=("solo",), prompt_ids=tuple(resumed), sampling=params)
+    item = ForwardItem(rid="r~1", pos=0, n=len(resumed), meta=meta)
+    engine.submit(*decode(encode(Forward(items=(item,), dtype="int32", shape=(len(resumed),)),
+                                 torch.tensor(resumed, dtype=torch.int32).numpy().tobytes())))
+    tokens = []
+    while engine.has_work():
+        tokens += [t.token for subject, payload in engine.step() if isinstance(h := decode(payload)[0], Tokens) for t in h.items]
+    assert tokens == whole[4:]
+    assert whole[4:] != penalized_greedy(reference, resumed, 6, frequency, presence)  # counting only this try differs
+
+
 def test_adjusted_rows_do_not_touch_the_others():
     """Bias and penalties apply per row of a batch: each row samples as it would alone."""
     logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
@@ -332,7 +420,6 @@ def test_adjusted_rows_do_not_touch_the_others():
 # ------------------------------------------------------------------------------------ bad requests
 @in_module_loop
 @pytest.mark.parametrize(("endpoint", "body", "word"), [
-    ("completions", dict(prompt="hi", echo=True, logprobs=1), "echo"),
     ("completions", dict(prompt="hi", logprobs=6), "logprobs"),
     ("completions", dict(prompt="hi", n=2, best_of=3), "best_of"),
     ("chat", dict(messages=CHAT, logprobs=True, top_logprobs=21), "top_logprobs"),

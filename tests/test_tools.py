@@ -1,7 +1,9 @@
-"""Tool calling: the parsers of each template family on scripted outputs, and a round trip through the
-official openai client against a real cluster (gateway app in process over a real nats-server, one
-stage) serving a random tiny Llama whose tokenizer has a Hermes-style chat template. A random model
-never calls a tool by itself: a named or required tool_choice makes the mask write the call."""
+"""Tool calling: the parsers of each template family on scripted outputs (whole and streamed), scripted
+outputs whose markers are special tokens of a tiny tokenizer through the gateway app (a scripted
+pipeline), and a round trip through the official openai client against a real cluster (gateway app in
+process over a real nats-server, one stage) serving a random tiny Llama whose tokenizer has a
+Hermes-style chat template. A random model never calls a tool by itself: a named or required
+tool_choice makes the mask write the call."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from parallax.broker.model import eos_token_ids
 from parallax.gateway.app import create_app
 from parallax.gateway.chat import encode_chat
 from parallax.gateway.protocol import ChatMessage
-from parallax.gateway.tools import Hermes, Llama3Json, Mistral, ToolStream, format_of, parse_all
+from parallax.gateway.detok import IncrementalDetokenizer
+from parallax.gateway.tools import Harmony, Hermes, Llama3Json, Mistral, ToolStream, format_of, parse_all, special_ids
 
 from .cluster import cluster
 from .conftest import start_nats_server
@@ -57,6 +60,11 @@ Return each call as <tool_call>
 {%- if add_generation_prompt %}<|im_start|>assistant
 {% endif %}"""
 
+HARMONY = ("{%- if tools %}<|start|>developer<|message|>namespace functions {{ tools | tojson }}<|end|>{% endif %}"
+           "{%- for m in messages %}{%- if m.tool_calls %}{%- for c in m.tool_calls %}<|start|>assistant<|channel|>commentary"
+           " to=functions.{{ c.function.name }} <|constrain|>json<|message|>{{ c.function.arguments | tojson }}<|call|>"
+           "{%- endfor %}{%- else %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{%- endif %}{% endfor %}"
+           "{%- if add_generation_prompt %}<|start|>assistant{% endif %}")
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
            "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["C", "F"]}}}
 TOOLS = [
@@ -74,6 +82,7 @@ def test_format_is_picked_from_the_template() -> None:
     assert isinstance(format_of(HERMES), Hermes)
     assert isinstance(format_of("{{ tools }} [TOOL_CALLS] {{ messages }}"), Mistral)
     assert isinstance(format_of('{{ tools }} <|python_tag|> {"name": ..., "parameters": ...}'), Llama3Json)
+    assert isinstance(format_of(HARMONY), Harmony)
     assert format_of("{{ messages }}") is None
 
 
@@ -91,6 +100,10 @@ def test_format_is_picked_from_the_template() -> None:
     (Llama3Json(), "The answer is {1}", "The answer is {1}", []),
     (Llama3Json(), '{"title": "not a call"}', '{"title": "not a call"}', []),
     (Mistral(), "[TOOL_CALLS] oops", "[TOOL_CALLS] oops", []),
+    (Harmony(), '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris", "unit": "C"}'
+     "<|call|>", "", [("get_weather", {"city": "Paris", "unit": "C"})]),
+    (Harmony(), 'Hm.<|channel|>commentary to=functions.add<|message|>{"a": 1, "b": 2}', "Hm.", [("add", {"a": 1, "b": 2})]),
+    (Harmony(), "<|channel|>commentary to=functions.add", "<|channel|>commentary to=functions.add", []),
 ])
 def test_parsers_whole_and_streamed(fmt, text: str, content: str, calls: list[tuple[str, Any]]) -> None:
     whole = parse_all(fmt, text)
@@ -99,17 +112,129 @@ def test_parsers_whole_and_streamed(fmt, text: str, content: str, calls: list[tu
     assert [c.index for c in whole.calls] == list(range(len(calls)))
     assert len({c.id for c in whole.calls}) == len(calls) and all(c.id.startswith("call_") for c in whole.calls)
     stream = ToolStream(fmt)  # one character at a time: no piece of a marker leaks out as content
-    sent = [stream.feed(ch) for ch in text]
+    sent, deltas = [], []
+    for ch in text:
+        sent.append(stream.feed(ch))
+        deltas.append(stream.take_calls())
     rest = stream.finish()
     assert "".join(sent) + rest.content == content
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in rest.calls] == calls
+    assert streamed_calls([d for step in deltas for d in step] + rest.calls) == calls
     if calls:
-        assert "<tool" not in "".join(sent) and "[TOOL" not in "".join(sent)
+        assert "<tool" not in "".join(sent) and "[TOOL" not in "".join(sent) and "<|channel|>" not in "".join(sent)
+        # each call went out as it was written: its name with its id first, then its arguments in pieces
+        assert sum(1 for step in deltas if step) > len(calls) and not rest.calls
+        first = next(step for step in deltas if step)[0]
+        assert first.id.startswith("call_") and first.function.name == calls[0][0]
+        assert first.function.arguments in ("", "{")  # the name went out before its arguments were written
+    assert stream.complete == bool(calls)
+
+
+@pytest.mark.parametrize("fmt, text", [
+    (Hermes(), '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b":'),
+    (Harmony(), "<|channel|>commentary to=functions.add <|message|>{bad"),
+])
+def test_a_call_cut_after_its_name_stays_a_call_when_streamed(fmt, text: str) -> None:
+    """Streamed, a call goes out as it is written: one that then breaks (max_tokens) cannot be taken back;
+    whole, it stays text. Neither finishes with tool_calls."""
+    stream = ToolStream(fmt)
+    sent = [stream.feed(text[:40]), stream.feed(text[40:])]
+    deltas = stream.take_calls()
+    rest = stream.finish()
+    assert sent == ["", ""] and rest.content == "" and not stream.complete
+    assert deltas[0].function.name == "add" and "".join(d.function.arguments for d in deltas + rest.calls) in text
+    assert parse_all(fmt, text).content == text and not parse_all(fmt, text).calls
+
+
+def streamed_calls(deltas) -> list[tuple[str, Any]]:
+    """The calls that OpenAI's streamed deltas add up to: the first delta of each index names it (and
+    carries its id), the arguments are the concatenation of every delta's."""
+    names, arguments = {}, {}
+    for d in deltas:
+        if d.id is not None:
+            assert d.index not in names and d.type == "function"
+            names[d.index] = d.function.name
+        else:
+            assert d.function.name is None and d.index in names
+        arguments[d.index] = arguments.get(d.index, "") + (d.function.arguments or "")
+    assert sorted(names) == list(range(len(names)))
+    return [(names[i], json.loads(arguments[i])) for i in sorted(names)]
 
 
 def test_parallel_false_keeps_the_first_call() -> None:
     text = '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": {}}</tool_call>'
     assert [c.function.name for c in parse_all(Hermes(), text, parallel=False).calls] == ["a"]
+
+
+# ------------------------------------------------------- special-token markers, scripted pipeline
+SPECIALS = ["<|im_start|>", "<|im_end|>", "[TOOL_CALLS]", "<|python_tag|>", "<|channel|>", "<|constrain|>",
+            "<|message|>", "<|call|>", "<|start|>", "<|end|>"]
+MISTRAL = ("{%- if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}{%- for m in messages %}"
+           "{{ m.content }}{% if m.tool_calls %}[TOOL_CALLS]{{ m.tool_calls | tojson }}{% endif %}{% endfor %}")
+LLAMA31 = ("{%- if tools %}Call a function as {\"name\": ..., \"parameters\": ...}: {{ tools | tojson }}{% endif %}"
+           "{%- for m in messages %}{{ m.content }}{% if m.tool_calls %}<|python_tag|>{{ m.tool_calls | tojson }}"
+           "{% endif %}{% endfor %}")
+SCRIPTED = [  # (template, the model's output, the call it makes)
+    (MISTRAL, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}]<|im_end|>',
+     ("get_weather", {"city": "Paris", "unit": "C"})),
+    (LLAMA31, '<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}<|im_end|>', ("add", {"a": 1, "b": 2})),
+    (HARMONY, '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Paris","unit":"F"}'
+     "<|call|>", ("get_weather", {"city": "Paris", "unit": "F"})),
+]
+
+
+def special_tokenizer(template: str) -> Any:
+    """A byte-level BPE of ~300 tokens whose tool markers are special tokens, as in the real families."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([json.dumps(TOOLS), "What is the weather in Paris?"] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", chat_template=template)
+
+
+@pytest.mark.parametrize("template, output, call", SCRIPTED)
+def test_special_token_markers_reach_the_parser(template: str, output: str, call: tuple[str, Any]) -> None:
+    tokenizer = special_tokenizer(template)
+    fmt = format_of(template)
+    keep = special_ids(fmt, tokenizer)
+    ids = tokenizer.encode(output, add_special_tokens=False)
+    assert keep & set(ids) and all(tokenizer.added_tokens_decoder[i].special for i in keep)  # special tokens
+
+    def text(kept) -> str:
+        detok = IncrementalDetokenizer(tokenizer, [], kept)
+        return "".join(detok.add(t) for t in ids) + detok.flush()
+    assert not any(marker in text(frozenset()) for marker in fmt.special)  # dropped, as for any other request
+    parsed = parse_all(fmt, text(keep))
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in parsed.calls] == [call]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("template, output, call", SCRIPTED)
+async def test_scripted_special_token_calls_stream_through_the_gateway(template: str, output: str, call) -> None:
+    """The gateway app on a pipeline that replays the output token by token: the streamed deltas add up to
+    the call of the complete response, the name first, the arguments in several pieces."""
+    from tests.test_gateway_http import FakePipeline
+
+    tokenizer = special_tokenizer(template)
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|call|>")]
+    app = create_app(FakePipeline(script=tokenizer.encode(output, add_special_tokens=False)), tokenizer, MODEL, 4096, eos)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as http:
+        client = openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="x", http_client=http, max_retries=0)
+        whole = (await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS)).choices[0]
+        assert whole.finish_reason == "tool_calls" and not whole.message.content
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls] == [call]
+        deltas, content, finish = [], "", None
+        async for chunk in await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, stream=True):
+            for choice in chunk.choices:
+                deltas.append(choice.delta.tool_calls or [])
+                content += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+    assert finish == "tool_calls" and content == ""
+    assert streamed_calls([d for chunk in deltas for d in chunk]) == [call]
+    with_calls = [i for i, chunk in enumerate(deltas) if chunk]
+    assert len(with_calls) > 2 and deltas[with_calls[0]][0].function.name == call[0]
 
 
 # ----------------------------------------------------------------------------- real cluster
@@ -183,9 +308,11 @@ async def test_required_tool_call_streams_deltas(oai) -> None:
         content += delta.content or ""
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls" and content == ""
-    assert [d.index for d in deltas] == [0] and deltas[0].id.startswith("call_")
+    assert {d.index for d in deltas} == {0} and deltas[0].id.startswith("call_")
+    assert len(deltas) > 2  # the name, then the arguments in pieces as the model wrote them
+    ((name, arguments),) = streamed_calls(deltas)
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-    jsonschema.validate(json.loads(deltas[0].function.arguments), schemas[deltas[0].function.name])
+    jsonschema.validate(arguments, schemas[name])
 
 
 @pytest.mark.slow
