@@ -9,7 +9,6 @@ weights (``gguf.quants.dequantize`` of the very blocks written)."""
 
 from __future__ import annotations
 
-import json
 import mmap
 from pathlib import Path
 

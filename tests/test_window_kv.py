@@ -17,7 +17,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parallax.broker import subjects
 from parallax.broker.wire import Forward, ForwardItem, RequestMeta, SamplingParams, Tokens, decode, encode
 from parallax.stages.blocks import NULL_BLOCK, KVGroup, KVSpace, kv_groups, split_blocks, window_blocks
 from parallax.stages.engine import Engine, EngineConfig
