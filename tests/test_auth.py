@@ -1,7 +1,8 @@
 """Authenticated roles and TLS on a real nats-server configured from ``parallax auth init``'s output:
-who may connect, what each role may publish and subscribe to, and a whole pipeline (two tiny stages
-and a gateway, in this process) serving a greedy completion with auth and TLS on; every stage is a
-``nats.micro`` service (``$SRV.PING/INFO/STATS``)."""
+who may connect, what each role may publish and subscribe to (a per-node stage credential: only its
+own registry key, layer subjects and endpoint), and a whole pipeline (two tiny stages, one with its
+per-node credential, and a gateway, in this process) serving a greedy completion with auth and TLS on;
+every stage is a ``nats.micro`` service (``$SRV.PING/INFO/STATS``)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ import pytest
 from cryptography import x509
 
 from parallax import cli
-from parallax.auth import ROLES, public_key
+from parallax.auth import ROLES, public_key, stage_nodes
 from parallax.broker import subjects
 from parallax.broker.connection import NatsOptions, connect
 from parallax.broker.errors import NatsUnreachable
 from parallax.broker.kv import CasBucket, Presence, nodes_bucket
-from parallax.broker.registry import LEADER_KEY, NodeInfo, assign_key
+from parallax.broker.registry import LEADER_KEY, NodeInfo, assign_key, node_key
 from parallax.broker.server import nats_server_binary
 from parallax.broker.wire import SamplingParams
 from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
@@ -35,17 +36,21 @@ from parallax.stages.engine import EngineConfig
 from parallax.stages.micro import SERVICE
 from parallax.stages.torch_backend import TorchBackend
 from parallax.stages.worker import StageWorker, WorkerConfig
+from parallax.watch import evict
 from tests.cluster import make_tiny_model, reference_greedy
 from tests.conftest import DEPLOY, deploy_config, start_nats_server
 
 HOSTS = ("parallax-hub.example", "10.1.2.3")
+NODE = "edge-a"  # a stage node named at auth init (--stage): its credential is the role "stage-edge-a"
+ADDED = "edge_b-2"  # one added later (auth add-stage), before the server starts
 DENIED_S = 0.5  # how long a JetStream write waits for the ack a denied publish never gets
 
 
 @pytest.fixture(scope="module")
 def auth_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("secure") / "auth"
-    assert cli.main(["auth", "init", str(directory), *(f"--host={h}" for h in HOSTS)]) == 0
+    assert cli.main(["auth", "init", str(directory), *(f"--host={h}" for h in HOSTS), "--stage", NODE]) == 0
+    assert cli.main(["auth", "add-stage", str(directory), ADDED]) == 0
     return directory
 
 
@@ -125,6 +130,10 @@ def test_init_writes_private_seeds_and_a_server_certificate_for_the_hosts(auth_d
         assert stat.S_IMODE((auth_dir / f"{role}.nk").stat().st_mode) == 0o600
         assert stat.S_IMODE((auth_dir / f"{role}-key.pem").stat().st_mode) == 0o600
         assert public_key(auth_dir / f"{role}.nk") in conf
+    assert stage_nodes(auth_dir) == [NODE, ADDED]
+    for node in (NODE, ADDED):
+        assert stat.S_IMODE((auth_dir / f"stage-{node}.nk").stat().st_mode) == 0o600
+        assert public_key(auth_dir / f"stage-{node}.nk") in conf
     ca = x509.load_pem_x509_certificate((auth_dir / "ca.pem").read_bytes())
     cert = x509.load_pem_x509_certificate((auth_dir / "server-cert.pem").read_bytes())
     cert.verify_directly_issued_by(ca)
@@ -145,6 +154,30 @@ def test_init_refuses_an_existing_directory_without_force(auth_dir: Path, tmp_pa
     assert cli.main(["auth", "init", str(target), "--force"]) == 0
     assert (target / "stage.nk").read_bytes() != seed
     assert cli.main(["auth", "init", str(tmp_path / "bad"), "--host", "a b"]) == 2
+
+
+def test_stage_node_ids_are_checked_and_keys_are_added_once(tmp_path: Path, capsys):
+    """A per-node credential's node id is one registry key token and one subject token, the same in both."""
+    for bad in ("a.b", "*", ">", "a b", "_a", "", "x/y"):
+        assert cli.main(["auth", "init", str(tmp_path / "bad"), "--stage", bad]) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "node id" in err, err
+    assert not (tmp_path / "bad").exists()
+    assert cli.main(["auth", "init", str(tmp_path / "bad"), "--stage", "x", "--stage", "x"]) == 2
+    assert cli.main(["auth", "add-stage", str(tmp_path / "none"), "x"]) == 2  # not an auth init folder
+    assert "auth init" in capsys.readouterr().err
+
+    target = tmp_path / "auth"
+    assert cli.main(["auth", "init", str(target), "--stage", "n1"]) == 0
+    before = {f"{r}.nk": (target / f"{r}.nk").read_bytes() for r in ROLES}
+    assert cli.main(["auth", "add-stage", str(target), "n2"]) == 0
+    assert cli.main(["auth", "add-stage", str(target), "n2"]) == 2  # never replaces a node's key silently
+    assert cli.main(["auth", "add-stage", str(target), "n.3"]) == 2
+    assert stage_nodes(target) == ["n1", "n2"] and {f: (target / f).read_bytes() for f in before} == before
+    conf = (target / "auth.conf").read_text()
+    assert conf.count("$KV.parallax-nodes.stage.n2") == 2  # direct and $JS.*.API. (through a leaf)
+    assert cli.main(["auth", "init", str(target), "--force", "--stage", "n3"]) == 0  # --force: only the nodes named
+    assert stage_nodes(target) == ["n3"] and "stage.n1" not in (target / "auth.conf").read_text()
 
 
 # --- deploy/ ------------------------------------------------------------------------------------------
@@ -282,6 +315,49 @@ async def test_only_a_scheduler_writes_assignments(server, auth_dir: Path):
             await nc.close()
 
 
+async def test_a_stage_nodes_credential_writes_only_its_own_key_and_only_admin_evicts(server, auth_dir: Path):
+    """``stage-<NODE>.nk`` may write and delete ``stage.<NODE>`` alone (so cannot evict another stage),
+    receive only its own layer subjects and serve only its own ``parallax.stage.<NODE>``; admin evicts."""
+    errors: list[str] = []
+    mine = await connect_as(server, auth_dir, f"stage-{NODE}", errors)
+    admin = await connect_as(server, auth_dir, "admin")
+    try:
+        other = f"n{uuid.uuid4().hex[:6]}"  # a ghost stage's record (updated 0: no heartbeat for long)
+        other_key = node_key("stage", other)
+        await (await nodes_bucket(admin)).put(other_key, NodeInfo(node_id=other).model_dump_json().encode())
+        kv = await nodes_bucket(mine, timeout_s=DENIED_S)
+        with pytest.raises(nats.errors.TimeoutError):  # write: the server drops it, no ack comes
+            await kv.put(other_key, NodeInfo(node_id=other, host="forged").model_dump_json().encode())
+        with pytest.raises(nats.errors.TimeoutError):  # delete (a DEL marker on the same subject): the same
+            await kv.delete(other_key)
+        assert await until(lambda: denied(errors, "publish", f"$KV.parallax-nodes.{other_key}")), errors
+        assert NodeInfo.model_validate_json(await registry_value(admin, other_key)).host == ""
+        for key in (other_key, node_key("stage", NODE)):  # through a leaf: the same rule on the domain's subject
+            await mine.publish(f"$JS.hub.API.$KV.parallax-nodes.{key}", b"{}")
+        await mine.flush()
+        assert await until(lambda: denied(errors, "publish", f"$JS.hub.API.$KV.parallax-nodes.{other_key}")), errors
+
+        async with Presence(kv, lambda: NodeInfo(node_id=NODE, kind="stage"), 5.0):  # its own key: written
+            assert await registry_value(admin, node_key("stage", NODE)) is not None
+        assert await registry_value(admin, node_key("stage", NODE)) is None  # and deleted on the way out
+
+        for subject in (subjects.node("tiny", 0, 3, other), subjects.stage(other)):  # another node's work, endpoint
+            await mine.subscribe(subject)
+        for subject in (subjects.node("tiny", 0, 3, NODE), subjects.stage(NODE)):
+            await mine.subscribe(subject, queue=NODE)
+        await mine.flush()
+        assert await until(lambda: denied(errors, "subscription", subjects.stage(other))
+                           and denied(errors, "subscription", subjects.node("tiny", 0, 3, other))), errors
+        await asyncio.sleep(0.1)
+        assert not [e for e in errors if NODE in e], errors  # its own subjects and key: never denied
+
+        assert await evict(admin, other) == [other_key]  # admin evicts the ghost
+        assert await registry_value(admin, other_key) is None
+    finally:
+        await mine.close()
+        await admin.close()
+
+
 # --- a pipeline with auth and TLS on, and the stages as nats.micro services --------------------------
 async def gather(nc, subject: str, expect: int, timeout: float = 3.0) -> list[dict]:
     """Every answer to one request on ``subject`` (several services answer a $SRV request)."""
@@ -304,10 +380,11 @@ async def test_a_pipeline_serves_with_auth_and_tls_and_stages_are_micro_services
     gateway_nc = await connect(options(server, auth_dir, "gateway"), "gateway")
     admin = await connect_as(server, auth_dir, "admin")
     try:
-        for start, end in ((0, 3), (3, 6)):  # each stage connects on its own, as the stage role, like parallax-stage
+        # each stage connects on its own, like parallax-stage: 0:3 with its per-node nkey and --node-id, 3:6 as
+        # the shared stage role
+        for start, end, role, node in ((0, 3, f"stage-{ADDED}", ADDED), (3, 6, "stage", f"s3-{uuid.uuid4().hex[:6]}")):
             backend = await asyncio.to_thread(TorchBackend.load, path, "tiny", start, end, "float32", "cpu")
-            config = WorkerConfig(nats=options(server, auth_dir, "stage"), node_id=f"s{start}-{uuid.uuid4().hex[:6]}",
-                                  heartbeat_s=0.2)
+            config = WorkerConfig(nats=options(server, auth_dir, role), node_id=node, heartbeat_s=0.2)
             worker, ready = StageWorker(backend, config, EngineConfig(kv_blocks=64)), asyncio.Event()
             stages.append((worker, asyncio.create_task(worker.run(stop, ready))))
             await asyncio.wait_for(ready.wait(), 30)
