@@ -5,7 +5,8 @@
     parallax metrics --nats nats://127.0.0.1:4222
     parallax trace REQUEST_ID --nats nats://127.0.0.1:4222
     parallax evict NODE --nats nats://127.0.0.1:4222
-    parallax auth init DIR [--host NAME ...] [--force]
+    parallax auth init DIR [--host NAME ...] [--stage NODE ...] [--force]
+    parallax auth add-stage DIR NODE
 
 Every command but ``auth`` takes the connection flags (``--nats URL[,URL...]``, ``--creds``, ``--nkey``,
 ``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--js-domain``); ``up`` passes them to its children.
