@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 DEVICES = {"cpu": mx.cpu, "gpu": mx.gpu}
 QUANTIZE_BITS = {"q8_0": 8, "q4_0": 4}  # --quantize on this backend: MLX affine quantization, groups of 32
-GGUF_GROUP = 32  # MLX keeps GGUF Q4_0/Q4_1/Q8_0 blocks as affine groups of 32
 GGUF_NATIVE = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")  # GGUF types mx.load keeps exactly
 
 
@@ -68,12 +67,15 @@ class StageModel(nn.Module):
         n = args.num_hidden_layers
         if not 0 <= start < end <= n:
             raise ValueError(f"layers {start}:{end} are outside 0:{n} of this model")
-        self.arch, self.module, self.args = arch, found.module, args
+        self.found, self.arch, self.module, self.args = found, arch, found.module, args
         self.start, self.end, self.num_layers = start, end, n
         self.first, self.last, self.tied = start == 0, end == n, bool(config.get("tie_word_embeddings", False))
         if self.first or (self.last and self.tied):
             self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [arch.block(found.module, args, i) for i in range(start, end)]
+        self.windows = found.windows  # each layer's sliding window (None: all keys before it)
+        for layer in self.layers if found.rope is not None else ():
+            layer.self_attn.rope = found.rope
         if self.last:
             self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
             if not self.tied:
@@ -118,7 +120,7 @@ def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: mx.D
         tensors = _gguf_tensors(gguf, model)
     else:
         tensors = _safetensors(path, model)
-    tensors = sanitize(model.module, model.args, start, tensors)
+    tensors = sanitize(model.found, start, tensors)
     _quantize_like(model, tensors, config.get("quantization"))
     wanted = dict(tree_flatten(model.parameters()))
     missing = sorted(model.checkpoint_name(k) for k in wanted if model.checkpoint_name(k) not in tensors)
@@ -210,9 +212,11 @@ def _unpermute(rows: mx.array, heads: int) -> mx.array:
 
 
 def _quantize_like(model: StageModel, tensors: dict[str, mx.array], quantization: dict | None) -> None:
-    """Turn the Linear/Embedding modules whose tensors come quantized (``<name>.scales`` present) into
-    their quantized kind, with the config's group size and bits (an MLX checkpoint) or those the
-    tensor's shape says (a GGUF: groups of 32, 4 or 8 bits)."""
+    """Turn the Linear/Embedding/SwitchLinear modules whose tensors come quantized (``<name>.scales``
+    present) into their quantized kind, with the config's group size and bits (an MLX checkpoint) or
+    those the tensors say (mlx-lm's ``infer_quant_config``: a GGUF's affine groups of 32, 4 or 8 bits;
+    gpt-oss's MXFP4 experts, uint8 scales of groups of 32, as MLX's ``mxfp4`` mode)."""
+    from mlx_lm.utils import infer_quant_config
 
     def params(path: str, module: nn.Module):
         name = model.checkpoint_name(path)
@@ -223,8 +227,7 @@ def _quantize_like(model: StageModel, tensors: dict[str, mx.array], quantization
             if isinstance(found, dict):
                 return found
             return {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
-        w, s = tensors[f"{name}.weight"], tensors[f"{name}.scales"]
-        return {"group_size": GGUF_GROUP, "bits": w.shape[-1] * 32 // (s.shape[-1] * GGUF_GROUP)}
+        return infer_quant_config(name, module, tensors)
 
     nn.quantize(model, class_predicate=params)
 
@@ -270,6 +273,15 @@ class Group:
     tables: mx.array  # [B, nb] block tables (padded with block 0)
     length: int  # keys to attend: the longest entry's pos + L
     mask: mx.array  # [B, 1, L, length] bool: key visible to the query row
+    positions: np.ndarray  # [B, L] each query row's position
+
+    def window_mask(self, window: int | None) -> mx.array:
+        """``mask`` for a layer attending to the last ``window`` keys (itself included): key j visible from
+        the query at p when p - window < j <= p (transformers' sliding window); ``mask`` itself for None."""
+        if window is None:
+            return self.mask
+        recent = np.arange(self.length)[None, None, :] > self.positions[:, :, None] - window  # [B, L, length]
+        return self.mask & mx.array(recent[:, None])
 
     @classmethod
     def decode(cls, items: list[tuple[int, StepItem]], block_size: int) -> "Group":
@@ -283,7 +295,7 @@ class Group:
         slots = [it.blocks[p // block_size] * block_size + p % block_size for p, (_, it) in zip(pos, items)]
         visible = np.arange(length)[None, :] <= np.array(pos)[:, None]  # [B, length]
         return cls([r for r, _ in items], (len(items), 1), mx.array(pos), mx.array(slots, mx.int32), mx.array(tables),
-                   length, mx.array(visible[:, None, None, :]))
+                   length, mx.array(visible[:, None, None, :]), np.array(pos)[:, None])
 
     @classmethod
     def prefill(cls, row: int, item: StepItem, block_size: int) -> "Group":
@@ -295,7 +307,7 @@ class Group:
         p = np.arange(pos, length)
         visible = np.arange(length)[None, :] <= p[:, None]  # [n, length]
         return cls(list(range(row, row + n)), (1, n), pos, mx.array(table[p // block_size] * block_size + p % block_size),
-                   mx.array(table[None]), length, mx.array(visible[None, None]))
+                   mx.array(table[None]), length, mx.array(visible[None, None]), p[None])
 
 
 class _PagedView:
@@ -325,7 +337,8 @@ class MLXBackend:
         self.kv: PagedKV | None = None
         self.sampler = Sampler()
         self.kernels: dict[str, str] = {}  # MLX picks its own kernels
-        self.kv_windows: tuple[int | None, ...] = (None,) * len(model.layers)  # sliding windows are refused at load
+        # one KV group: every layer keeps all of a request's keys; a sliding layer masks those before its window
+        self.kv_windows: tuple[int | None, ...] = (None,) * len(model.layers)
 
     @classmethod
     def load(cls, path: Path, model_name: str, start: int, end: int, dtype: str, device: str | None = None,
@@ -378,8 +391,9 @@ class MLXBackend:
         return groups + [Group.prefill(int(starts[k]), it, bs) for k, it in enumerate(items) if it.n > 1]
 
     def _forward(self, h: mx.array, group: Group) -> mx.array:
+        masks = {w: group.window_mask(w) for w in set(self.model.windows)}
         for j, layer in enumerate(self.model.layers):  # h: [B, L, D]
-            h = layer(h, group.mask, cache=_PagedView(self.kv, j, group)).astype(self.dtype)
+            h = layer(h, masks[self.model.windows[j]], cache=_PagedView(self.kv, j, group)).astype(self.dtype)
         return h
 
     def _inputs(self, items: list[StepItem]) -> mx.array:
