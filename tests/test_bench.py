@@ -349,28 +349,6 @@ def test_benchmark_end_to_end_tiny(tmp_path: Path):
     assert_all_gone(pids)
 
 
-@pytest.mark.slow
-def test_benchmark_ctrl_c_stops_the_cluster(tmp_path: Path):
-    out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "bench.serve", *TINY_RUN, "--levels", "1", "--requests-per-level", "50",
-           "--output-len", "32", "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stderr:
-            if "level: concurrency" in line:
-                break
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130
-    results = json.loads((out / "latest.json").read_text())
-    assert results["error"] == "interrupted"
-    assert_all_gone(results["cluster"]["pids"])
-
-
 
 # ------------------------------------------------------------------- synthetic model, side by side
 def llama_cpp_rows(heads: int, head_dim: int) -> list[int]:

@@ -328,7 +328,7 @@ def tiny_chat(tmp_path_factory, smollm2_path):
 
 @pytest.mark.slow
 def test_mixed_pipelines_of_a_tiny_model_equal_transformers(tiny_chat, tmp_path):
-    """torch 0:3 + mlx 3:6, then mlx 0:3 + mlx 3:6, then mlx 0:3 + torch 3:6, through the gateway:
+    """torch 0:3 + mlx 3:6, then mlx 0:3 + torch 3:6, through the gateway:
     float32 greedy tokens equal single-process transformers (completions and chat)."""
     from transformers import AutoTokenizer
 
@@ -340,7 +340,7 @@ def test_mixed_pipelines_of_a_tiny_model_equal_transformers(tiny_chat, tmp_path)
     expected = [decoded(tok, reference_greedy(tiny_chat, p, 8)) for p in prompts]
     expected_chat = decoded(tok, reference_greedy(tiny_chat, chat_ids, 8))
     with stack(str(tiny_chat), tmp_path) as s:
-        for backends in (("torch", "mlx"), ("mlx", "mlx"), ("mlx", "torch")):
+        for backends in (("torch", "mlx"), ("mlx", "torch")):  # MLX alone through processes: the parallax up test
             s.stage(backends[0], 0, 3)
             s.stage(backends[1], 3, 6)
             s.ready()
@@ -352,22 +352,22 @@ def test_mixed_pipelines_of_a_tiny_model_equal_transformers(tiny_chat, tmp_path)
 @pytest.mark.slow
 def test_smollm2_torch_then_mlx_equals_transformers(smollm2_path, tmp_path):
     """The bundled SmolLM2 (its GGUF's Q4_1 blocks, on both backends), torch 0:15 + MLX 15:30, float32:
-    32 greedy tokens of chats and a completion equal transformers on the dequantized model."""
+    16 greedy tokens of a chat and a completion equal transformers on the dequantized model."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_path)
-    questions = ["What is the capital of France?", "Write a haiku about the sea."]
+    questions = ["What is the capital of France?"]
     chats = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                 tokenize=False), add_special_tokens=False) for q in questions]
     story = tok.encode("Once upon a time")
-    expected = [decoded(tok, reference_greedy(smollm2_path, p, 32)) for p in chats + [story]]
+    expected = [decoded(tok, reference_greedy(smollm2_path, p, 16)) for p in chats + [story]]
     with stack("smollm2-135m", tmp_path) as s:
         s.stage("torch", 0, 15)
         s.stage("mlx", 15, 30)
         s.ready()
         api = s.client()
-        got = [chat_text(api, "smollm2-135m", q, 32) for q in questions]
-        got.append(completion_text(api, "smollm2-135m", story, 32))
+        got = [chat_text(api, "smollm2-135m", q, 16) for q in questions]
+        got.append(completion_text(api, "smollm2-135m", story, 16))
     assert got == expected
 
 
