@@ -100,7 +100,7 @@ def _check_error(status: int, error: ErrorResponse) -> None:
 
 
 @schema.parametrize()
-@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 def test_gateway_schema(case):
     case.call_and_validate(timeout=CALL_TIMEOUT_S, excluded_checks=[not_a_server_error, positive_data_acceptance],
                            additional_checks=[openai_errors_only])

@@ -188,9 +188,8 @@ def test_a_second_start_works_from_the_cache_with_the_hub_down(mirror):
     again = resolve_model(SHARDED, need="headers")
     assert again == source
     fetch_layers(again, 0, 2)  # its shards are cached
-    with pytest.raises(HubUnreachable) as info:
-        fetch_layers(again, 4, 6)  # these never came
-    assert "cannot reach" in one_line(info.value)
+    # (shards that never came, with the Hub down, end in HubUnreachable after huggingface_hub's own retries, ~23 s:
+    # not run here for the suite's time; test_hub_down_and_nothing_cached checks the error's line)
 
 
 # ----------------------------------------------------------------------------- one-line errors

@@ -328,7 +328,7 @@ def tiny_chat(tmp_path_factory, smollm2_path):
 
 @pytest.mark.slow
 def test_mixed_pipelines_of_a_tiny_model_equal_transformers(tiny_chat, tmp_path):
-    """torch 0:3 + mlx 3:6, then mlx 0:3 + torch 3:6, through the gateway:
+    """mlx 0:3 + torch 3:6 through the gateway:
     float32 greedy tokens equal single-process transformers (completions and chat)."""
     from transformers import AutoTokenizer
 
@@ -340,7 +340,7 @@ def test_mixed_pipelines_of_a_tiny_model_equal_transformers(tiny_chat, tmp_path)
     expected = [decoded(tok, reference_greedy(tiny_chat, p, 8)) for p in prompts]
     expected_chat = decoded(tok, reference_greedy(tiny_chat, chat_ids, 8))
     with stack(str(tiny_chat), tmp_path) as s:
-        for backends in (("torch", "mlx"), ("mlx", "torch")):  # MLX alone through processes: the parallax up test
+        for backends in (("mlx", "torch"),):  # torch -> MLX: the SmolLM2 test; MLX alone: the parallax up test
             s.stage(backends[0], 0, 3)
             s.stage(backends[1], 3, 6)
             s.ready()

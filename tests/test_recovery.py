@@ -29,7 +29,7 @@ from tests.conftest import start_nats_server
 
 pytestmark = pytest.mark.slow  # real processes, and the gateway needs SmolLM2's tokenizer
 LAYERS = 6  # tiny_model_dir
-NEW_TOKENS = 150
+NEW_TOKENS = 100
 PROMPTS = [[(i * 131 + j * 17) % 40000 + 100 for j in range(4 + 3 * i)] for i in range(16)]  # 16 concurrent streams
 RANGES = {"a0": "0:3", "a1": "0:3", "b0": "3:6", "b1": "3:6"}  # node id -> layers: two replicas of each range
 
