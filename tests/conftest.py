@@ -76,6 +76,16 @@ def nats_url(nats_server: EmbeddedServer) -> str:
     return nats_server.url
 
 
+@pytest.fixture(scope="module")
+def nats_module():
+    """The URL of a nats-server shared by one test module (its cluster fixtures outlive a test)."""
+    server = start_nats_server()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_path: Path):
     """SmolLM2's chat tokenizer (byte-level BPE), loaded once per session."""

@@ -21,7 +21,6 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from parallax.gateway.app import create_app
 from parallax.gateway.protocol import ErrorResponse
 from tests.cluster import cluster
-from tests.conftest import start_nats_server
 
 pytestmark = pytest.mark.slow  # the gateway needs SmolLM2's tokenizer
 LAYERS = 6
@@ -58,18 +57,9 @@ class LiveGateway:
             yield
 
 
-@pytest.fixture(scope="module")
-def nats_url_module():
-    server = start_nats_server()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
 @pytest.fixture
-def gateway_schema(nats_url_module, tiny_model_dir, smollm2_tokenizer):
-    return schemathesis.openapi.from_asgi("/openapi.json", LiveGateway(nats_url_module, tiny_model_dir, smollm2_tokenizer))
+def gateway_schema(nats_module, tiny_model_dir, smollm2_tokenizer):
+    return schemathesis.openapi.from_asgi("/openapi.json", LiveGateway(nats_module, tiny_model_dir, smollm2_tokenizer))
 
 
 schema = schemathesis.pytest.from_fixture("gateway_schema")

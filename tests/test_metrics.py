@@ -20,19 +20,9 @@ from parallax.broker import subjects
 from parallax.broker.server import free_port
 from parallax.stages.metrics import metrics_port
 from parallax.watch import ask_stages
-from tests.conftest import start_nats_server
 from tests.watchkit import LAYERS, MODEL, Served, samples, served, tiny_model, value
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest.fixture(scope="module")
-def nats_module():
-    server = start_nats_server()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

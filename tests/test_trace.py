@@ -15,7 +15,6 @@ import pytest_asyncio
 
 from parallax.broker import subjects
 from parallax.broker.observe import TraceContext, gather, parse_trace_header, trace_header
-from tests.conftest import start_nats_server
 from tests.watchkit import LAYERS, Served, served, tiny_model
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -23,15 +22,6 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 PROMPT = [11, 12, 13, 14, 15]
 TOKENS = 4
-
-
-@pytest.fixture(scope="module")
-def nats_module():
-    server = start_nats_server()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

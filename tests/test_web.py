@@ -22,20 +22,10 @@ from parallax.broker.registry import NodeInfo
 from parallax.gateway.watch import join_command, reachable_nats
 from parallax.status import build_status, render_table
 from parallax.watch import evict
-from tests.conftest import start_nats_server
 from tests.watchkit import LAYERS, MODEL, Served, served, tiny_model
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-@pytest.fixture(scope="module")
-def nats_module():
-    server = start_nats_server()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
