@@ -30,6 +30,17 @@ HEAD_DIM = {"llama": 16, "qwen2": 16, "qwen3": 128}  # transformers reads no hea
 QUANTIZABLE = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
 
 
+def add_tiny_tokenizer(w: gguf.GGUFWriter, vocab: int) -> None:
+    """A byte-level BPE tokenizer of ``vocab`` tokens in a GGUF's metadata (what transformers needs to load it)."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(["<s>", "</s>"] + [chr(c) for c in range(33, 33 + vocab - 3)] + ['!"'])
+    w.add_token_types([3, 3] + [1] * (vocab - 2))
+    w.add_token_merges(['! "'])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+
+
 def write_tiny_gguf(path: Path, arch: str, qtype: Q, tied: bool = False, seed: int = 0,
                     raw: dict[str, Q] | None = None, hidden: int = HIDDEN, name: str | None = None) -> Path:
     """A seeded random 2-layer model as llama.cpp writes it: matrices in ``qtype`` (``raw``: given GGUF
@@ -49,13 +60,7 @@ def write_tiny_gguf(path: Path, arch: str, qtype: Q, tied: bool = False, seed: i
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_vocab_size(VOCAB)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(["<s>", "</s>"] + [chr(c) for c in range(33, 33 + VOCAB - 3)] + ['!"'])
-    w.add_token_types([3, 3] + [1] * (VOCAB - 2))
-    w.add_token_merges(['! "'])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    add_tiny_tokenizer(w, VOCAB)
 
     def matrix(name: str, rows: int, cols: int) -> None:
         data = rng.standard_normal((rows, cols), dtype=np.float32)

@@ -28,6 +28,7 @@ from parallax.stages.profile import active_layer_bytes, estimate_layer_ms, model
 from parallax.stages.quant import QuantMatrix
 from parallax.stages.torch_backend import load_stage_model
 from tests.cluster import reference_greedy
+from tests.test_gguf_weights import add_tiny_tokenizer
 from tests.test_moe import assert_as_close_as_transformers_to_itself, greedy_through, pools, run_stages
 
 Q = gguf.GGMLQuantizationType
@@ -105,13 +106,7 @@ def write_moe_gguf(path: Path, name: str, state: dict[str, torch.Tensor], config
         w.add_expert_feed_forward_length(config["moe_intermediate_size"])
     else:
         w.add_rope_dimension_count(hd)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(["<s>", "</s>"] + [chr(c) for c in range(33, 33 + VOCAB - 3)] + ['!"'])
-    w.add_token_types([3, 3] + [1] * (VOCAB - 2))
-    w.add_token_merges(['! "'])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    add_tiny_tokenizer(w, VOCAB)
 
     def tensor(gguf_name: str, hf_names: list[str], qtype: Q, heads: int | None = None) -> None:
         data = np.stack([state[n].numpy() for n in hf_names]) if len(hf_names) > 1 else state[hf_names[0]].numpy()
