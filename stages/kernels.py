@@ -33,7 +33,7 @@ row, never on how many rows a step has; a kernel is only picked if it passed tha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
 import numpy as np
@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from numba import njit, prange, types
 from numba.extending import overload
 
-from . import tuning
-from .quant import DENSE, QuantMatrix, Tiled, float32_bias, read_only
+from . import int8dot, tuning
+from .quant import DENSE, INT8, QuantMatrix, Tiled, float32_bias, read_only
 from .tuning import DEFAULT_PICKS, follow_torch_threads
 
 MAX_ROWS = tuning.MAX_ROWS  # generated-token rows per fused call
@@ -396,6 +396,7 @@ class LayerWeights:
     gate_up: Projection | None  # [2I, D]; None: the layer's MLP is not one gated MLP (mixture of experts)
     down: Projection | None  # [D, I]
     eps: float
+    int8: dict = field(default_factory=dict, compare=False, repr=False)  # row kind -> ``_int8_weights`` (kept)
 
 
 @dataclass(frozen=True)
@@ -426,8 +427,60 @@ def fused_layer(h: np.ndarray, w: LayerWeights, batch: RowBatch, heads: int, kv_
                 k_cache: np.ndarray, v_cache: np.ndarray, window: int = 0) -> None:
     """h: [T, D] float32 (bf16 values for BF16), updated in place; k_cache, v_cache: [slots, KV, hd] of the
     batch's mode: bf16 bits (uint16) or float32; ``window``: a sliding layer's (0: none)."""
+    whole = _int8_weights(w, batch)
+    if whole is not None:  # every projection by the int8 kernel: the layer in one numba call
+        _check_cache(k_cache, v_cache, batch.mode)
+        follow_torch_threads()
+        _layer_int8(h, w.ln1, w.ln2, np.float32(w.eps), whole, batch.cos, batch.sin, heads, kv_heads, head_dim, k_cache,
+                    v_cache, batch.write_slots, batch.tables, batch.lengths, batch.block_size,
+                    np.float32(head_dim ** -0.5), batch.mode, window)
+        return
     normed = attention_rows(h, w, batch, heads, kv_heads, head_dim, k_cache, v_cache, window=window)
     add_rows(h, mlp_rows(w.gate_up, w.down, normed, batch), batch.mode)
+
+
+def _int8_weights(w: LayerWeights, batch: RowBatch) -> tuple | None:
+    """``QuantMatrix.int8_operands`` of qkv, o, gate_up and down when the batch's row kind runs all four by
+    the int8 kernel (``stages.int8dot``), else None (looked up once per layer and row kind)."""
+    kind = "prefill" if batch.prompt else "decode"
+    if kind not in w.int8:
+        parts = (w.qkv, w.o, w.gate_up, w.down)
+        whole = all(isinstance(p, QuantMatrix) and p.picks[kind] == INT8 for p in parts)
+        w.int8[kind] = tuple(p.int8_operands() for p in parts) if whole else None
+    return w.int8[kind]
+
+
+@njit(fastmath=True, cache=True)
+def _project_int8(part, x, mode):  # part: QuantMatrix.int8_operands(); x [T, I] -> [T, O] at the activation precision
+    kind, tiles, bias = part
+    T, I = x.shape
+    qx, dx, sx = np.empty((T, I), np.int8), np.empty((T, I // 32), np.float32), np.empty((T, I // 32), np.float32)
+    int8dot._quantize_rows(x, qx, dx, sx)
+    out = np.empty((T, tiles.shape[0] * int8dot.ROWS), np.float32)
+    int8dot._rows(kind, tiles, qx, dx, sx, out)
+    for t in range(T):
+        for o in range(out.shape[1]):
+            out[t, o] = _keep(out[t, o] + (bias[o] if bias.shape[0] else np.float32(0)), mode)
+    return out
+
+
+@njit(fastmath=True, cache=True)
+def _layer_int8(h, ln1, ln2, eps, parts, cos, sin, heads, kv_heads, hd, k_cache, v_cache, write_slots, tables,
+                lengths, block_size, scale, mode, window) -> None:
+    """``fused_layer`` with every projection by the int8 kernel: the same ops in the same order."""
+    qkv_p, o_p, gu_p, down_p = parts
+    normed = np.empty_like(h)
+    _norm_rows(h, ln1, eps, normed, mode)
+    qkv = _project_int8(qkv_p, normed, mode)  # [T, (H + 2KV) * hd]
+    attn = np.empty((h.shape[0], heads * hd), np.float32)
+    _attend(qkv, cos, sin, heads, kv_heads, hd, k_cache, v_cache, write_slots, tables, lengths, block_size, scale, attn,
+            mode, window)
+    _residual_norm(h, _project_int8(o_p, attn, mode), ln2, eps, normed, mode)
+    gu = _project_int8(gu_p, normed, mode)  # [T, 2I]
+    inter = gu.shape[1] // 2
+    m = np.empty((h.shape[0], inter), np.float32)
+    _silu_mul(gu, inter, m, mode)
+    _add_rows(h, _project_int8(down_p, m, mode), mode)
 
 
 def attention_rows(h: np.ndarray, w: LayerWeights, batch: RowBatch, heads: int, kv_heads: int, head_dim: int,
@@ -437,8 +490,7 @@ def attention_rows(h: np.ndarray, w: LayerWeights, batch: RowBatch, heads: int, 
     (the MLP's input, [T, D]). ``qk_norm``: RMSNorm weights [hd] of each query head and each key head (Qwen3);
     ``window``: a sliding layer's (each row attends to its last ``window`` keys; 0: to all)."""
     mode = batch.mode
-    if k_cache.dtype != mode.dtype or v_cache.dtype != mode.dtype:
-        raise ValueError(f"a {mode.dtype} fused step needs a {mode.dtype} KV cache; got {k_cache.dtype}, {v_cache.dtype}")
+    _check_cache(k_cache, v_cache, mode)
     T = h.shape[0]
     follow_torch_threads()
     normed = np.empty_like(h)
@@ -453,6 +505,11 @@ def attention_rows(h: np.ndarray, w: LayerWeights, batch: RowBatch, heads: int, 
             batch.lengths, batch.block_size, np.float32(head_dim ** -0.5), attn, mode, window)
     _residual_norm(h, _project(w.o, attn, batch), w.ln2, w.eps, normed, mode)
     return normed
+
+
+def _check_cache(k_cache: np.ndarray, v_cache: np.ndarray, mode: np.uint16 | np.float32) -> None:
+    if k_cache.dtype != mode.dtype or v_cache.dtype != mode.dtype:
+        raise ValueError(f"a {mode.dtype} fused step needs a {mode.dtype} KV cache; got {k_cache.dtype}, {v_cache.dtype}")
 
 
 def mlp_rows(gate_up: Projection, down: Projection, x: np.ndarray, batch: RowBatch) -> np.ndarray:

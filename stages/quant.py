@@ -36,14 +36,15 @@ import numpy as np
 import torch
 from numba import get_num_threads, njit, prange
 
-from . import int4pack
+from . import int4pack, int8dot
 from .int4pack import Int4Pack
-from .tuning import DEFAULT_PICKS, MAX_ROWS, follow_torch_threads
+from .tuning import DEFAULT_PICKS, MAX_ROWS, OWN_LAYOUT, follow_torch_threads
 
 Q = gguf.GGMLQuantizationType
 TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)  # kernel code = index
 QUANTIZABLE = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)  # what gguf.quants.quantize can write
 DENSE = {torch.bfloat16: ("bf16", 8), torch.float16: ("f16", 9), torch.float32: ("f32", 10)}  # format, kernel code
+INT8 = int8dot.KERNEL  # activations quantized to int8, integer SIMD dot products
 TILE_BYTES = 4 << 20  # float32 scratch of decoded rows per prefill tile
 
 
@@ -494,7 +495,9 @@ class QuantMatrix(Tiled):
     picks: dict[str, str] = field(init=False, repr=False, default_factory=lambda: dict(DEFAULT_PICKS))
     _kernel_blocks: np.ndarray = field(init=False, repr=False)
     _bias32: np.ndarray | None = field(init=False, repr=False)
-    _int4: Int4Pack | None = field(init=False, repr=False, default=None)  # torch's int4 layout (``settle``)
+    # the weight in an own-layout kernel's layout (``OWN_LAYOUT``): made while kernels are measured, only the picked
+    # one kept by ``settle``, which then drops the blocks
+    _packed: dict[str, Int4Pack | np.ndarray] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.qtype not in TYPES:
@@ -549,46 +552,72 @@ class QuantMatrix(Tiled):
     @property
     def nbytes(self) -> int:
         """Bytes as held (blocks or their int4 repack, and bias)."""
-        held = self.blocks.nbytes + (0 if self._int4 is None else self._int4.nbytes)
+        held = self.blocks.nbytes + sum(p.nbytes for p in self._packed.values())
         return held + (0 if self._bias32 is None else self._bias32.nbytes)
 
     @property
-    def repacked(self) -> bool:  # held in torch's int4 layout, the blocks gone
+    def repacked(self) -> bool:  # held in an own-layout kernel's layout, the blocks gone
         return self.blocks.size == 0
 
     def candidates(self, kind: str, dtype: torch.dtype) -> tuple[str, ...]:
         if self.repacked:
-            return (int4pack.KERNEL,)
+            return tuple(self._packed)
         more = (int4pack.KERNEL,) if int4pack.eligible(self.qtype, self.shape, dtype) else ()
+        if dtype == torch.bfloat16 and int8dot.available(self.qtype, self.shape):
+            more += (INT8,)  # not the exact product (int8 activations): bf16 runs only
         return super().candidates(kind, dtype) + more
 
     def run(self, name: str, x: np.ndarray) -> np.ndarray:
-        if name != int4pack.KERNEL:
+        if name not in OWN_LAYOUT:
             return super().run(name, x)
-        if self._int4 is None:  # while kernels are measured: made once, dropped by ``settle`` if not picked
-            object.__setattr__(self, "_int4", Int4Pack.from_blocks(self.qtype, self.blocks))
-        x16 = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(torch.bfloat16)  # bf16 values: exact
-        out = self._int4.mm(x16).float().numpy()
+        if name == INT8:
+            out = int8dot.matmul(self.qtype, self._layout(name), x)
+        else:
+            x16 = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(torch.bfloat16)  # bf16 values: exact
+            out = self._layout(name).mm(x16).float().numpy()
         return out if self._bias32 is None else out + self._bias32
 
     def settle(self) -> None:
-        """Hold the weight in the layout its picks read: torch's int4 layout (the blocks dropped) when the
-        int4 kernel was picked, else the blocks (an int4 copy made while measuring dropped)."""
-        if int4pack.KERNEL not in self.picks.values():
-            object.__setattr__(self, "_int4", None)
+        """Hold the weight in the layout its picks read: an own-layout kernel's (the blocks dropped) when one was
+        picked, else the blocks (copies made while measuring dropped)."""
+        picked = set(self.picks.values()) & set(OWN_LAYOUT)
+        for name in set(self._packed) - picked:
+            del self._packed[name]
+        if not picked:
             return
-        if set(self.picks.values()) != {int4pack.KERNEL}:
-            raise ValueError(f"the int4 kernel holds the weight in its own layout: every row kind must use it; "
-                             f"got {self.picks}")
+        if len(set(self.picks.values())) != 1:
+            raise ValueError(f"the {' and '.join(sorted(picked))} kernel holds the weight in its own layout: every "
+                             f"row kind must use it; got {self.picks}")
         if not self.repacked:
-            if self._int4 is None:
-                object.__setattr__(self, "_int4", Int4Pack.from_blocks(self.qtype, self.blocks))
+            self._layout(picked.pop())
             empty = np.empty((self.shape[0], 0), np.uint8)
             object.__setattr__(self, "blocks", empty)
             object.__setattr__(self, "_kernel_blocks", read_only(empty))
 
+    def int8_operands(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """What the int8 kernel reads, for a caller that runs it inside its own numba code: the format's index
+        in ``int8dot.FORMATS``, the tiles (``int8dot.repack``) and the float32 bias ([0] if none)."""
+        bias = np.empty(0, np.float32) if self._bias32 is None else self._bias32
+        return int8dot.FORMATS.index(self.qtype), self._layout(INT8), bias
+
+    def _layout(self, name: str) -> Int4Pack | np.ndarray:
+        if name not in self._packed:
+            if self.repacked:
+                raise ValueError(f"the weight is held in the {next(iter(self._packed))} layout, not {name}'s")
+            made = (read_only(int8dot.repack(self.qtype, self.blocks)) if name == INT8
+                    else Int4Pack.from_blocks(self.qtype, self.blocks))
+            self._packed[name] = made
+        return self._packed[name]
+
     def _row_values(self, rows: np.ndarray) -> np.ndarray:
-        return self._int4.rows(rows) if self.repacked else super()._row_values(rows)
+        if not self.repacked:
+            return super()._row_values(rows)
+        if int4pack.KERNEL in self._packed:
+            return self._packed[int4pack.KERNEL].rows(rows)
+        blocks = int8dot.unpack_rows(self.qtype, self._packed[INT8], rows)
+        out = np.empty((rows.size, self.shape[1]), np.float32)
+        _dequantize(self._kind, self._block, blocks, np.arange(rows.size), out)
+        return out
 
     @property
     def _kind(self) -> int:

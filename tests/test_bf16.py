@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from parallax.broker.wire import SamplingParams
-from parallax.stages import int4pack, kernels
+from parallax.stages import int4pack, int8dot, kernels
 from parallax.stages.backend import SampleSpec, StepItem
 from parallax.stages.engine import EngineConfig
 from parallax.stages.kv import Rows
@@ -34,15 +34,19 @@ QUESTIONS = [
 # --- backend level, a tiny random Llama (fast) ------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["bf16", "int4"])
+@pytest.fixture(scope="module", params=["bf16", int4pack.KERNEL, int8dot.KERNEL])
 def tiny_first_stage(tmp_path_factory, request):
-    """bf16 weights, or weights quantized to Q4_0 at load and held in torch's int4 layout (its kernel for
-    every row)."""
+    """bf16 weights, or weights quantized to Q4_0 at load and held in torch's int4 layout or in the int8
+    kernel's tiles (that kernel for every row)."""
     path = make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", layers=4)
-    backend = TorchBackend.load(path, "tiny", 0, 2, "bfloat16", "cpu", quantize="q4_0" if request.param == "int4" else None)
-    if request.param == "int4":
+    own = request.param if request.param != "bf16" else None
+    with pytest.MonkeyPatch.context() as patch:  # the tuning picks neither: the one asked for is set below
+        patch.setattr(int4pack, "eligible", lambda *a: False)
+        patch.setattr(int8dot, "available", lambda *a: False)
+        backend = TorchBackend.load(path, "tiny", 0, 2, "bfloat16", "cpu", quantize="q4_0" if own else None)
+    if own:
         for m in kernels.tiled(kernels.projections(backend.model)):
-            m.picks.update(decode=int4pack.KERNEL, prefill=int4pack.KERNEL)
+            m.picks.update(decode=own, prefill=own)
             m.settle()
         assert all(m.repacked for m in kernels.tiled(kernels.projections(backend.model)))
     backend.init_kv(23 * 12, 4)
@@ -79,7 +83,7 @@ def test_a_rows_hidden_state_depends_on_its_request_only(tiny_first_stage):
 
 @pytest.fixture(scope="module")
 def prompts(smollm2_tokenizer):
-    """20 prompts: a long one (Z, ~400 tokens), 18 chat questions, and Z's first 33 tokens (P: with
+    """20 prompts: a long one (Z, several hundred tokens: still in prefill when the questions decode), 18 chat questions, and Z's first 33 tokens (P: with
     Z's first two blocks in the prefix cache, only its last token runs, a 1-row prompt chunk)."""
     tok = smollm2_tokenizer
 
@@ -87,14 +91,14 @@ def prompts(smollm2_tokenizer):
         return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                   tokenize=False), add_special_tokens=False)
 
-    z = chat("Answer each of these questions in one word. " + " ".join(QUESTIONS * 2))
+    z = chat("Answer each of these questions in one word. " + " ".join(QUESTIONS * 4))  # long: still prefilling when the questions decode
     return [z] + [chat(q) for q in QUESTIONS[:18]] + [z[:33]]
 
 
 @pytest.fixture(scope="module")
 def one_stage(smollm2_path):
     backend = TorchBackend.load(smollm2_path, MODEL, 0, 30, "bfloat16", "cpu")
-    backend.init_kv(40, 16)
+    backend.init_kv(64, 16)
     return backend
 
 

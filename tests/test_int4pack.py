@@ -129,7 +129,7 @@ def test_tuning_picks_one_layout_for_both_row_kinds(tmp_path, monkeypatch):
     ms = [quantized(Q.Q4_1, 576, 576, seed) for seed in range(2)]
     picks = tuning.tune(ms, torch.bfloat16)
     decode, prefill = picks["576x576 Q4_1 decode"], picks["576x576 Q4_1 prefill"]
-    assert (decode == int4pack.KERNEL) == (prefill == int4pack.KERNEL)
-    assert all(m.repacked == (decode == int4pack.KERNEL) for m in ms)
+    assert (decode in tuning.OWN_LAYOUT) == (prefill in tuning.OWN_LAYOUT) and (decode in tuning.OWN_LAYOUT) <= (prefill == decode)
+    assert all(m.repacked == (decode in tuning.OWN_LAYOUT) for m in ms)
     cached = [quantized(Q.Q4_1, 576, 576, 7)]
     assert tuning.tune(cached, torch.bfloat16) == picks and cached[0].repacked == ms[0].repacked  # from the cache

@@ -143,7 +143,8 @@ def int4_growth(stage) -> int:
     """Bytes a stage's Q4_0 matrices held in torch's int4 layout take beyond their blocks: 2 per 32 weights."""
     from parallax.stages.kernels import projections, tiled
 
-    repacked = [m for m in tiled(projections(stage)) if isinstance(m, QuantMatrix) and m.repacked]
+    repacked = [m for m in tiled(projections(stage)) if isinstance(m, QuantMatrix) and m.repacked
+                and m.candidates("decode", torch.bfloat16) == ("int4pack",)]  # the int8 tiles take the blocks' bytes
     return sum(m.shape[0] * m.shape[1] // 16 for m in repacked if m.qtype == gguf.GGMLQuantizationType.Q4_0)
 
 
@@ -407,7 +408,7 @@ def test_a_loaded_stage_reports_its_kernel_picks_in_its_registry_record(models, 
     backend = TorchBackend.load(models["llama"], "tiny", 0, 3, "bfloat16", "cpu", quantize="q4_0")
     kinds = {key.rsplit(" ", 1)[1] for key in backend.kernels}
     assert kinds == {"decode", "prefill"} and any(" Q4_0 " in key for key in backend.kernels)
-    assert set(backend.kernels.values()) <= {"numba", "numba-gemv", "torch-tile", "torch", "int4pack"}
+    assert set(backend.kernels.values()) <= {"numba", "numba-gemv", "torch-tile", "torch", "int4pack", "int8"}
     info = node_info("n1", "tiny", 3, "cpu", "bfloat16", NodeFacts(), "serving", (0, 3), kernels=backend.kernels)
     assert NodeInfo.model_validate_json(info.model_dump_json()).kernels == backend.kernels
 
