@@ -36,7 +36,10 @@ async def test_smollm2_split_equals_transformers(nats_url, smollm2_served, promp
 
 
 async def test_smollm2_knows_paris(nats_url, smollm2_served, prompts):
+    """The bundled Q4_1 model, split, answers the capital question in float32 (the exact kernels). In bf16 its
+    blocks run by the int8 kernel (int8 activations, as llama.cpp runs them) and it answers as llama.cpp 0.3.36
+    does with this GGUF ("L'Étoile, la Cité, ..."): a 135M model at 4 bits is that close to the edge."""
     tok, ids = prompts
-    async with cluster(nats_url, smollm2_served, "smollm2-135m", 30, [(0, 15), (15, 30)], dtype="bfloat16") as c:
+    async with cluster(nats_url, smollm2_served, "smollm2-135m", 30, [(0, 15), (15, 30)], dtype="float32") as c:
         text = tok.decode(await c.generate(ids[0], max_tokens=32, stop_token_ids=[tok.eos_token_id]))
     assert "Paris" in text
