@@ -32,11 +32,21 @@ _BYTES = {Q.Q4_0: 18, Q.Q4_1: 20, Q.Q8_0: 34}  # block bytes: f16 d [, f16 m], t
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _V16I8, _V32I8, _V16I16 = ir.VectorType(_I8, 16), ir.VectorType(_I8, 32), ir.VectorType(_I16, 16)
 _V8I32, _V8F32 = ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
+_V64I8, _V16I32 = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16)
+_FALSE = ir.Constant(ir.IntType(1), 0)
+
+
+def _index(values) -> ir.Constant:  # a shufflevector mask
+    values = list(values)
+    return ir.Constant(ir.VectorType(_I32, len(values)), values)
 
 
 def cpu_has() -> str | None:
-    """The integer SIMD this machine's code can use: "vnni", "avx2", or None (no kernel here)."""
+    """The integer SIMD this machine's code can use: "vnni512" (AVX-512 VNNI, 64 bytes an instruction), "vnni"
+    (32 bytes), "avx2", or None (no kernel here)."""
     features = set(f[1:] for f in llvm_binding.get_host_cpu_features().flatten().split(",") if f.startswith("+"))
+    if {"avx512vnni", "avx512bw", "avx512vl", "avx2"} <= features:
+        return "vnni512"
     if {"avx512vnni", "avx512vl", "avx2"} <= features:
         return "vnni"
     return "avx2" if "avx2" in features else None
@@ -62,7 +72,7 @@ def _splat(builder: ir.IRBuilder, value: ir.Value, vtype: ir.VectorType) -> ir.V
 def _dot(builder: ir.IRBuilder, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
     """<32 x u8> . <32 x i8> -> <8 x i32>: lane k = the sum of bytes 4k..4k+3's products."""
     zero = ir.Constant(_V8I32, None)
-    if SIMD == "vnni":
+    if SIMD in ("vnni", "vnni512"):
         f = _fn(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [_V8I32, _V8I32, _V8I32])
         return builder.call(f, [zero, builder.bitcast(unsigned, _V8I32), builder.bitcast(signed, _V8I32)])
     pairs = builder.call(_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8]), [unsigned, signed])
@@ -117,12 +127,48 @@ def _tile_dot(qtype: gguf.GGMLQuantizationType):
     def at(builder, ptr, offset, vtype):
         return builder.load(builder.bitcast(builder.gep(ptr, [ir.Constant(_I32, offset)]), vtype.as_pointer()), align=1)
 
+    def _rows8(builder, tp, xv) -> list:  # <8 x i32> per row: lane k = the sum of the products of bytes 4k..4k+3
+        out = []
+        for r in range(ROWS):
+            if qtype == Q.Q8_0:
+                q = at(builder, tp, qoff + r * qbytes, _V32I8)
+                absq = builder.call(_fn(builder, "llvm.abs.v32i8", _V32I8, [_V32I8, ir.IntType(1)]), [q, _FALSE])
+                out.append(_dot(builder, absq, builder.call(_fn(builder, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8]), [xv, q])))
+            else:
+                q = at(builder, tp, qoff + r * qbytes, _V16I8)
+                lo, hi = builder.and_(q, ir.Constant(_V16I8, [15] * 16)), builder.lshr(q, ir.Constant(_V16I8, [4] * 16))
+                out.append(_dot(builder, builder.shuffle_vector(lo, hi, _index(range(32))), xv))
+        return out
+
+    def _pairs(builder, tp, xv) -> list:  # <16 x i32> per two rows (AVX-512): rows 2k, 2k + 1's lanes as in _rows8
+        x2 = builder.shuffle_vector(xv, xv, _index(list(range(32)) * 2))
+        dot = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32] * 3)
+        out = []
+        for k in range(ROWS // 2):
+            if qtype == Q.Q8_0:
+                q = at(builder, tp, qoff + 2 * k * qbytes, _V64I8)
+                absq = builder.call(_fn(builder, "llvm.abs.v64i8", _V64I8, [_V64I8, ir.IntType(1)]), [q, _FALSE])
+                negative = builder.icmp_signed("<", q, ir.Constant(_V64I8, None))
+                signed, unsigned = builder.select(negative, builder.sub(ir.Constant(_V64I8, None), x2), x2), absq
+            else:
+                q = at(builder, tp, qoff + 2 * k * qbytes, _V32I8)  # rows 2k and 2k + 1: 16 bytes each
+                lo, hi = builder.and_(q, ir.Constant(_V32I8, [15] * 32)), builder.lshr(q, ir.Constant(_V32I8, [4] * 32))
+                unsigned = builder.shuffle_vector(lo, hi, _index(list(range(16)) + list(range(32, 48)) + list(range(16, 32)) + list(range(48, 64))))
+                signed = x2
+            out.append(builder.call(dot, [ir.Constant(_V16I32, None), builder.bitcast(unsigned, _V16I32),
+                                          builder.bitcast(signed, _V16I32)]))
+        return out
+
     def codegen(context, builder, signature, args):
         w, x, dx, sx, nb, out = args
         wp, xp = builder.inttoptr(w, _I8.as_pointer()), builder.inttoptr(x, _I8.as_pointer())
         dxp, sxp = builder.inttoptr(dx, _F32.as_pointer()), builder.inttoptr(sx, _F32.as_pointer())
         fma8 = _fn(builder, "llvm.fma.v8f32", _V8F32, [_V8F32] * 3)
-        acc = [cgutils.alloca_once_value(builder, ir.Constant(_V8F32, None)) for _ in range(ROWS)]
+        wide = SIMD == "vnni512"  # two rows per instruction: 64 bytes, 16 lanes
+        lanes_per_acc = 16 if wide else 8
+        vf = ir.VectorType(_F32, lanes_per_acc)
+        fma = _fn(builder, f"llvm.fma.v{lanes_per_acc}f32", vf, [vf] * 3)
+        acc = [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(ROWS * 8 // lanes_per_acc)]
         low = cgutils.alloca_once_value(builder, ir.Constant(_V8F32, None))  # lane r: row r's min/offset terms
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
@@ -136,23 +182,15 @@ def _tile_dot(qtype: gguf.GGMLQuantizationType):
                 builder.store(builder.call(fma8, [m, s, builder.load(low)]), low)
             xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, ir.Constant(b.type, BLOCK))]),
                                               _V32I8.as_pointer()), align=1)
-            for r in range(ROWS):
-                if qtype == Q.Q8_0:
-                    q = at(builder, tp, qoff + r * qbytes, _V32I8)
-                    absq = builder.call(_fn(builder, "llvm.abs.v32i8", _V32I8, [_V32I8, ir.IntType(1)]),
-                                        [q, ir.Constant(ir.IntType(1), 0)])
-                    iv = _dot(builder, absq, builder.call(_fn(builder, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8]), [xv, q]))
-                else:
-                    q = at(builder, tp, qoff + r * qbytes, _V16I8)
-                    lo = builder.and_(q, ir.Constant(_V16I8, [15] * 16))
-                    hi = builder.lshr(q, ir.Constant(_V16I8, [4] * 16))
-                    iv = _dot(builder, builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32)))), xv)
-                sr = builder.shuffle_vector(scale, ir.Constant(_V8F32, None), ir.Constant(ir.VectorType(_I32, 8), [r] * 8))
-                builder.store(builder.call(fma8, [builder.sitofp(iv, _V8F32), sr, builder.load(acc[r])]), acc[r])
+            products = _pairs(builder, tp, xv) if wide else _rows8(builder, tp, xv)
+            for k, iv in enumerate(products):  # accumulator k: rows k (8 lanes) or 2k, 2k + 1 (16 lanes)
+                rows = [k] * 8 if not wide else [2 * k] * 8 + [2 * k + 1] * 8
+                sr = builder.shuffle_vector(scale, ir.Constant(_V8F32, None), ir.Constant(ir.VectorType(_I32, len(rows)), rows))
+                builder.store(builder.call(fma, [builder.sitofp(iv, vf), sr, builder.load(acc[k])]), acc[k])
         result = builder.load(low)
-        for r in range(ROWS):  # a fixed tree per row: the same order for every row and row count
-            v = builder.load(acc[r])
-            lanes = [builder.extract_element(v, ir.Constant(_I32, k)) for k in range(8)]
+        for r in range(ROWS):  # a fixed tree per row: the same order for every row, row count and instruction set
+            v, first = builder.load(acc[r * 8 // lanes_per_acc]), r * 8 % lanes_per_acc
+            lanes = [builder.extract_element(v, ir.Constant(_I32, first + k)) for k in range(8)]
             while len(lanes) > 1:
                 lanes = [builder.fadd(lanes[k], lanes[k + 1]) for k in range(0, len(lanes), 2)]
             idx = ir.Constant(_I32, r)

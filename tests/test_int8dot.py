@@ -74,20 +74,24 @@ def test_a_rows_bits_do_not_depend_on_the_other_rows(qtype):
     assert np.array_equal(m.run(INT8, x[::-1])[::-1], full)
 
 
-@pytest.mark.skipif(int8dot.SIMD != "vnni", reason="the AVX2 kernel is the one this CPU runs")
-def test_the_avx2_kernel_gives_the_vnni_kernels_bits(tmp_path):
-    """The same integer sums by vpmaddubsw + vpmaddwd (AVX2 machines) as by vpdpbusd, the float math in the
-    same order: the same bits (compiled in a fresh numba cache, so the AVX2 code is not read back)."""
-    code = ("import sys, numpy as np; from parallax.stages import int8dot; int8dot.SIMD = 'avx2'\n"
+LEVELS = ("avx2", "vnni", "vnni512")
+
+
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if int8dot.SIMD in LEVELS and LEVELS.index(lv) < LEVELS.index(int8dot.SIMD)])
+def test_every_instruction_set_gives_the_same_bits(tmp_path, level):
+    """The same integer sums by vpmaddubsw + vpmaddwd (AVX2), 32-byte vpdpbusd (VNNI) and 64-byte vpdpbusd
+    (AVX-512, two rows an instruction), the float math in the same order: the bits this CPU's kernel gives
+    (the other code compiled in a fresh numba cache, so this CPU's is not read back)."""
+    code = (f"import sys, numpy as np; from parallax.stages import int8dot; int8dot.SIMD = {level!r}\n"
             "from tests.test_int8dot import quantized, FORMATS\n"
             "x = np.random.default_rng(4).standard_normal((3, 256)).astype(np.float32)\n"
             "np.save(sys.argv[1], np.stack([quantized(q, 64, 256).run('int8', x) for q in FORMATS]))\n")
     env = {**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "avx2.npy")], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "other.npy")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     x = np.random.default_rng(4).standard_normal((3, 256)).astype(np.float32)
-    assert np.array_equal(np.load(tmp_path / "avx2.npy"), np.stack([quantized(q, 64, 256).run(INT8, x) for q in FORMATS]))
+    assert np.array_equal(np.load(tmp_path / "other.npy"), np.stack([quantized(q, 64, 256).run(INT8, x) for q in FORMATS]))
 
 
 def test_offered_for_bf16_activations_and_whole_tiles_only():
