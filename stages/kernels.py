@@ -6,8 +6,10 @@ kernels read W [O, I] in place (no transposed, float32 or dequantized copy). Eac
 (``quant.Tiled``): the numba tile kernel (four weight rows decoded into a small scratch, dotted with
 four input rows at a time), the numba GEMV (one weight row, every input row; a bf16 weight widened in the
 dot itself), a tile-dequant + torch float32 GEMM, and torch's own F.linear for activations of the
-weight's dtype. ``tune`` (``stages.tuning``) times them at stage load and picks one per (shape + format,
-row kind); the picks are cached per machine.
+weight's dtype; for GGUF blocks with bf16 activations also torch's int4 kernel (``stages.int4pack``) and the
+int8-activation kernel (``stages.int8dot``; a layer whose four projections all picked it runs in one numba
+call, ``_layer_int8``). ``tune`` (``stages.tuning``) times them at stage load and picks one per (shape +
+format, row kind); the picks are cached per machine.
 
 Measured on a 2-core AMD EPYC (avx2 avx512f avx512bw avx512vl avx512_bf16 avx512_vnni ...), torch 2.13,
 one thread, the machine shared with other jobs (ms per call, the fastest of many, bf16 weight; the old
