@@ -23,7 +23,7 @@ row, microseconds per call (torch's int4 kernel with bf16 activations in bracket
 576x1536 20-27 (43); Q4_0 2048x5632 ~300 (562); Q8_0 49152x576 (SmolLM2's tied lm_head) ~600-850 (the numba
 float kernel: ~2600). From 4 rows on torch's int4 kernel is as fast or faster (it shares the unpacking between
 rows; this kernel does not): the tuning weighs both (time per row, summed over 1, 4 and 16 rows).
-""""""
+"""
 
 from __future__ import annotations
 
