@@ -12,7 +12,9 @@ One run, same CPU, same thread count (``--threads``, default 2) for every system
 - **transformers** decode loop (``bench.baselines.decode_loop_rate``) on the bf16 folder, batch 1 and
   batch ``--streams``, in a child process.
 - **parallax** ``up --stages 1`` and ``--stages 2`` (``--threads`` per stage): one stream's decode tok/s and
-  ``--streams`` concurrent streams' aggregate tok/s through the OpenAI API; per stage the peak RSS of its
+  ``--streams`` concurrent streams' aggregate decode tok/s through the OpenAI API (tokens streamed while all
+  of them decode / that time: prefill left out, as in the decode loop's figure; completion tokens / wall time
+  beside it); per stage the peak RSS of its
   process (psutil, sampled every 0.2 s from start to stop) next to its weight bytes (its registry profile,
   from ``parallax status --json``) and its KV budget (``parallax.stats``).
 
@@ -424,7 +426,7 @@ def cpu_flags() -> str:
 
 
 def rates(result: dict[str, Any], system: str) -> tuple[float | None, float | None, str]:
-    """(single-stream decode tok/s, batched aggregate tok/s, tokens generated) of one system."""
+    """(single-stream decode tok/s, batched decode tok/s (prefill left out), tokens generated) of one system."""
     r = result.get(system) or {}
     if "error" in r or "skipped" in r or not r:
         return None, None, r.get("error", r.get("skipped", "not run"))[:60] if r else "not run"
@@ -434,7 +436,14 @@ def rates(result: dict[str, Any], system: str) -> tuple[float | None, float | No
         b = r["batched"]
         return r["b1"]["decode_tok_s"], b["decode_tok_s"], f"{r['b1']['new_tokens']} / {b['batch']}x{b['new_tokens']}"
     s, b = r["single"], r["batch"]
-    return s["decode_tok_s_per_stream"], b["output_tok_s"], f"{s['completion_tokens']} / {b['completion_tokens']}"
+    return (s["decode_tok_s_per_stream"], b.get("decode_tok_s_aggregate"),
+            f"{s['completion_tokens']} / {b['completion_tokens']}")
+
+
+def wall_rate(result: dict[str, Any], system: str) -> float | None:
+    """parallax's batched completion tokens / wall time, prefill included."""
+    r = result.get(system) or {}
+    return (r.get("batch") or {}).get("output_tok_s") if system.startswith("parallax") else None
 
 
 def system_rows(result: dict[str, Any]) -> list[list[str]]:
@@ -443,7 +452,7 @@ def system_rows(result: dict[str, Any]) -> list[list[str]]:
         if system not in result:
             continue
         single, batch, tokens = rates(result, system)
-        rows.append([result["model"], system, tokens, num(single), num(batch)])
+        rows.append([result["model"], system, tokens, num(single), num(batch), num(wall_rate(result, system))])
     return rows
 
 
@@ -518,12 +527,13 @@ def markdown(doc: dict[str, Any]) -> str:
              f"load average {m['load_avg_at_start']} at start, {m.get('load_avg_at_end')} at end; "
              f"{s['threads']} threads per system/stage, greedy, {s['new_tokens']} new tokens, prompts of "
              f"{s['input_len']} tokens, {s['streams']} streams.", *_busy(m), "",
-             "| model | system | tokens (1 / all streams) | decode tok/s, 1 stream | aggregate tok/s, "
-             f"{s['streams']} streams |", "|---|---|---|---|---|"]
+             "| model | system | tokens (1 / all streams) | decode tok/s, 1 stream | aggregate decode tok/s, "
+             f"{s['streams']} streams | completion tok/s / wall, {s['streams']} streams |", "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for r in doc["results"] for row in system_rows(r)]
     lines += ["", "transformers: the decode loop's decode tok/s (prefill excluded) at batch 1 and batch "
-              f"{s['streams']}; parallax: 1 stream's decode tok/s (first to last streamed token), {s['streams']} "
-              "streams' completion tokens / wall time (prefill included).", "",
+              f"{s['streams']}; parallax: 1 stream's decode tok/s (first to last streamed token); {s['streams']} "
+              "streams: tokens streamed while all of them were decoding / that time (prefill left out, as in the "
+              "loop's figure), and completion tokens / wall time (prefill included).", "",
               "| model | system | stage | peak RSS GiB | weights GiB | KV budget GiB | RSS / bound |",
               "|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for r in doc["results"] for row in memory_rows(r)]

@@ -30,13 +30,13 @@ from bench.serve import (
     parse_levels,
     run_interruptible,
 )
-from bench.stats import RequestRecord, decode_rate, distribution_ms, percentile, summarize_level
+from bench.stats import RequestRecord, decode_aggregate, decode_rate, distribution_ms, percentile, summarize_level
 from parallax.procs import pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"machine", "config", "cluster", "levels", "baselines", "prefix_cache", "memory", "targets", "error"}
 LEVEL_KEYS = {"concurrency", "requests", "completed", "failed", "wall_s", "completion_tokens", "ttft_ms", "itl_ms",
-              "output_tok_s", "req_s", "decode_tok_s_per_stream", "nats"}
+              "output_tok_s", "req_s", "decode_tok_s_per_stream", "decode_tok_s_aggregate", "nats"}
 
 
 def fake_encode(text: str) -> list[int]:
@@ -89,6 +89,14 @@ def test_summarize_level_counts_failures_and_rates():
     assert summary["ttft_ms"]["p50"] == pytest.approx(1500.0)
     assert summary["itl_ms"]["p50"] == pytest.approx(500.0)
     assert summary["errors"] == ["HTTP 503: no stage"]
+
+
+def test_decode_aggregate_counts_only_while_every_stream_decodes():
+    """Stream a decodes 1.0..3.0, b starts late (prefill) at 2.0 and ends at 4.0: the window is 2.0..3.0, where a's
+    chunks at 2.5 and 3.0 and b's at 2.5 and 3.0 arrive (b's first chunk opens the window): 4 chunks per second."""
+    a, b = record(0.0, [1.0, 1.5, 2.0, 2.5, 3.0]), record(0.0, [2.0, 2.5, 3.0, 3.5, 4.0])
+    assert decode_aggregate([a, b]) == pytest.approx(4.0)
+    assert decode_aggregate([record(0.0, [1.0])]) is None  # one chunk: no decode to time
 
 
 # ---------------------------------------------------------------------------------------- client
@@ -442,7 +450,8 @@ def test_side_by_side_targets_and_table():
 
     def cluster(single: float, batch: float, stages: list[dict]) -> dict:
         return {"single": {"decode_tok_s_per_stream": single, "completion_tokens": 128},
-                "batch": {"output_tok_s": batch, "completion_tokens": 2048}, "per_stage": stages}
+                "batch": {"decode_tok_s_aggregate": batch, "output_tok_s": batch / 2, "completion_tokens": 2048},
+                "per_stage": stages}
 
     q4 = {"model": "synth-q4_0", "gguf_bytes": int(0.6e9),
           "llamacpp": {"decode_tok_s": 20.0, "tokens": 128, "peak_rss_bytes": int(0.8e9)},
@@ -465,8 +474,9 @@ def test_side_by_side_targets_and_table():
            "settings": {"threads": 2, "new_tokens": 128, "input_len": 64, "streams": 16},
            "targets": sbs.targets([q4, bf16])}
     text = sbs.markdown(doc)
-    assert "| synth-q4_0 | llamacpp | 128 | 20.0 | n/a |" in text
-    assert "| smollm2-bf16 | parallax2 | ClusterError: boom | n/a | n/a |" in text
+    assert "| synth-q4_0 | llamacpp | 128 | 20.0 | n/a | n/a |" in text
+    assert "| synth-q4_0 | parallax1 | 128 / 2048 | 21.0 | 60.0 | 30.0 |" in text
+    assert "| smollm2-bf16 | parallax2 | ClusterError: boom | n/a | n/a | n/a |" in text
     assert "- smollm2-bf16 parallax2: ClusterError: boom" in text
 
 
