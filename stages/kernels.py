@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from numba import njit, prange, types
 from numba.extending import overload
 
-from . import int8dot, tuning
+from . import bf16dot, int8dot, tuning
 from .quant import DENSE, INT8, QuantMatrix, Tiled, float32_bias, read_only
 from .tuning import DEFAULT_PICKS, follow_torch_threads
 
@@ -74,7 +74,8 @@ class Matrix(Tiled):
     read a read-only view of the weight's bytes; no transposed or float32 copy is kept. Kernels: ``numba``
     (the tile kernel, widening a bf16 weight to float32 in registers), ``torch-tile`` (a tile of weight
     rows at a time widened into a scratch buffer, torch's float32 GEMM), and for activations of the
-    weight's own dtype ``torch`` (torch's F.linear: native bf16 dot products on CPUs that have them)."""
+    weight's own dtype ``torch`` (torch's F.linear: native bf16 dot products on CPUs that have them) and, for
+    bf16 on CPUs with AVX-512 BF16, ``bf16dot`` (``stages.bf16dot``: those dot products in our own tiles)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         if weight.dim() != 2 or weight.dtype not in DENSE or min(weight.shape) < 1:
@@ -104,7 +105,15 @@ class Matrix(Tiled):
         if self.weight.device.type != "cpu":
             return ("torch",)
         native = ("torch",) if dtype == self.weight.dtype else ()
+        if dtype == self.weight.dtype == torch.bfloat16 and bf16dot.available(self.shape):
+            native += (bf16dot.KERNEL,)  # the CPU's bf16 dot product: not the float32 kernels' sums
         return ("numba", "numba-gemv" if kind == "decode" else "torch-tile") + native
+
+    def run(self, name: str, x: np.ndarray) -> np.ndarray:
+        if name != bf16dot.KERNEL:
+            return super().run(name, x)
+        out = bf16dot.matmul(self._kernel_blocks.view(np.uint16), x)
+        return out if self._bias32 is None else out + self._bias32
 
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
         """torch's F.linear, never on a single row: a bf16 F.linear of one row takes another code path than
