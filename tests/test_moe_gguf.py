@@ -9,7 +9,6 @@ weights (``gguf.quants.dequantize`` of the very blocks written)."""
 
 from __future__ import annotations
 
-import mmap
 from pathlib import Path
 
 import gguf
@@ -28,7 +27,7 @@ from parallax.stages.profile import active_layer_bytes, estimate_layer_ms, model
 from parallax.stages.quant import QuantMatrix
 from parallax.stages.torch_backend import load_stage_model
 from tests.cluster import reference_greedy
-from tests.test_gguf_weights import add_tiny_tokenizer
+from tests.test_gguf_weights import add_tiny_tokenizer, on_heap
 from tests.test_moe import assert_as_close_as_transformers_to_itself, greedy_through, pools, run_stages
 
 Q = gguf.GGMLQuantizationType
@@ -163,15 +162,6 @@ def served(moe):
 
 def load(path: Path, start: int, end: int):
     return load_stage_model(path, read_config(path), start, end, torch.float32, CPU)
-
-
-def on_heap(array: np.ndarray) -> bool:
-    """No array in the chain of bases is a memory map (of the GGUF file)."""
-    while array is not None:
-        if isinstance(array, (np.memmap, mmap.mmap)):
-            return False
-        array = array.base if isinstance(array, np.ndarray) else None
-    return True
 
 
 @pytest.mark.parametrize("name", list(MODELS))
