@@ -261,10 +261,17 @@ def _rows(kind, tiles, qx, dx, sx, out) -> None:  # out[m, o] = row o of the wei
                 _t8_0(*args)
 
 
+@njit(cache=True)
+def _matmul(kind, tiles, x):  # x [M, I] float32 (C order) -> [M, O]: quantize_rows, then _rows
+    M, I = x.shape
+    qx, dx, sx = np.empty((M, I), np.int8), np.empty((M, I // BLOCK), np.float32), np.empty((M, I // BLOCK), np.float32)
+    _quantize_rows(x, qx, dx, sx)
+    out = np.empty((M, tiles.shape[0] * ROWS), np.float32)
+    if M:
+        _rows(kind, tiles, qx, dx, sx, out)
+    return out
+
+
 def matmul(qtype: gguf.GGMLQuantizationType, tiles: np.ndarray, x: np.ndarray) -> np.ndarray:
     """tiles: ``repack``ed weight of ``qtype`` [O / ROWS, ...]; x: [M, I] float32 -> [M, O] float32."""
-    qx, dx, sx = quantize_rows(np.ascontiguousarray(x, np.float32))
-    out = np.empty((x.shape[0], tiles.shape[0] * ROWS), np.float32)
-    if x.shape[0]:
-        _rows(FORMATS.index(qtype), tiles, qx, dx, sx, out)
-    return out
+    return _matmul(FORMATS.index(qtype), tiles, np.ascontiguousarray(x, np.float32))

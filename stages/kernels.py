@@ -464,12 +464,8 @@ def _int8_weights(w: LayerWeights, batch: RowBatch) -> tuple | None:
 @njit(fastmath=True, cache=True)
 def _project_int8(part, x, mode):  # part: QuantMatrix.int8_operands(); x [T, I] -> [T, O] at the activation precision
     kind, tiles, bias = part
-    T, I = x.shape
-    qx, dx, sx = np.empty((T, I), np.int8), np.empty((T, I // 32), np.float32), np.empty((T, I // 32), np.float32)
-    int8dot._quantize_rows(x, qx, dx, sx)
-    out = np.empty((T, tiles.shape[0] * int8dot.ROWS), np.float32)
-    int8dot._rows(kind, tiles, qx, dx, sx, out)
-    for t in range(T):
+    out = int8dot._matmul(kind, tiles, x)
+    for t in range(out.shape[0]):
         for o in range(out.shape[1]):
             out[t, o] = _keep(out[t, o] + (bias[o] if bias.shape[0] else np.float32(0)), mode)
     return out

@@ -551,7 +551,7 @@ class QuantMatrix(Tiled):
 
     @property
     def nbytes(self) -> int:
-        """Bytes as held (blocks or their int4 repack, and bias)."""
+        """Bytes as held (blocks or an own-layout kernel's copy of them, and bias)."""
         held = self.blocks.nbytes + sum(p.nbytes for p in self._packed.values())
         return held + (0 if self._bias32 is None else self._bias32.nbytes)
 

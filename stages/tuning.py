@@ -42,7 +42,7 @@ MAX_ROWS = DECODE_ROWS[-1]
 ROWS = {"decode": DECODE_ROWS, "prefill": PREFILL_ROWS}
 CHECK_ROWS = {"decode": (3, 7), "prefill": (17, 100)}  # more row counts checked for invariance, not timed
 DEFAULT_PICKS = {"decode": "numba-gemv", "prefill": "numba"}
-# Kernels that hold the weight in a layout of their own (stages.int4pack): both row kinds or neither, chosen
+# Kernels that hold the weight in a layout of their own: both row kinds or neither, chosen
 # by the generated-token rows (the ones a stage spends its time on).
 OWN_LAYOUT = ("int4pack", "int8")  # stages.int4pack, stages.int8dot (batch-invariant everywhere)
 BUDGET_S = 0.01  # time spent measuring one candidate at one row count (after a first call that is shorter)
