@@ -90,7 +90,7 @@ def _tile(R: int, C: int):
 _t44, _t14, _t11 = _tile(TILE, TILE), _tile(1, TILE), _tile(1, 1)  # compiled where called
 
 
-@njit(parallel=True, boundscheck=False, cache=True)
+@njit(parallel=True, boundscheck=False, fastmath=False, cache=True)
 def _matmul(w, x, out) -> None:  # w uint16 [O, I], x uint16 [M, I] (bf16 bits) -> out float32 [M, O]
     O, I, M = w.shape[0], w.shape[1], x.shape[0]
     n, rb, xb, ob = I // CHUNK, w.strides[0], x.strides[0], out.strides[0]

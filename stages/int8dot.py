@@ -245,7 +245,7 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return qx, dx, sx
 
 
-@njit(parallel=True, boundscheck=False, cache=True)
+@njit(parallel=True, boundscheck=False, fastmath=False, cache=True)
 def _rows(kind, tiles, qx, dx, sx, out) -> None:  # out[m, o] = row o of the weight (FORMATS[kind]) . activation row m
     G, M, nb, O = tiles.shape[0], qx.shape[0], dx.shape[1], out.shape[1]
     wa, xa, da, sa, oa = tiles.ctypes.data, qx.ctypes.data, dx.ctypes.data, sx.ctypes.data, out.ctypes.data
@@ -261,7 +261,7 @@ def _rows(kind, tiles, qx, dx, sx, out) -> None:  # out[m, o] = row o of the wei
                 _t8_0(*args)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _matmul(kind, tiles, x):  # x [M, I] float32 (C order) -> [M, O]: quantize_rows, then _rows
     M, I = x.shape
     qx, dx, sx = np.empty((M, I), np.int8), np.empty((M, I // BLOCK), np.float32), np.empty((M, I // BLOCK), np.float32)

@@ -31,6 +31,10 @@ request's cached keys) and does the same arithmetic for it whatever else the ste
 result does not depend on the other rows, their number or order, how its prompt was cut into
 chunks, or the thread count. Which projection kernel a row takes depends on whether it is a prompt
 row, never on how many rows a step has; a kernel is only picked if it passed that check on this machine.
+
+Every cached numba function here (and in ``quant``, ``int8dot``, ``bf16dot``) says ``fastmath`` itself: numba
+gives a callee that does not its caller's fastmath, and caches that code under the same key, so one
+process's fastmath caller would change the bits of every later process (tests/test_kernels.py checks).
 """
 
 from __future__ import annotations
@@ -370,7 +374,7 @@ def _silu_mul(gu, inter, out, mode) -> None:  # out = bf16(bf16(silu(gate)) * up
             out[b, i] = _keep(_keep(g / (np.float32(1.0) + np.exp(-g)), mode) * gu[b, inter + i], mode)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _rope_rows(positions, inv_freq, scaling, cos, sin, mode) -> None:
     """cos, sin: [T, hd] from each row's own position (float32, rounded to bf16; sin's first half
     negated, see ``_attend``). Exact float32 math (no fastmath): cos/sin of large angles."""

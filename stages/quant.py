@@ -71,7 +71,7 @@ def _u32(src, s) -> np.uint32:  # four little-endian bytes
             | (np.uint32(src[s + 3]) << np.uint32(24)))
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _row_q8_0(src, out, block) -> None:  # block: d f16, 32 x int8; w = q * d
     for b in range(out.size // block):
         s, o = b * 34, b * 32
@@ -80,7 +80,7 @@ def _row_q8_0(src, out, block) -> None:  # block: d f16, 32 x int8; w = q * d
             out[o + j] = np.float32(np.int8(src[s + 2 + j])) * d
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _row_q4_0(src, out, block) -> None:  # d f16, 16 bytes: element j low nibble, j + 16 high; w = d * (q - 8)
     for b in range(out.size // block):
         s, o = b * 18, b * 32
@@ -91,7 +91,7 @@ def _row_q4_0(src, out, block) -> None:  # d f16, 16 bytes: element j low nibble
             out[o + j + 16] = d * np.float32((q >> 4) - 8)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _row_q4_1(src, out, block) -> None:  # d, m f16, 16 bytes of nibbles; w = d * q + m
     for b in range(out.size // block):
         s, o = b * 20, b * 32
@@ -102,7 +102,7 @@ def _row_q4_1(src, out, block) -> None:  # d, m f16, 16 bytes of nibbles; w = d 
             out[o + j + 16] = d * np.float32(q >> 4) + m
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _row_q5_0(src, out, block) -> None:  # d f16, qh u32 (bit j: 5th bit of element j), 16 bytes; w = d * (q - 16)
     for b in range(out.size // block):
         s, o = b * 22, b * 32
@@ -115,7 +115,7 @@ def _row_q5_0(src, out, block) -> None:  # d f16, qh u32 (bit j: 5th bit of elem
             out[o + j + 16] = d * np.float32(hi - 16)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _row_q5_1(src, out, block) -> None:  # d, m f16, qh u32, 16 bytes; w = d * q + m
     for b in range(out.size // block):
         s, o = b * 24, b * 32
@@ -137,7 +137,7 @@ def _scale_min_k4(src, s, j) -> tuple[np.float32, np.float32]:  # 6-bit scale an
     return np.float32(sc), np.float32(mn)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _row_q4_k(src, out, block) -> None:  # d, dmin f16, 12 bytes of scales/mins, 128 bytes: 8 sub-blocks of 32
     for b in range(out.size // block):
         s, o = b * 144, b * 256
@@ -153,7 +153,7 @@ def _row_q4_k(src, out, block) -> None:  # d, dmin f16, 12 bytes of scales/mins,
                 out[o0 + 32 + j] = d1 * np.float32(q >> 4) - dm1
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _row_q5_k(src, out, block) -> None:  # as Q4_K plus 32 bytes qh (bit t of qh[j]: 5th bit of sub-block t, element j)
     for b in range(out.size // block):
         s, o = b * 176, b * 256
@@ -169,7 +169,7 @@ def _row_q5_k(src, out, block) -> None:  # as Q4_K plus 32 bytes qh (bit t of qh
                 out[o0 + 32 + j] = d1 * np.float32((q >> 4) | (((h >> (2 * c + 1)) & 1) << 4)) - dm1
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _row_q6_k(src, out, block) -> None:  # ql 128, qh 64, 16 int8 scales (one per 16), d f16 last; w = d * sc * (q - 32)
     for b in range(out.size // block):
         s, o = b * 210, b * 256
@@ -185,27 +185,27 @@ def _row_q6_k(src, out, block) -> None:  # ql 128, qh 64, 16 int8 scales (one pe
                         out[oh + 32 * g + j] = scale * np.float32(q - 32)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _row_bf16(src, out, block) -> None:  # dense bf16: two bytes per weight, widened by a shift
     bits = src.view(np.uint16)
     for i in range(out.size):
         out[i] = np.uint32(np.uint32(bits[i]) << np.uint32(16)).view(np.float32)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _row_f16(src, out, block) -> None:  # dense IEEE half
     for i in range(out.size):
         out[i] = _f16(src[2 * i], src[2 * i + 1])
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _row_f32(src, out, block) -> None:  # dense float32
     vals = src.view(np.float32)
     for i in range(out.size):
         out[i] = vals[i]
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _decode_row(kind, block, src, out) -> None:  # src: one row as stored (uint8); out: float32 [I]
     # ``block`` (weights per block, 32 or 256) reaches the decoders as a runtime value on purpose: their
     # inner loops then keep a trip count unknown to LLVM, which vectorizes them with a runtime alias check
@@ -273,7 +273,7 @@ def _dots(w, x, m, last, out, o, n) -> None:  # out[r, o + k] = w[k] . x[r], r =
         out[m, o + 3], out[r1, o + 3], out[r2, o + 3], out[r3, o + 3] = a3, b3, c3, d3
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(parallel=True, nogil=True, fastmath=False, cache=True)
 def _tiles(kind, block, blocks, x, out, tasks, rows_per_pass) -> None:  # blocks [O, row bytes]; x [M, I]; out [M, O]
     """out = x W^T, float32, unrounded. Each task (one per thread) takes a contiguous range of output rows;
     it decodes four weight rows at a time into a [4, I] scratch and dots them with ``rows_per_pass`` input
@@ -301,7 +301,7 @@ def _dot(w, x) -> np.float32:  # one float32 sum, vectorized the same way for ev
     return acc
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(parallel=True, nogil=True, fastmath=False, cache=True)
 def _rows(kind, block, blocks, x, out, tasks) -> None:  # out[m, o] = w[o] . x[m]: one weight row at a time
     """The GEMV: each weight row decoded once into an [I] scratch (in L1) and dotted with every input row.
     Less arithmetic per output than ``_tiles`` (no tile to fill): faster at one or two rows."""
@@ -326,7 +326,7 @@ def _rows_bf16(bits, x, out) -> None:  # out[m, o] = w[o] . x[m], w bf16 bits [O
             out[m, o] = acc
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, fastmath=False, cache=True)
 def _dequantize(kind, block, blocks, rows, out) -> None:  # out[r] = row rows[r] of the matrix, float32
     for r in range(rows.size):
         _decode_row(kind, block, blocks[rows[r]], out[r])

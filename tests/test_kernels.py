@@ -379,3 +379,16 @@ def test_a_fused_layer_of_quantized_projections_computes_the_torch_layer(qtype, 
     assert all(np.array_equal(x[i], alone[0]) for i in range(3))
     with pytest.raises(ValueError, match="KV cache"):
         kernels.fused_layer(x, w, batch, heads, kv_heads, hd, kk.view(np.uint8), vv.view(np.uint8))
+
+
+def test_every_cached_numba_function_says_its_own_fastmath():
+    """numba compiles a callee with its caller's fastmath unless the callee says, and caches that code under the
+    same key: a process whose fastmath layer compiled ``int8dot._matmul`` first changed its bits in every later
+    process (seen: ``test_every_instruction_set_gives_the_same_bits`` failed after a stage process ran)."""
+    from numba.core.registry import CPUDispatcher
+
+    from parallax.stages import bf16dot, int8dot
+    cached = [(m.__name__, name, f) for m in (kernels, quant, int8dot, bf16dot) for name, f in vars(m).items()
+              if isinstance(f, CPUDispatcher) and f._cache.__class__.__name__ != "NullCache"]
+    assert len(cached) > 20
+    assert [(m, name) for m, name, f in cached if "fastmath" not in f.targetoptions] == []
