@@ -2,8 +2,8 @@
 of bf16 pairs summed into 16 float32 lanes an instruction), for dense bf16 weights as stored (no copy, no widening
 in memory). Tiles of 4 weight rows x 4 activation rows keep 16 accumulators in registers, so each weight byte is
 read once per 4 activation rows; a weight row and an activation row give one float32 sum in a fixed order (16
-lanes over the row's 32-wide chunks, then a fixed tree) whatever tile computes them, so a row's result does not
-depend on the other rows (the 4-row and 1-row tiles run the same instructions per pair).
+lanes over the row's 32-wide chunks, then a fixed halving tree, done for all of a tile's sums at once) whatever
+tile computes them, so a row's result does not depend on the other rows (every tile does the same adds per pair).
 
 Not the numba kernels' arithmetic (they widen bf16 to float32 and fma one product at a time): ``vdpbf16ps`` adds
 two products before the accumulator and flushes denormals, so it is offered for bf16 activations only, as one more
@@ -19,6 +19,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .simd import fn, index, reduce_lanes
 
 KERNEL = "bf16dot"  # its name among the kernels the tuning picks from
 CHUNK = 32  # bf16 values per instruction
@@ -48,15 +50,15 @@ def available(shape: tuple[int, int]) -> bool:
     return SUPPORTED and shape[1] % CHUNK == 0
 
 
-def _tile(R: int, C: int):
+def _tile(R: int, C: int, prefetch: bool = False):
     """An intrinsic tile(w, rb, x, xb, n, out, ob): R weight rows (bf16 bits at ``w``, ``rb`` bytes apart) times C
     activation rows (at ``x``, ``xb`` bytes apart), ``n`` chunks of 32; out[c, r] (float32 at ``out``, rows ``ob``
-    bytes apart)."""
+    bytes apart). ``prefetch``: ask for the next R rows' chunk with each chunk (the 4 rows read side by side
+    stream from memory slower than one row: measured, a 49152x576 weight at 16 rows 4.8 -> 3.3 ms)."""
 
     def codegen(context, builder, signature, args):
         w, rb, x, xb, n, out, ob = args
-        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F, _V32BF, _V32BF]),
-                                             "llvm.x86.avx512bf16.dpbf16ps.512")
+        dot = fn(builder, "llvm.x86.avx512bf16.dpbf16ps.512", _V16F, [_V16F, _V32BF, _V32BF])
         acc = [[cgutils.alloca_once_value(builder, ir.Constant(_V16F, None)) for _ in range(C)] for _ in range(R)]
 
         def vec(base, stride, i, k):  # chunk k of row i
@@ -64,20 +66,22 @@ def _tile(R: int, C: int):
                              builder.mul(k, ir.Constant(k.type, 2 * CHUNK)))
             return builder.bitcast(builder.load(builder.inttoptr(at, _V16I.as_pointer()), align=1), _V32BF)
 
+        ahead = fn(builder, "llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer()] + [_I32] * 3)
         with cgutils.for_range(builder, n) as loop:
+            for r in range(R if prefetch else 0):  # the next tile's rows (a prefetch past the end is harmless)
+                at = builder.add(builder.add(w, builder.mul(rb, ir.Constant(rb.type, R + r))),
+                                 builder.mul(loop.index, ir.Constant(loop.index.type, 2 * CHUNK)))
+                builder.call(ahead, [builder.inttoptr(at, _I8.as_pointer()), *(ir.Constant(_I32, v) for v in (0, 3, 1))])
             ws = [vec(w, rb, r, loop.index) for r in range(R)]
             xs = [vec(x, xb, c, loop.index) for c in range(C)]
             for r in range(R):
                 for c in range(C):
                     builder.store(builder.call(dot, [builder.load(acc[r][c]), ws[r], xs[c]]), acc[r][c])
-        for r in range(R):
-            for c in range(C):
-                v = builder.load(acc[r][c])
-                lanes = [builder.extract_element(v, ir.Constant(_I32, k)) for k in range(16)]
-                while len(lanes) > 1:  # a fixed tree
-                    lanes = [builder.fadd(lanes[k], lanes[k + 1]) for k in range(0, len(lanes), 2)]
-                at = builder.add(builder.add(out, builder.mul(ob, ir.Constant(ob.type, c))), ir.Constant(out.type, 4 * r))
-                builder.store(lanes[0], builder.inttoptr(at, _F32.as_pointer()))
+        sums = reduce_lanes(builder, [builder.load(acc[r][c]) for c in range(C) for r in range(R)], 16)  # lane c * R + r
+        for c in range(C):
+            row = builder.shuffle_vector(sums, sums, index(range(c * R, c * R + R)))
+            at = builder.add(out, builder.mul(ob, ir.Constant(ob.type, c)))
+            builder.store(row, builder.inttoptr(at, ir.VectorType(_F32, R).as_pointer()), align=4)
         return context.get_dummy_value()
 
     @intrinsic
@@ -87,7 +91,7 @@ def _tile(R: int, C: int):
     return tile
 
 
-_t44, _t14, _t11 = _tile(TILE, TILE), _tile(1, TILE), _tile(1, 1)  # compiled where called
+_t44, _t14, _t11 = _tile(TILE, TILE, prefetch=True), _tile(1, TILE), _tile(1, 1)  # compiled where called
 
 
 @njit(parallel=True, boundscheck=False, fastmath=False, cache=True)

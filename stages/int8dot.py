@@ -35,6 +35,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .simd import fn, index, reduce_lanes
+
 Q = gguf.GGMLQuantizationType
 BLOCK = 32  # weights per block, and activations per int8 block
 FORMATS = (Q.Q4_0, Q.Q4_1, Q.Q8_0)
@@ -46,11 +48,6 @@ _V16I8, _V32I8, _V16I16 = ir.VectorType(_I8, 16), ir.VectorType(_I8, 32), ir.Vec
 _V8I32, _V8F32 = ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
 _V64I8, _V16I32 = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16)
 _FALSE = ir.Constant(ir.IntType(1), 0)
-
-
-def _index(values) -> ir.Constant:  # a shufflevector mask
-    values = list(values)
-    return ir.Constant(ir.VectorType(_I32, len(values)), values)
 
 
 def cpu_has() -> str | None:
@@ -72,24 +69,20 @@ def available(qtype: gguf.GGMLQuantizationType, shape: tuple[int, int]) -> bool:
     return SIMD is not None and qtype in FORMATS and shape[1] % BLOCK == 0 and shape[0] % ROWS == 0
 
 
-def _fn(builder: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
-
-
 def _splat(builder: ir.IRBuilder, value: ir.Value, vtype: ir.VectorType) -> ir.Value:
     one = builder.insert_element(ir.Constant(vtype, None), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, ir.Constant(vtype, None), ir.Constant(ir.VectorType(_I32, vtype.count), [0] * vtype.count))
+    return builder.shuffle_vector(one, ir.Constant(vtype, None), index([0] * vtype.count))
 
 
 def _dot(builder: ir.IRBuilder, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
     """<32 x u8> . <32 x i8> -> <8 x i32>: lane k = the sum of bytes 4k..4k+3's products."""
     zero = ir.Constant(_V8I32, None)
     if SIMD in ("vnni", "vnni512"):
-        f = _fn(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [_V8I32, _V8I32, _V8I32])
+        f = fn(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [_V8I32, _V8I32, _V8I32])
         return builder.call(f, [zero, builder.bitcast(unsigned, _V8I32), builder.bitcast(signed, _V8I32)])
-    pairs = builder.call(_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8]), [unsigned, signed])
+    pairs = builder.call(fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8]), [unsigned, signed])
     ones = ir.Constant(_V16I16, [1] * 16)
-    return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16]), [pairs, ones])
+    return builder.call(fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16]), [pairs, ones])
 
 
 def _half(builder: ir.IRBuilder, ptr: ir.Value) -> ir.Value:  # f16 at a byte address -> float
@@ -144,28 +137,28 @@ def _tile_dot(qtype: gguf.GGMLQuantizationType):
         for r in range(ROWS):
             if qtype == Q.Q8_0:
                 q = at(builder, tp, qoff + r * qbytes, _V32I8)
-                absq = builder.call(_fn(builder, "llvm.abs.v32i8", _V32I8, [_V32I8, ir.IntType(1)]), [q, _FALSE])
-                out.append(_dot(builder, absq, builder.call(_fn(builder, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8]), [xv, q])))
+                absq = builder.call(fn(builder, "llvm.abs.v32i8", _V32I8, [_V32I8, ir.IntType(1)]), [q, _FALSE])
+                out.append(_dot(builder, absq, builder.call(fn(builder, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8]), [xv, q])))
             else:
                 q = at(builder, tp, qoff + r * qbytes, _V16I8)
                 lo, hi = builder.and_(q, ir.Constant(_V16I8, [15] * 16)), builder.lshr(q, ir.Constant(_V16I8, [4] * 16))
-                out.append(_dot(builder, builder.shuffle_vector(lo, hi, _index(range(32))), xv))
+                out.append(_dot(builder, builder.shuffle_vector(lo, hi, index(range(32))), xv))
         return out
 
     def _pairs(builder, tp, xv) -> list:  # <16 x i32> per two rows (AVX-512): rows 2k, 2k + 1's lanes as in _rows8
-        x2 = builder.shuffle_vector(xv, xv, _index(list(range(32)) * 2))
-        dot = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32] * 3)
+        x2 = builder.shuffle_vector(xv, xv, index(list(range(32)) * 2))
+        dot = fn(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32] * 3)
         out = []
         for k in range(ROWS // 2):
             if qtype == Q.Q8_0:
                 q = at(builder, tp, qoff + 2 * k * qbytes, _V64I8)
-                absq = builder.call(_fn(builder, "llvm.abs.v64i8", _V64I8, [_V64I8, ir.IntType(1)]), [q, _FALSE])
+                absq = builder.call(fn(builder, "llvm.abs.v64i8", _V64I8, [_V64I8, ir.IntType(1)]), [q, _FALSE])
                 negative = builder.icmp_signed("<", q, ir.Constant(_V64I8, None))
                 signed, unsigned = builder.select(negative, builder.sub(ir.Constant(_V64I8, None), x2), x2), absq
             else:
                 q = at(builder, tp, qoff + 2 * k * qbytes, _V32I8)  # rows 2k and 2k + 1: 16 bytes each
                 lo, hi = builder.and_(q, ir.Constant(_V32I8, [15] * 32)), builder.lshr(q, ir.Constant(_V32I8, [4] * 32))
-                unsigned = builder.shuffle_vector(lo, hi, _index(list(range(16)) + list(range(32, 48)) + list(range(16, 32)) + list(range(48, 64))))
+                unsigned = builder.shuffle_vector(lo, hi, index(list(range(16)) + list(range(32, 48)) + list(range(16, 32)) + list(range(48, 64))))
                 signed = x2
             out.append(builder.call(dot, [ir.Constant(_V16I32, None), builder.bitcast(unsigned, _V16I32),
                                           builder.bitcast(signed, _V16I32)]))
@@ -175,11 +168,11 @@ def _tile_dot(qtype: gguf.GGMLQuantizationType):
         w, x, dx, sx, nb, out = args
         wp, xp = builder.inttoptr(w, _I8.as_pointer()), builder.inttoptr(x, _I8.as_pointer())
         dxp, sxp = builder.inttoptr(dx, _F32.as_pointer()), builder.inttoptr(sx, _F32.as_pointer())
-        fma8 = _fn(builder, "llvm.fma.v8f32", _V8F32, [_V8F32] * 3)
+        fma8 = fn(builder, "llvm.fma.v8f32", _V8F32, [_V8F32] * 3)
         wide = SIMD == "vnni512"  # two rows per instruction: 64 bytes, 16 lanes
         lanes_per_acc = 16 if wide else 8
         vf = ir.VectorType(_F32, lanes_per_acc)
-        fma = _fn(builder, f"llvm.fma.v{lanes_per_acc}f32", vf, [vf] * 3)
+        fma = fn(builder, f"llvm.fma.v{lanes_per_acc}f32", vf, [vf] * 3)
         acc = [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in range(ROWS * 8 // lanes_per_acc)]
         low = cgutils.alloca_once_value(builder, ir.Constant(_V8F32, None))  # lane r: row r's min/offset terms
         with cgutils.for_range(builder, nb) as loop:
@@ -199,14 +192,8 @@ def _tile_dot(qtype: gguf.GGMLQuantizationType):
                 rows = [k] * 8 if not wide else [2 * k] * 8 + [2 * k + 1] * 8
                 sr = builder.shuffle_vector(scale, ir.Constant(_V8F32, None), ir.Constant(ir.VectorType(_I32, len(rows)), rows))
                 builder.store(builder.call(fma, [builder.sitofp(iv, vf), sr, builder.load(acc[k])]), acc[k])
-        result = builder.load(low)
-        for r in range(ROWS):  # a fixed tree per row: the same order for every row, row count and instruction set
-            v, first = builder.load(acc[r * 8 // lanes_per_acc]), r * 8 % lanes_per_acc
-            lanes = [builder.extract_element(v, ir.Constant(_I32, first + k)) for k in range(8)]
-            while len(lanes) > 1:
-                lanes = [builder.fadd(lanes[k], lanes[k + 1]) for k in range(0, len(lanes), 2)]
-            idx = ir.Constant(_I32, r)
-            result = builder.insert_element(result, builder.fadd(builder.extract_element(result, idx), lanes[0]), idx)
+        sums = reduce_lanes(builder, [builder.load(a) for a in acc], 8)  # lane r: row r's 8 lanes, a fixed tree
+        result = builder.fadd(builder.load(low), sums)
         builder.store(result, builder.bitcast(builder.inttoptr(out, _F32.as_pointer()), _V8F32.as_pointer()), align=4)
         return context.get_dummy_value()
 

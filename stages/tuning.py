@@ -74,8 +74,18 @@ def follow_torch_threads() -> None:
         numba.set_num_threads(threads)
 
 
+_KERNEL_SOURCES = ("kernels.py", "quant.py", "int8dot.py", "bf16dot.py", "int4pack.py", "tuning.py")
+
+
+def kernels_digest() -> str:
+    """The kernels' code: a changed kernel is measured again, not judged by the old one's times."""
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in _KERNEL_SOURCES)).hexdigest()[:16]
+
+
 def machine_key() -> dict[str, str | int]:
-    """What a measurement holds for: the CPU (model name and flags), torch's thread count, the versions."""
+    """What a measurement holds for: the CPU (model name and flags), torch's thread count, the versions, and
+    the kernels' code."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -84,7 +94,8 @@ def machine_key() -> dict[str, str | int]:
     flags = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", info, re.M)
     return {"cpu": model.group(1).strip() if model else os.uname().machine,
             "flags": " ".join(sorted(set(flags.group(1).split()))) if flags else "",
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "numba": numba.__version__}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "numba": numba.__version__,
+            "kernels": kernels_digest()}
 
 
 def cache_file(key: dict[str, str | int] | None = None) -> Path:

@@ -66,6 +66,12 @@ def test_the_cache_key_changes_with_the_thread_count():
     assert other["threads"] == threads + 1 and tuning.cache_file(other) != tuning.cache_file(key)
 
 
+def test_the_cache_key_changes_with_the_kernels_code(monkeypatch):
+    key = tuning.machine_key()
+    monkeypatch.setattr(tuning, "_KERNEL_SOURCES", tuning._KERNEL_SOURCES[1:])  # other code: other bytes
+    assert tuning.machine_key()["kernels"] != key["kernels"] and tuning.cache_file() != tuning.cache_file(key)
+
+
 def test_a_corrupt_cache_is_ignored_with_a_warning(caplog):
     path = tuning.cache_file()
     path.parent.mkdir(parents=True)
