@@ -14,6 +14,7 @@ from parallax.broker.errors import UsageError
 from parallax.broker.registry import DRAIN_TIMEOUT_S
 
 from .compute import ComputeThread
+from .cores import CoreSlots
 from .engine import EngineConfig
 from . import otel
 from .metrics import metrics_port
@@ -145,7 +146,10 @@ async def serve(args: argparse.Namespace) -> None:
                            check=architecture)
     device = default_device(backend_name, args.device)
     check_quantize(source.path, args.quantize, device, backend_name)
-    compute = ComputeThread()  # every torch/numba computation of this process (stages/compute.py)
+    import torch
+
+    slots = CoreSlots(torch.get_num_threads()) if device == "cpu" else None  # CPU stages share a machine's cores
+    compute = ComputeThread(slots)  # every torch/numba computation of this process (stages/compute.py)
     facts = await compute.run(node_facts, source.path, args.dtype, device, offered, layers is not None,
                               args.quantize, backend_name)
     config = worker_config(args, source.path)

@@ -11,16 +11,35 @@ avx512_bf16, 2 threads). So everything torch or numba computes in a stage runs h
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import TypeVar
+
+from .cores import CoreSlots
 
 T = TypeVar("T")
 
 
 class ComputeThread:
-    def __init__(self) -> None:
+    def __init__(self, slots: CoreSlots | None = None) -> None:
+        """``slots``: the machine's cores, when this CPU stage shares them with other stages (``stages.cores``)."""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parallax-compute")
+        self._slots = slots
+
+    async def step(self, fn: Callable[[], T]) -> T:
+        """An engine step, ``fn()`` in the compute thread, holding a slot of the cores if this stage shares them.
+        Released before the step's messages go out, so that the next stage never waits for it."""
+        return await self.run(fn if self._slots is None else partial(self._in_slot, fn))
+
+    def _in_slot(self, fn: Callable[[], T]) -> T:
+        if self._slots.acquire():
+            time.sleep(0.001)  # waited: the rows sent meanwhile land in the engine's inbox and join this step
+        try:
+            return fn()
+        finally:
+            self._slots.release()
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` in the compute thread, awaited from the event loop."""

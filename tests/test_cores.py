@@ -1,0 +1,60 @@
+"""CPU stages on one machine take turns on its cores a step at a time (``stages.cores``)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from parallax.stages import cores
+from parallax.stages.compute import ComputeThread
+from parallax.stages.cores import CoreSlots
+
+
+def test_stages_whose_threads_fill_the_machine_take_turns(tmp_path, monkeypatch):
+    monkeypatch.setattr(cores, "cpu_count", lambda: 2)
+    a, b = CoreSlots(2, tmp_path), CoreSlots(2, tmp_path)  # 2 threads each on 2 cores: one slot
+    assert a.acquire() is False  # free: no wait
+    got: list[tuple[bool, float]] = []
+    waiter = threading.Thread(target=lambda: got.append((b.acquire(), time.monotonic())))
+    waiter.start()
+    time.sleep(0.3)
+    assert not got  # b waits while a steps
+    released = time.monotonic()
+    a.release()
+    waiter.join(5)
+    assert got and got[0][0] is True and got[0][1] >= released  # it waited, and got the slot once a let go
+    b.release()
+    assert a.acquire() is False
+    a.release()
+
+
+def test_stages_of_fewer_threads_step_side_by_side(tmp_path, monkeypatch):
+    monkeypatch.setattr(cores, "cpu_count", lambda: 4)
+    slots = [CoreSlots(2, tmp_path) for _ in range(3)]  # 4 cores, 2 threads each: two slots
+    assert [s.acquire() for s in slots[:2]] == [False, False]
+    third = threading.Thread(target=slots[2].acquire)
+    third.start()
+    time.sleep(0.2)
+    assert third.is_alive()  # a third stage waits for one of the two
+    slots[0].release()
+    third.join(5)
+    assert not third.is_alive()
+    for s in slots[1:]:
+        s.release()
+
+
+def test_a_step_holds_the_slot_and_lets_go_after(tmp_path, monkeypatch):
+    monkeypatch.setattr(cores, "cpu_count", lambda: 1)
+    compute, other = ComputeThread(CoreSlots(1, tmp_path)), CoreSlots(1, tmp_path)
+
+    def step() -> str:
+        holder = threading.Thread(target=other.acquire)  # another stage: must wait while this step runs
+        holder.start()
+        holder.join(0.3)
+        return "busy" if holder.is_alive() else "free"
+
+    assert asyncio.run(compute.step(step)) == "busy"
+    time.sleep(0.1)
+    other.release()  # the other stage got the slot once the step ended
+    compute.close()
