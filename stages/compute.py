@@ -29,11 +29,11 @@ class ComputeThread:
         self._slots = slots
 
     async def step(self, fn: Callable[[], T]) -> T:
-        """An engine step, ``fn()`` in the compute thread, holding a slot of the cores if this stage shares them.
+        """An engine step, ``fn()`` in the compute thread, holding its threads' worth of cores if it shares them.
         Released before the step's messages go out, so that the next stage never waits for it."""
-        return await self.run(fn if self._slots is None else partial(self._in_slot, fn))
+        return await self.run(fn if self._slots is None else partial(self._holding_cores, fn))
 
-    def _in_slot(self, fn: Callable[[], T]) -> T:
+    def _holding_cores(self, fn: Callable[[], T]) -> T:
         if self._slots.acquire():
             time.sleep(0.001)  # waited: the rows sent meanwhile land in the engine's inbox and join this step
         try:

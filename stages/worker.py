@@ -336,7 +336,7 @@ class StageWorker:
             while self.engine.has_work() and not self._stopping:
                 started = time.perf_counter()
                 try:
-                    outgoing = await self.compute.step(self.engine.step)  # a core slot, if shared
+                    outgoing = await self.compute.step(self.engine.step)  # holding its cores, if shared
                 except Exception:  # the engine already guards the backend; this is a last resort
                     log.exception("engine step failed")
                     continue

@@ -13,7 +13,7 @@ from parallax.stages.cores import CoreSlots
 
 def test_stages_whose_threads_fill_the_machine_take_turns(tmp_path, monkeypatch):
     monkeypatch.setattr(cores, "cpu_count", lambda: 2)
-    a, b = CoreSlots(2, tmp_path), CoreSlots(2, tmp_path)  # 2 threads each on 2 cores: one slot
+    a, b = CoreSlots(2, tmp_path), CoreSlots(2, tmp_path)  # 2 threads each on 2 cores
     assert a.acquire() is False  # free: no wait
     got: list[tuple[bool, float]] = []
     waiter = threading.Thread(target=lambda: got.append((b.acquire(), time.monotonic())))
@@ -31,7 +31,7 @@ def test_stages_whose_threads_fill_the_machine_take_turns(tmp_path, monkeypatch)
 
 def test_stages_of_fewer_threads_step_side_by_side(tmp_path, monkeypatch):
     monkeypatch.setattr(cores, "cpu_count", lambda: 4)
-    slots = [CoreSlots(2, tmp_path) for _ in range(3)]  # 4 cores, 2 threads each: two slots
+    slots = [CoreSlots(2, tmp_path) for _ in range(3)]  # 4 cores, 2 threads each: two at a time
     assert [s.acquire() for s in slots[:2]] == [False, False]
     third = threading.Thread(target=slots[2].acquire)
     third.start()
@@ -42,6 +42,20 @@ def test_stages_of_fewer_threads_step_side_by_side(tmp_path, monkeypatch):
     assert not third.is_alive()
     for s in slots[1:]:
         s.release()
+
+
+def test_stages_of_other_thread_counts_share_the_same_cores(tmp_path, monkeypatch):
+    monkeypatch.setattr(cores, "cpu_count", lambda: 2)
+    one, two = CoreSlots(1, tmp_path), CoreSlots(2, tmp_path)
+    assert one.acquire() is False
+    waiter = threading.Thread(target=two.acquire)
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive()  # 2 threads: not while a 1-thread stage holds one of the 2 cores
+    one.release()
+    waiter.join(5)
+    assert not waiter.is_alive()
+    two.release()
 
 
 def test_a_step_holds_the_slot_and_lets_go_after(tmp_path, monkeypatch):
