@@ -14,7 +14,7 @@ from parallax.broker.errors import UsageError
 from parallax.broker.registry import DRAIN_TIMEOUT_S
 
 from .compute import ComputeThread
-from .cores import CoreSlots
+from .cores import SharedCores
 from .engine import EngineConfig
 from . import otel
 from .metrics import metrics_port
@@ -138,18 +138,16 @@ async def serve(args: argparse.Namespace) -> None:
         raise UsageError(f"--metrics-port must be in 1..65535, got {args.metrics_port}")
     layers = parse_layers(args.layers) if args.layers is not None else None
     offered = parse_size(args.memory) if args.memory is not None else None
-    if args.threads is not None:
-        import torch
+    import torch
 
+    if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     source = resolve_model(args.model, dequantize=args.dequantize, revision=args.revision, need="headers",
                            check=architecture)
     device = default_device(backend_name, args.device)
     check_quantize(source.path, args.quantize, device, backend_name)
-    import torch
-
-    slots = CoreSlots(torch.get_num_threads()) if device == "cpu" else None  # CPU stages share a machine's cores
-    compute = ComputeThread(slots)  # every torch/numba computation of this process (stages/compute.py)
+    cores = SharedCores(torch.get_num_threads()) if device == "cpu" else None  # CPU stages share a machine's cores
+    compute = ComputeThread(cores)  # every torch/numba computation of this process (stages/compute.py)
     facts = await compute.run(node_facts, source.path, args.dtype, device, offered, layers is not None,
                               args.quantize, backend_name)
     config = worker_config(args, source.path)

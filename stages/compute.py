@@ -17,29 +17,29 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TypeVar
 
-from .cores import CoreSlots
+from .cores import SharedCores
 
 T = TypeVar("T")
 
 
 class ComputeThread:
-    def __init__(self, slots: CoreSlots | None = None) -> None:
-        """``slots``: the machine's cores, when this CPU stage shares them with other stages (``stages.cores``)."""
+    def __init__(self, cores: SharedCores | None = None) -> None:
+        """``cores``: the machine's cores, when this CPU stage shares them with other stages (``stages.cores``)."""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parallax-compute")
-        self._slots = slots
+        self._cores = cores
 
     async def step(self, fn: Callable[[], T]) -> T:
         """An engine step, ``fn()`` in the compute thread, holding its threads' worth of cores if it shares them.
         Released before the step's messages go out, so that the next stage never waits for it."""
-        return await self.run(fn if self._slots is None else partial(self._holding_cores, fn))
+        return await self.run(fn if self._cores is None else partial(self._holding_cores, fn))
 
     def _holding_cores(self, fn: Callable[[], T]) -> T:
-        if self._slots.acquire():
+        if self._cores.acquire():
             time.sleep(0.001)  # waited: the rows sent meanwhile land in the engine's inbox and join this step
         try:
             return fn()
         finally:
-            self._slots.release()
+            self._cores.release()
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` in the compute thread, awaited from the event loop."""

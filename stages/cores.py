@@ -27,7 +27,7 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-class CoreSlots:
+class SharedCores:
     """``acquire()`` ``threads`` of this machine's cores (waits while fewer are free), ``release()`` them. A core is
     a lock file shared by every stage of this user here, whatever its thread count."""
 

@@ -74,7 +74,7 @@ def follow_torch_threads() -> None:
         numba.set_num_threads(threads)
 
 
-_KERNEL_SOURCES = ("kernels.py", "quant.py", "int8dot.py", "bf16dot.py", "int4pack.py", "tuning.py")
+_KERNEL_SOURCES = ("kernels.py", "quant.py", "int8dot.py", "bf16dot.py", "simd.py", "int4pack.py", "tuning.py")
 
 
 def kernels_digest() -> str:

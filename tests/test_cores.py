@@ -8,12 +8,12 @@ import time
 
 from parallax.stages import cores
 from parallax.stages.compute import ComputeThread
-from parallax.stages.cores import CoreSlots
+from parallax.stages.cores import SharedCores
 
 
 def test_stages_whose_threads_fill_the_machine_take_turns(tmp_path, monkeypatch):
     monkeypatch.setattr(cores, "cpu_count", lambda: 2)
-    a, b = CoreSlots(2, tmp_path), CoreSlots(2, tmp_path)  # 2 threads each on 2 cores
+    a, b = SharedCores(2, tmp_path), SharedCores(2, tmp_path)  # 2 threads each on 2 cores
     assert a.acquire() is False  # free: no wait
     got: list[tuple[bool, float]] = []
     waiter = threading.Thread(target=lambda: got.append((b.acquire(), time.monotonic())))
@@ -23,7 +23,7 @@ def test_stages_whose_threads_fill_the_machine_take_turns(tmp_path, monkeypatch)
     released = time.monotonic()
     a.release()
     waiter.join(5)
-    assert got and got[0][0] is True and got[0][1] >= released  # it waited, and got the slot once a let go
+    assert got and got[0][0] is True and got[0][1] >= released  # it waited, and got the cores once a let go
     b.release()
     assert a.acquire() is False
     a.release()
@@ -31,22 +31,22 @@ def test_stages_whose_threads_fill_the_machine_take_turns(tmp_path, monkeypatch)
 
 def test_stages_of_fewer_threads_step_side_by_side(tmp_path, monkeypatch):
     monkeypatch.setattr(cores, "cpu_count", lambda: 4)
-    slots = [CoreSlots(2, tmp_path) for _ in range(3)]  # 4 cores, 2 threads each: two at a time
-    assert [s.acquire() for s in slots[:2]] == [False, False]
-    third = threading.Thread(target=slots[2].acquire)
+    stages = [SharedCores(2, tmp_path) for _ in range(3)]  # 4 cores, 2 threads each: two at a time
+    assert [s.acquire() for s in stages[:2]] == [False, False]
+    third = threading.Thread(target=stages[2].acquire)
     third.start()
     time.sleep(0.2)
     assert third.is_alive()  # a third stage waits for one of the two
-    slots[0].release()
+    stages[0].release()
     third.join(5)
     assert not third.is_alive()
-    for s in slots[1:]:
+    for s in stages[1:]:
         s.release()
 
 
 def test_stages_of_other_thread_counts_share_the_same_cores(tmp_path, monkeypatch):
     monkeypatch.setattr(cores, "cpu_count", lambda: 2)
-    one, two = CoreSlots(1, tmp_path), CoreSlots(2, tmp_path)
+    one, two = SharedCores(1, tmp_path), SharedCores(2, tmp_path)
     assert one.acquire() is False
     waiter = threading.Thread(target=two.acquire)
     waiter.start()
@@ -58,9 +58,9 @@ def test_stages_of_other_thread_counts_share_the_same_cores(tmp_path, monkeypatc
     two.release()
 
 
-def test_a_step_holds_the_slot_and_lets_go_after(tmp_path, monkeypatch):
+def test_a_step_holds_the_cores_and_lets_go_after(tmp_path, monkeypatch):
     monkeypatch.setattr(cores, "cpu_count", lambda: 1)
-    compute, other = ComputeThread(CoreSlots(1, tmp_path)), CoreSlots(1, tmp_path)
+    compute, other = ComputeThread(SharedCores(1, tmp_path)), SharedCores(1, tmp_path)
 
     def step() -> str:
         holder = threading.Thread(target=other.acquire)  # another stage: must wait while this step runs
@@ -70,5 +70,5 @@ def test_a_step_holds_the_slot_and_lets_go_after(tmp_path, monkeypatch):
 
     assert asyncio.run(compute.step(step)) == "busy"
     time.sleep(0.1)
-    other.release()  # the other stage got the slot once the step ended
+    other.release()  # the other stage got the core once the step ended
     compute.close()
