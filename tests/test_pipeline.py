@@ -54,13 +54,15 @@ async def test_concurrent_requests_equal_one_at_a_time(nats_url, tiny):
 
 async def test_replicas_share_work_and_pin_decode(nats_url, tiny, references):
     """Two replicas of 3:6 share the work through the gateway's routing: it pins each request to a
-    replica by load, and every decode step of a request goes to that replica (which holds its KV)."""
+    replica by load, and every decode step of a request goes to that replica (which holds its KV).
+    The prompts share no prefix: a prompt whose prefix the first stage cached for a request on the other
+    replica is resubmitted without the cache ("prefix_miss", tests/test_batching.py), a second route."""
     async with cluster(nats_url, tiny, "tiny", LAYERS, [(0, 3), (3, 6), (3, 6)]) as c:
-        results = await asyncio.gather(*(c.generate(PROMPTS[1], max_tokens=40) for _ in range(6)))
-        assert all(r == references[1] for r in results)
+        results = await asyncio.gather(*(c.generate(p, max_tokens=40) for p in PROMPTS))
+        assert results == references
         replicas = {n: w.engine for n, (_, _, w) in c.stages.items() if n.startswith("s3-6")}
         routed = c.pipeline.routes.routed
-        assert sum(routed[n] for n in replicas) == 6 and all(routed[n] >= 1 for n in replicas), routed
+        assert sum(routed[n] for n in replicas) == len(PROMPTS) and all(routed[n] >= 1 for n in replicas), routed
         assert all(e.stats.rows > 0 for e in replicas.values())  # both replicas really ran requests
         assert all(e.backend.sampler._seeds == {} for e in replicas.values())  # nothing kept per request
         assert await c.settled()
