@@ -25,6 +25,8 @@ import gguf
 import numpy as np
 import torch
 
+from . import hugepages
+
 Q = gguf.GGMLQuantizationType
 FORMATS = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
 GROUP = 32  # weights per scale: a GGUF block
@@ -79,6 +81,11 @@ class Int4Pack:
             scales_zeros[:, r:r + step, 0] = torch.from_numpy(scale.T)
             scales_zeros[:, r:r + step, 1] = torch.from_numpy(zero.T)
         return cls(packed, scales_zeros)
+
+    def held(self) -> Int4Pack:
+        """A copy on memory for the stage's lifetime (``hugepages.held``)."""
+        return Int4Pack(torch.from_numpy(hugepages.held(self.packed.numpy())),
+                        torch.from_numpy(hugepages.held(self.scales_zeros.view(torch.uint16).numpy())).view(torch.bfloat16))
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, I] bf16 -> [M, O] bf16."""

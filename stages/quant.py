@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from numba import get_num_threads, njit, prange
 
-from . import int4pack, int8dot
+from . import hugepages, int4pack, int8dot
 from .int4pack import Int4Pack
 from .tuning import DEFAULT_PICKS, MAX_ROWS, OWN_LAYOUT, follow_torch_threads
 
@@ -589,7 +589,9 @@ class QuantMatrix(Tiled):
             raise ValueError(f"the {' and '.join(sorted(picked))} kernel holds the weight in its own layout: every "
                              f"row kind must use it; got {self.picks}")
         if not self.repacked:
-            self._layout(picked.pop())
+            name = picked.pop()
+            made = self._layout(name)
+            self._packed[name] = read_only(hugepages.held(made)) if name == INT8 else made.held()
             empty = np.empty((self.shape[0], 0), np.uint8)
             object.__setattr__(self, "blocks", empty)
             object.__setattr__(self, "_kernel_blocks", read_only(empty))
