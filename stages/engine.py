@@ -431,8 +431,9 @@ class Engine:
                 items, ids = loops.setdefault(self._next_subject(seq), ([], []))
                 items.append(ForwardItem(rid=seq.rid, pos=seq.length, n=1))
                 ids.append(_ids(token))
-        out = [(reply, encode(Tokens(items=tuple(items)))) for reply, items in replies.items()]
-        out += [(subject, self._forward_msg(items, ids, (len(items),), "int32")) for subject, (items, ids) in loops.items()]
+        # the first stage's next input first: it is on the critical path of every request, the gateway's copy is not
+        out = [(subject, self._forward_msg(items, ids, (len(items),), "int32")) for subject, (items, ids) in loops.items()]
+        out += [(reply, encode(Tokens(items=tuple(items)))) for reply, items in replies.items()]
         self._release(finished, out, broadcast=True)
         for seq, message in broken:
             self._fail(seq.rid, seq.reply, message, out, "internal")

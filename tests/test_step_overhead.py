@@ -81,7 +81,7 @@ def test_one_stage_chain_feeds_its_tokens_back_without_a_message(tiny):
     assert not engine.seqs and engine.blocks.used == 0
 
 
-def test_last_stage_of_two_sends_its_tokens_to_the_first(tiny):
+def test_last_stage_of_two_sends_its_tokens_to_the_first_before_the_gateway(tiny):
     backend = TorchBackend.load(tiny, "tiny", 2, LAYERS, "float32", "cpu")
     engine = Engine(backend, "tail", EngineConfig(kv_blocks=64, block_size=8))
     chain, route = ((0, 2), (2, LAYERS)), ("head", "tail")
@@ -90,7 +90,9 @@ def test_last_stage_of_two_sends_its_tokens_to_the_first(tiny):
     hidden = torch.randn(3, backend.spec.hidden_size).numpy().tobytes()
     header = Forward(items=(ForwardItem(rid="r1", pos=0, n=3, meta=meta),), dtype="float32", shape=(3, backend.spec.hidden_size))
     engine.submit(*decode(encode(header, hidden)))
-    out = dict(engine.step())
+    steps = engine.step()
+    assert [subject for subject, _ in steps] == [subjects.node("tiny", 0, 2, "head"), "gw.reply"]  # critical path first
+    out = dict(steps)
     back = decode(out[subjects.node("tiny", 0, 2, "head")])[0]
     assert isinstance(back, Forward) and back.items[0].pos == 3 and back.items[0].n == 1
     assert not engine.has_work()  # the next row comes from the first stage
