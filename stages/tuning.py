@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -67,11 +68,20 @@ class Tunable(Protocol):
     def settle(self) -> None: ...  # hold the weight in the layout the picks read
 
 
+class _Followed(threading.local):
+    torch_threads: int | None = None  # torch's thread count when this thread last set numba's
+
+
+_FOLLOWED = _Followed()
+
+
 def follow_torch_threads() -> None:
-    """numba's thread count is set per calling thread (the engine steps in a worker thread)."""
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != threads:
-        numba.set_num_threads(threads)
+    """numba's thread count is set per calling thread (the engine steps in a worker thread). Called before every
+    layer: it asks numba (a lock and a check of its pool, ~10 us) only when torch's count changed in this thread."""
+    threads = torch.get_num_threads()
+    if _FOLLOWED.torch_threads != threads:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        _FOLLOWED.torch_threads = threads
 
 
 _KERNEL_SOURCES = ("kernels.py", "quant.py", "int8dot.py", "bf16dot.py", "simd.py", "int4pack.py", "tuning.py")
