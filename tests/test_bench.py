@@ -480,9 +480,19 @@ def test_side_by_side_targets_and_table():
     assert "- smollm2-bf16 parallax2: ClusterError: boom" in text
 
 
+def test_side_by_side_takes_the_median_single_run():
+    from bench.side_by_side import median_run
+
+    runs = [{"rate": 90.0}, {"rate": None}, {"rate": 120.0}, {"rate": 100.0}]
+    assert median_run(runs[:3], "rate") == {"rate": 120.0}  # 90, 120, then the run without a rate
+    assert median_run([runs[0], runs[2], runs[3]], "rate") == {"rate": 100.0}
+    assert median_run(runs[:1], "rate") == {"rate": 90.0}
+
+
 def test_side_by_side_rejects_bad_options(capsys):
     from bench.side_by_side import main
 
     assert main(["--models", "nope"]) == 2
     assert "unknown model nope" in capsys.readouterr().err
     assert main(["--new-tokens", "1"]) == 2
+    assert main(["--single-runs", "0"]) == 2
