@@ -29,6 +29,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -195,15 +196,14 @@ def tensor_nbytes(shape: tuple[int, ...], qtype) -> int:
     return int(np.prod(quant_shape_to_byte_shape(shape, qtype)))
 
 
-def copy_tokenizer_metadata(writer, source_gguf: Path) -> None:
-    """Every ``tokenizer.*`` key of the bundled SmolLM2 GGUF, with its type."""
+def tokenizer_metadata(source_gguf: Path) -> list[tuple[str, Any, Any, Any]]:
+    """Every ``tokenizer.*`` key of the bundled SmolLM2 GGUF: (key, value, type, array item type). Read once (the
+    reader parses every one of its 49152 tokens: ~4 s)."""
     from gguf import GGUFReader, GGUFValueType
 
     reader = GGUFReader(source_gguf)
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer."):
-            sub = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    return [(key, field.contents(), field.types[0], field.types[1] if field.types[0] == GGUFValueType.ARRAY else None)
+            for key, field in reader.fields.items() if key.startswith("tokenizer.")]
 
 
 def llama_metadata(writer, cfg: SynthConfig, file_qtype: str) -> None:
@@ -232,9 +232,11 @@ def write_ggufs(cfg: SynthConfig, hf: Path, paths: dict[str, Path], source_gguf:
     names = get_tensor_name_map(MODEL_ARCH.LLAMA, cfg.layers)
     specs = cfg.tensors()
     writers = {q: GGUFWriter(path, "llama") for q, path in paths.items()}
+    tokenizer = tokenizer_metadata(source_gguf)
     for qtype, writer in writers.items():
         llama_metadata(writer, cfg, qtype)
-        copy_tokenizer_metadata(writer, source_gguf)
+        for key, value, vtype, sub in tokenizer:
+            writer.add_key_value(key, value, vtype, sub_type=sub)
         for hf_name, shape in specs:
             raw = tensor_qtype(hf_name, shape, qtype)
             writer.add_tensor_info(names.get_name(hf_name, try_suffixes=(".weight",)), shape, np.dtype(np.float32),
