@@ -5,8 +5,8 @@ asked to back with transparent huge pages (``madvise(MADV_HUGEPAGE)``; the usual
 A decode step streams every weight once, mostly from DRAM when the weights do not stay in the cache (the other
 stage on the machine reads its own in between). On 4 KiB pages that walk misses the TLB every 4 KiB and the
 hardware prefetcher stops at every page's end. 15 layers of SmolLM2 Q4_1 (32 MiB of int8-kernel tiles, one row,
-2 threads, AMD EPYC Zen 4 avx512_vnni): 1.8-2.3 ms a step with the cache flushed in between on 4 KiB pages,
-1.4-1.7 ms on 2 MiB pages (``/work/scratch/thp.py``).
+2 threads, AMD EPYC Zen 4 avx512_vnni), the 105 matrix products of a step with the cache flushed in between:
+1.8-2.3 ms on 4 KiB pages, 1.4-1.7 ms on 2 MiB pages; the whole step 3.4-4.1 -> 3.0-3.1 ms.
 
 Weights are taken from a chunk of ``CHUNK`` bytes in turn (each at a 64-byte boundary); one as large as half a
 chunk gets a mapping of its own. A chunk lives as long as any weight in it (numpy keeps the mapping as the
