@@ -77,7 +77,8 @@ _FOLLOWED = _Followed()
 
 def follow_torch_threads() -> None:
     """numba's thread count is set per calling thread (the engine steps in a worker thread). Called before every
-    layer: it asks numba (a lock and a check of its pool, ~10 us) only when torch's count changed in this thread."""
+    layer: it asks numba (a lock and a check of its pool: 2.1 us a call, 0.3 without) only when torch's count changed
+    in this thread."""
     threads = torch.get_num_threads()
     if _FOLLOWED.torch_threads != threads:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
