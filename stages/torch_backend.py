@@ -147,6 +147,8 @@ def load_stage_model(path: Path, config: dict, start: int, end: int, dtype: torc
     if model.fused:
         kernels.warm_up()
     model.kernel_picks = kernels.tune(kernels.projections(model), dtype) if device.type == "cpu" else {}
+    if model.fused:
+        model.warm_up()
     release_free_memory()
     log.info("loaded layers %d:%d of %s (%s weights, %.1f MB as held)", start, end, path,
              quantize or "stored", model.weight_bytes / 1e6)

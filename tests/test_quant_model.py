@@ -421,3 +421,23 @@ def test_float32_activations_over_quantized_weights_run_the_fused_float32_layer(
     assert backend.model.fused and backend.model.decode_group == kernels.MAX_ROWS
     backend.init_kv(8, 4)
     assert all(a.dtype == np.float32 for a in backend.kv.bits())
+
+
+def test_a_quantized_stage_compiles_its_fused_layer_while_it_loads(models):
+    """``StageModel.warm_up``: the first layer ran each row kind at load (its int8 operands are looked up then), so
+    the first prompt and the first generated token compile no numba kernel (~4 s a stage on a cold cache)."""
+    stage = load(models["llama"], 0, LAYERS, "q4_0", torch.bfloat16)
+    assert set(stage.layers[0].weights().int8) == {"decode", "prefill"}
+    compiled = numba_overloads()
+    stage_greedy([stage], PROMPTS[1], 2, torch.bfloat16)
+    assert numba_overloads() == compiled
+
+
+def numba_overloads() -> dict[str, int]:
+    """Compiled signatures of every numba kernel of the stage modules."""
+    from numba.core.registry import CPUDispatcher
+
+    from parallax.stages import int8dot, kernels, quant
+
+    return {f"{m.__name__}.{name}": len(f.overloads) for m in (kernels, quant, int8dot)
+            for name, f in vars(m).items() if isinstance(f, CPUDispatcher)}
