@@ -18,6 +18,7 @@ from parallax.broker.tasks import stop_task
 from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
 from parallax.stages.backend import StepItem
 from parallax.stages.engine import EngineConfig
+from parallax.stages.metrics import serving
 from parallax.stages.torch_backend import TorchBackend
 from parallax.stages.worker import StageWorker, WorkerConfig
 
@@ -83,6 +84,7 @@ class Cluster:
         stop, task, worker = self.stages.pop(node_id)
         await worker.nc.close()  # first: no deregistration gets out, the registry key must expire
         await stop_task(task)
+        serving(worker.metrics, False)  # its process would be gone, and its series with it (stages.metrics.metrics_port)
 
     async def connect(self) -> NatsPipeline:
         self.nc = await nats.connect(self.url)
