@@ -8,7 +8,8 @@ which blocks a request owns.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -140,10 +141,9 @@ class Decode:
 class Rows:
     positions: torch.Tensor  # [T] long
     write_slots: torch.Tensor  # [T] long
-    prefills: list[Prefill]
-    decode: Decode | None
     sample_rows: torch.Tensor  # [S] long: the rows whose logits the last stage computes (each item's last ``outputs``)
     items: list[tuple[Sequence[int], int]]  # (block table, n) per item, in row order
+    block_size: int
     prompt: bool = False  # the rows are prompt rows, not generated tokens (the fused path projects them apart)
     more: tuple["Rows", ...] = ()  # the same rows addressed by the other KV groups' tables (groups 1, 2, ...)
 
@@ -159,21 +159,41 @@ class Rows:
         block tables in the other KV groups (none: one group)."""
         positions, sample, offset = [], [], 0
         for _, pos, n, outputs in parts:
-            positions.append(torch.arange(pos, pos + n))
+            positions.extend(range(pos, pos + n))
             sample.extend(range(offset + n - int(outputs), offset + n))
             offset += n
-        rows = cls(torch.cat(positions).to(device), *_addressed(parts, positions, block_size, device),
-                   torch.tensor(sample, dtype=torch.long, device=device), [(t, n) for t, _, n, _ in parts], prompt)
+        items = [(t, n) for t, _, n, _ in parts]
+        rows = cls(torch.tensor(positions, dtype=torch.long, device=device), _write_slots(items, positions, block_size, device),
+                   torch.tensor(sample, dtype=torch.long, device=device), items, block_size, prompt)
         if more:
-            rows.more = tuple(rows._other([tables[g] for tables in more], parts, positions, block_size, device)
-                              for g in range(len(more[0])))
+            rows.more = tuple(replace(rows, write_slots=_write_slots(items_g, positions, block_size, device), items=items_g,
+                                      more=()) for items_g in ([(tables[g], n) for tables, (_, n) in zip(more, items)]
+                                                               for g in range(len(more[0]))))
         return rows
 
-    def _other(self, tables: list[Sequence[int]], parts: list[tuple[Sequence[int], int, int, int]],
-               positions: list[torch.Tensor], block_size: int, device: torch.device) -> "Rows":
-        parts = [(table, pos, n, s) for table, (_, pos, n, s) in zip(tables, parts)]
-        return Rows(self.positions, *_addressed(parts, positions, block_size, device), self.sample_rows,
-                    [(t, n) for t, _, n, _ in parts], self.prompt)
+    @cached_property
+    def prefills(self) -> list[Prefill]:
+        """The items of several rows (the torch path's causal attention among them), in row order."""
+        out, offset, device = [], 0, self.positions.device
+        for table, n in self.items:
+            pos = int(self.positions[offset])
+            if n > 1:
+                t = torch.tensor(table, dtype=torch.long)
+                read = slots_for(t, torch.arange(pos + n), self.block_size).to(device) if pos else None
+                out.append(Prefill(slice(offset, offset + n), pos, read))
+            offset += n
+        return out
+
+    @cached_property
+    def decode(self) -> Decode | None:
+        """The items of one row (the torch path's batched decode attention), or None."""
+        dec, offset = [], 0
+        for table, n in self.items:
+            if n == 1:
+                pos = int(self.positions[offset])
+                dec.append((offset, table[: pos // self.block_size + 1], pos + 1))
+            offset += n
+        return _decode(dec, self.positions.device) if dec else None
 
     def row_tables(self) -> np.ndarray:
         """[T, nb] int64: each row's block table (its item's, padded with block 0), for kernels that
@@ -186,20 +206,14 @@ class Rows:
         return tables
 
 
-def _addressed(parts: list[tuple[Sequence[int], int, int, bool]], positions: list[torch.Tensor], block_size: int,
-               device: torch.device) -> tuple[torch.Tensor, list[Prefill], Decode | None]:
-    """Where the rows of ``parts`` (one block table each) write their keys, and what they read."""
-    writes, prefills, dec, offset = [], [], [], 0
-    for (table, pos, n, _), pos_range in zip(parts, positions):
-        t = torch.tensor(table, dtype=torch.long)
-        writes.append(slots_for(t, pos_range, block_size))
-        if n == 1:
-            dec.append((offset, table[: pos // block_size + 1], pos + 1))
-        else:
-            read = slots_for(t, torch.arange(pos + n), block_size).to(device) if pos else None
-            prefills.append(Prefill(slice(offset, offset + n), pos, read))
-        offset += n
-    return torch.cat(writes).to(device), prefills, _decode(dec, device) if dec else None
+def _write_slots(items: list[tuple[Sequence[int], int]], positions: list[int], block_size: int,
+                 device: torch.device) -> torch.Tensor:
+    """[T] long: where each row writes its key and value (its block table's slot for its position)."""
+    slots, row = [], 0
+    for table, n in items:
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in positions[row : row + n])
+        row += n
+    return torch.tensor(slots, dtype=torch.long, device=device)
 
 
 def _decode(items: list[tuple[int, list[int], int]], device: torch.device) -> Decode:
