@@ -82,7 +82,8 @@ def test_a_corrupt_cache_is_ignored_with_a_warning(caplog):
             caplog.clear()
             summary = kernels.tune(stage_projections()[:1], torch.bfloat16)
         assert tuning.measurements > before and set(summary) == {"96x64 bf16 decode", "96x64 bf16 prefill"}
-        assert json.loads(path.read_text())["picks"]["96x64 bf16 bfloat16"]["picks"]["decode"] in ("numba", "numba-gemv", "torch")
+        picked = json.loads(path.read_text())["picks"]["96x64 bf16 bfloat16"]["picks"]["decode"]
+        assert picked in stage_projections()[0].candidates("decode", torch.bfloat16)  # whichever measured fastest
         if garbage.startswith("{not") or "[1, 2]" in garbage:
             assert any("ignoring the kernel choice cache" in r.message for r in caplog.records)
 
