@@ -194,6 +194,12 @@ def tune(projections: Iterable[Projection], dtype: torch.dtype) -> dict[str, str
     return tuning.tune(tiled(projections), dtype)
 
 
+class RowTable:
+    """A module whose weight is read a row at a time (an embedding), never multiplied: ``projections`` leaves
+    it out (no kernel to measure, no layout to repack its rows out of), unless a head multiplies the same
+    weight (a tied head on a stage that is first and last: found through the head)."""
+
+
 def projections(model: torch.nn.Module) -> list[Projection]:
     """Every projection a model holds: attributes of its modules (also modules kept as plain attributes)
     and of their ``LayerWeights``."""
@@ -201,7 +207,7 @@ def projections(model: torch.nn.Module) -> list[Projection]:
     todo, seen = list(model.modules()), set()
     while todo:
         module = todo.pop()
-        if id(module) in seen:
+        if id(module) in seen or isinstance(module, RowTable):
             continue
         seen.add(id(module))
         for value in vars(module).values():

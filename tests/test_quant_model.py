@@ -297,6 +297,18 @@ def test_a_gguf_source_serves_its_own_blocks(models, tmp_path, quantize):
         load(folder, 0, 2, "q8_0")
 
 
+def test_a_first_stage_reads_its_embedding_rows_from_the_stored_blocks(models, tmp_path):
+    """An embedding is looked up, never multiplied: no kernel is measured for it and its blocks stay as stored
+    (a repacked layout would be unpacked for every row read)."""
+    from parallax.stages import kernels
+
+    folder = write_gguf(models["llama"], tmp_path, QTYPES["q8_0"])
+    stage = load(folder, 0, 3, None, torch.bfloat16)
+    table = stage.embed_tokens.weight
+    assert isinstance(table, QuantMatrix) and not table.repacked
+    assert all(p is not table for p in kernels.tiled(kernels.projections(stage)))
+
+
 # --- the command lines ------------------------------------------------------------------------------
 
 

@@ -162,7 +162,7 @@ class Linear(nn.Module):
         return self.weight.nbytes
 
 
-class Embedding(nn.Module):
+class Embedding(nn.Module, kernels.RowTable):
     """Token ids -> rows of the table, in the activation dtype. The table as loaded: a dense tensor, a
     ``QuantMatrix`` (``take_rows`` decodes only the rows asked for) or, tied to the head of a stage that
     is first and last, the head's own ``kernels.Matrix`` (one object serves both)."""
@@ -464,13 +464,18 @@ class StageModel(nn.Module):
     def warm_up(self) -> None:
         """Compile the fused path for this model's weights (or load it from numba's cache) while the stage loads,
         not at its first request (SmolLM2 Q4_1 on a cold cache: ~4 s a stage): a zero row of each row kind
-        through the first layer, into a scratch KV cache of one slot."""
+        through the first layer, into a scratch KV cache of one slot; the embedding and the head too."""
         mode, (kv_heads, k_dim, v_dim) = FUSED_MODES[self.dtype], self.args.kv_dims
         k_cache, v_cache = np.zeros((1, kv_heads, k_dim), mode.dtype), np.zeros((1, kv_heads, v_dim), mode.dtype)
+        x = np.zeros((1, self.args.hidden_size), np.float32)  # [1, D]
         for prompt in (False, True):
             batch = kernels.RowBatch.build(np.zeros(1, np.int64), self.inv_freq.float().numpy(), 1.0, np.zeros(1, np.int64),
                                            np.zeros((1, 1), np.int64), 1, prompt, mode)
-            self.layers[0].run_fused(np.zeros((1, self.args.hidden_size), np.float32), batch, k_cache, v_cache)
+            self.layers[0].run_fused(x, batch, k_cache, v_cache)
+        if self.first:
+            self.embed_tokens(torch.zeros(1, dtype=torch.long))
+        if self.last:
+            self.lm_head.weight.decode(x)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :].float()  # [T, hd/2]
