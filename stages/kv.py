@@ -143,6 +143,7 @@ class Rows:
     write_slots: torch.Tensor  # [T] long
     sample_rows: torch.Tensor  # [S] long: the rows whose logits the last stage computes (each item's last ``outputs``)
     items: list[tuple[Sequence[int], int]]  # (block table, n) per item, in row order
+    starts: list[int]  # each item's first position
     block_size: int
     prompt: bool = False  # the rows are prompt rows, not generated tokens (the fused path projects them apart)
     more: tuple["Rows", ...] = ()  # the same rows addressed by the other KV groups' tables (groups 1, 2, ...)
@@ -162,21 +163,25 @@ class Rows:
             positions.extend(range(pos, pos + n))
             sample.extend(range(offset + n - int(outputs), offset + n))
             offset += n
-        items = [(t, n) for t, _, n, _ in parts]
-        rows = cls(torch.tensor(positions, dtype=torch.long, device=device), _write_slots(items, positions, block_size, device),
-                   torch.tensor(sample, dtype=torch.long, device=device), items, block_size, prompt)
+        items, starts = [(t, n) for t, _, n, _ in parts], [pos for _, pos, _, _ in parts]
+        rows = cls(torch.tensor(positions, dtype=torch.long, device=device), _write_slots(items, starts, block_size, device),
+                   torch.tensor(sample, dtype=torch.long, device=device), items, starts, block_size, prompt)
         if more:
-            rows.more = tuple(replace(rows, write_slots=_write_slots(items_g, positions, block_size, device), items=items_g,
-                                      more=()) for items_g in ([(tables[g], n) for tables, (_, n) in zip(more, items)]
-                                                               for g in range(len(more[0]))))
+            rows.more = tuple(rows._regrouped([(tables[g], n) for tables, (_, n) in zip(more, items)])
+                              for g in range(len(more[0])))
         return rows
+
+    def _regrouped(self, items: list[tuple[Sequence[int], int]]) -> "Rows":
+        """The same rows addressed through other block tables (another KV group's), one per item."""
+        slots = _write_slots(items, self.starts, self.block_size, self.positions.device)
+        return replace(self, write_slots=slots, items=items, more=())
 
     @cached_property
     def prefills(self) -> list[Prefill]:
-        """The items of several rows (the torch path's causal attention among them), in row order."""
+        """The items of several rows (the torch path's causal attention among them), in row order; built
+        when first read (the fused path never reads it)."""
         out, offset, device = [], 0, self.positions.device
-        for table, n in self.items:
-            pos = int(self.positions[offset])
+        for (table, n), pos in zip(self.items, self.starts):
             if n > 1:
                 t = torch.tensor(table, dtype=torch.long)
                 read = slots_for(t, torch.arange(pos + n), self.block_size).to(device) if pos else None
@@ -186,11 +191,10 @@ class Rows:
 
     @cached_property
     def decode(self) -> Decode | None:
-        """The items of one row (the torch path's batched decode attention), or None."""
+        """The items of one row (the torch path's batched decode attention), or None; built when first read."""
         dec, offset = [], 0
-        for table, n in self.items:
+        for (table, n), pos in zip(self.items, self.starts):
             if n == 1:
-                pos = int(self.positions[offset])
                 dec.append((offset, table[: pos // self.block_size + 1], pos + 1))
             offset += n
         return _decode(dec, self.positions.device) if dec else None
@@ -206,13 +210,11 @@ class Rows:
         return tables
 
 
-def _write_slots(items: list[tuple[Sequence[int], int]], positions: list[int], block_size: int,
+def _write_slots(items: list[tuple[Sequence[int], int]], starts: list[int], block_size: int,
                  device: torch.device) -> torch.Tensor:
     """[T] long: where each row writes its key and value (its block table's slot for its position)."""
-    slots, row = [], 0
-    for table, n in items:
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in positions[row : row + n])
-        row += n
+    slots = [table[p // block_size] * block_size + p % block_size
+             for (table, n), start in zip(items, starts) for p in range(start, start + n)]
     return torch.tensor(slots, dtype=torch.long, device=device)
 
 
