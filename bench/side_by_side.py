@@ -18,18 +18,19 @@ One run, same CPU, same thread count (``--threads``, default 2) for every system
   process (psutil, sampled every 0.2 s from start to stop) next to its weight bytes (its registry profile,
   from ``parallax status --json``) and its KV budget (``parallax.stats``).
 
-The single stream runs ``--single-runs`` times (default 3) for llama.cpp and for each ``parallax up`` (one request
-after another in the same cluster); each system's figure is the median run's (every run's rate is in the JSON): on
-a shared machine one run of 64 tokens moves by 10-20 %.
-
-Systems run one after another (nothing else of the benchmark runs meanwhile); results go to
+The single stream runs ``--single-runs`` times (default 3) for llama.cpp and for each ``parallax up``, in rounds:
+llama.cpp (its model loaded once, in its worker) and both clusters start and stay up, and each round runs one
+single stream of each, in turn, while the others idle; each system's figure is the median run's (every run's
+rate is in the JSON). On a shared machine one run of 64 tokens moves by 10-20 %, and the drift over minutes
+moves every system's runs of one round alike instead of one system's all. Then each system finishes alone
+(transformers, parallax's concurrent streams) while the others idle; results go to
 ``bench/results/side_by_side.{json,md}``, and the markdown table (with the targets) is printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -41,7 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TextIO
 
 from bench import report
 from bench.cluster import ClusterError
@@ -180,8 +181,10 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def llamacpp_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """Greedy decode of ``new_tokens`` with llama-cpp-python: prefill, then per-token times."""
+def llamacpp_worker(job: dict[str, Any], commands: TextIO, out: TextIO) -> None:
+    """Greedy decode of ``new_tokens`` with llama-cpp-python: the model loads once and warms up, then every
+    line on ``commands`` runs the single stream once (prefill, then per-token times) and answers one JSON
+    line; at the end of ``commands`` a last line says the version and the peak RSS."""
     import llama_cpp
 
     prompt, new_tokens, threads = job["prompt"], job["new_tokens"], job["threads"]
@@ -198,15 +201,14 @@ def llamacpp_worker(job: dict[str, Any]) -> dict[str, Any]:
         return started, times
 
     run(job["warmup"], 4)
-    runs = []
-    for _ in range(job["single_runs"]):
+    print(json.dumps({"ready": True}), file=out, flush=True)
+    for _ in commands:
         started, times = run(prompt, new_tokens)
         decode_s = times[-1] - times[0]
-        runs.append({"tokens": len(times), "prefill_s": times[0] - started, "decode_s": decode_s,
-                     "decode_tok_s": (len(times) - 1) / decode_s if decode_s > 0 else None})
-    return {"version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode(),
-            **median_run(runs, "decode_tok_s"), "decode_runs": [r["decode_tok_s"] for r in runs],
-            "peak_rss_bytes": peak_rss_bytes()}
+        print(json.dumps({"tokens": len(times), "prefill_s": times[0] - started, "decode_s": decode_s,
+                          "decode_tok_s": (len(times) - 1) / decode_s if decode_s > 0 else None}), file=out, flush=True)
+    print(json.dumps({"version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode(),
+                      "peak_rss_bytes": peak_rss_bytes()}), file=out, flush=True)
 
 
 def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
@@ -229,22 +231,63 @@ def transformers_worker(job: dict[str, Any]) -> dict[str, Any]:
     return {"threads": torch.get_num_threads(), "b1": one, "batched": many, "peak_rss_bytes": peak_rss_bytes()}
 
 
-WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "llamacpp": llamacpp_worker, "transformers": transformers_worker}
+WORKERS = ("llamacpp", "transformers")
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    return env
 
 
 def run_worker(python: Path | str, kind: str, job: dict[str, Any], log: Path) -> dict[str, Any]:
     """``python -m bench.side_by_side --worker KIND`` with the job on stdin; its last stdout line is JSON."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"])}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     with open(log, "ab") as err:
         done = subprocess.run([str(python), "-m", "bench.side_by_side", "--worker", kind], input=json.dumps(job),
-                              stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+                              stdout=subprocess.PIPE, stderr=err, text=True, env=worker_env(job["threads"]),
                               timeout=WORKER_TIMEOUT_S, check=False)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{kind} worker exited with code {done.returncode}; see {log}")
     return json.loads(lines[-1])
+
+
+class LlamaCppSession:
+    """llama.cpp loaded once in its worker process (``llamacpp_worker``) for a model's whole run."""
+
+    def __init__(self, python: Path | str, job: dict[str, Any], log: Path) -> None:
+        self._log = log
+        with open(log, "ab") as err:
+            self._proc = subprocess.Popen([str(python), "-m", "bench.side_by_side", "--worker", "llamacpp"],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                          env=worker_env(job["threads"]))
+        self.runs: list[dict[str, Any]] = []
+        self._send(json.dumps(job))
+        self._reply()  # loaded and warmed up
+
+    def single(self) -> None:
+        self._send("single")
+        self.runs.append(self._reply())
+
+    def finish(self) -> dict[str, Any]:
+        self._proc.stdin.close()
+        info = self._reply()
+        return {**info, **median_run(self.runs, "decode_tok_s"), "decode_runs": [r["decode_tok_s"] for r in self.runs]}
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+
+    def _send(self, line: str) -> None:
+        self._proc.stdin.write(line + "\n")
+        self._proc.stdin.flush()
+
+    def _reply(self) -> dict[str, Any]:
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"llamacpp worker exited with code {self._proc.wait()}; see {self._log}")
+        return json.loads(line)
 
 
 def llamacpp_python(settings: Settings) -> Path | str | None:
@@ -328,51 +371,61 @@ def weight_bytes(node: dict[str, Any], tied: bool) -> int | None:
     return total - profile["first_bytes"] if tied and first and last else total
 
 
-async def parallax_phases(endpoint: Any, prompts: dict[str, list[list[int]]], settings: Settings) -> dict[str, Any]:
-    from bench.client import make_http_client, run_requests, served_model
-    from bench.natsstats import stage_label, stats_client
-    from bench.stats import summarize_level
+class ParallaxSession:
+    """One ``parallax up --stages N`` for a model's whole run: warmed up at start, then its single streams one
+    at a time (``single``), and at the end its ``--streams`` concurrent streams, stats and memory (``finish``)."""
 
-    async with make_http_client(endpoint.url, settings.streams) as http, \
-            stats_client(endpoint.nats_url, endpoint.stages) as stats:
-        model = await served_model(http)
-        await run_requests(http, model, prompts["warmup"], 4, len(prompts["warmup"]))
-        singles = []
-        for _ in range(settings.single_runs):
-            one, wall1 = await run_requests(http, model, prompts["single"], settings.new_tokens, 1)
-            singles.append(summarize_level(one, 1, wall1))
-        many, wall_n = await run_requests(http, model, prompts["batch"], settings.new_tokens, settings.streams)
-        replies = await stats.collect()
-    kv = {stage_label(r): (r.get("kv") or {}).get("budget_bytes") for r in replies}
-    return {"single": median_run(singles, "decode_tok_s_per_stream"),
-            "single_runs": [r["decode_tok_s_per_stream"] for r in singles],
-            "batch": summarize_level(many, settings.streams, wall_n),
-            "kv_budget_bytes": kv}
+    def __init__(self, spec: ModelSpec, stages: int, prompts: dict[str, list[list[int]]], settings: Settings,
+                 stack: contextlib.ExitStack) -> None:
+        import shlex
 
+        from bench.cluster import ClusterSpec, running_cluster
 
-def run_parallax(spec: ModelSpec, stages: int, prompts: dict[str, list[list[int]]], settings: Settings) -> dict[str, Any]:
-    import shlex
+        self.spec, self.stages, self.prompts, self.settings = spec, stages, prompts, settings
+        stage_args = ("--threads", str(settings.threads), *spec.stage_args)
+        cluster = ClusterSpec(spec.parallax_model, stages, "bfloat16", ("--stage-args", shlex.join(stage_args)))
+        self.log = settings.out / f"side_by_side-{spec.key}-s{stages}.log"
+        started = time.perf_counter()
+        self.endpoint = stack.enter_context(running_cluster(cluster, self.log))
+        self.ready_s = time.perf_counter() - started
+        self.pids = stage_pids(self.endpoint.pids)
+        self.rss = stack.enter_context(RssSampler(list(self.pids.values())))
+        self.singles: list[dict[str, Any]] = []
+        run_interruptible_result(self._requests("warmup", 4, len(prompts["warmup"])))
 
-    from bench.cluster import ClusterSpec, running_cluster
-    from parallax.broker.model import read_config
+    def single(self) -> None:
+        self.singles.append(run_interruptible_result(self._requests("single", self.settings.new_tokens, 1)))
 
-    stage_args = ("--threads", str(settings.threads), *spec.stage_args)
-    cluster = ClusterSpec(spec.parallax_model, stages, "bfloat16", ("--stage-args", shlex.join(stage_args)))
-    log = settings.out / f"side_by_side-{spec.key}-s{stages}.log"
-    started = time.perf_counter()
-    with running_cluster(cluster, log) as endpoint:
-        ready_s = time.perf_counter() - started
-        pids = stage_pids(endpoint.pids)
-        with RssSampler(list(pids.values())) as rss:
-            phases = run_interruptible_result(parallax_phases(endpoint, prompts, settings))
-        nodes = registry_stages(endpoint.nats_url)
-    tied = bool(read_config(spec.tokenizer).get("tie_word_embeddings", False))
-    per_stage = [{"stage": layers, "pid": pid, "peak_rss_bytes": rss.peak.get(pid) or None,
-                  "weight_bytes": weight_bytes(nodes[layers], tied) if layers in nodes else None,
-                  "kv_budget_bytes": phases["kv_budget_bytes"].get(layers)}
-                 for layers, pid in sorted(pids.items(), key=lambda kv: int(kv[0].split(":")[0]))]
-    return {"stages": stages, "ready_s": ready_s, "single": phases["single"], "single_runs": phases["single_runs"],
-            "batch": phases["batch"], "per_stage": per_stage, "log": str(log)}
+    def finish(self) -> dict[str, Any]:
+        from parallax.broker.model import read_config
+
+        s = self.settings
+        batch = run_interruptible_result(self._requests("batch", s.new_tokens, s.streams))
+        kv = run_interruptible_result(self._kv_budgets())
+        nodes = registry_stages(self.endpoint.nats_url)
+        tied = bool(read_config(self.spec.tokenizer).get("tie_word_embeddings", False))
+        per_stage = [{"stage": layers, "pid": pid, "peak_rss_bytes": self.rss.peak.get(pid) or None,
+                      "weight_bytes": weight_bytes(nodes[layers], tied) if layers in nodes else None,
+                      "kv_budget_bytes": kv.get(layers)}
+                     for layers, pid in sorted(self.pids.items(), key=lambda kv: int(kv[0].split(":")[0]))]
+        return {"stages": self.stages, "ready_s": self.ready_s, "single": median_run(self.singles, "decode_tok_s_per_stream"),
+                "single_runs": [r["decode_tok_s_per_stream"] for r in self.singles], "batch": batch,
+                "per_stage": per_stage, "log": str(self.log)}
+
+    async def _requests(self, prompts: str, max_tokens: int, concurrency: int) -> dict[str, Any]:
+        from bench.client import make_http_client, run_requests, served_model
+        from bench.stats import summarize_level
+
+        async with make_http_client(self.endpoint.url, self.settings.streams) as http:
+            done, wall = await run_requests(http, await served_model(http), self.prompts[prompts], max_tokens, concurrency)
+        return summarize_level(done, concurrency, wall)
+
+    async def _kv_budgets(self) -> dict[str, Any]:
+        from bench.natsstats import stage_label, stats_client
+
+        async with stats_client(self.endpoint.nats_url, self.endpoint.stages) as stats:
+            replies = await stats.collect()
+        return {stage_label(r): (r.get("kv") or {}).get("budget_bytes") for r in replies}
 
 
 def run_interruptible_result(phases: Any) -> dict[str, Any]:
@@ -386,42 +439,94 @@ def run_interruptible_result(phases: Any) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- run
+class Contender(Protocol):
+    """A system whose single stream is measured in rounds with the others'."""
+
+    def single(self) -> None: ...
+
+    def finish(self) -> dict[str, Any]: ...
+
+
+FAILURES = (ClusterError, RuntimeError, OSError, subprocess.SubprocessError, ValueError)
+
+
 def run_model(key: str, settings: Settings, say_: Callable[[str], None] = say) -> dict[str, Any]:
+    """Every system of ``key``: those with a single stream start first and stay up, their single streams run in
+    rounds (one run of each, in turn: a shared machine's drift moves them alike), then each system finishes
+    alone (transformers, parallax's concurrent streams) while the others idle."""
     spec = model_spec(key, settings)
     prompts = make_prompts(spec, settings)
     result: dict[str, Any] = {"model": key, "gguf": str(spec.gguf) if spec.gguf else None,
                               "gguf_bytes": spec.gguf.stat().st_size if spec.gguf else None,
                               "parallax_model": spec.parallax_model}
     log = settings.out / f"side_by_side-{key}-workers.log"
-    for system in (s for s in settings.systems if s in spec.systems()):
-        say_(f"{key}: {system}")
-        try:
-            result[system] = run_system(system, spec, prompts, settings, log)
-        except ClusterError as exc:  # the cluster did not come up: the other systems still run
-            result[system] = {"error": f"ClusterError: {str(exc)[-1500:]}"}
-            say_(f"{key}: {system} failed: {result[system]['error'][:300]}")
-        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
-            result[system] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-            say_(f"{key}: {system} failed: {result[system]['error']}")
+    systems = [s for s in settings.systems if s in spec.systems()]
+    with contextlib.ExitStack() as stack:
+        contenders: dict[str, Contender] = {}
+        for system in (s for s in systems if s != "transformers"):
+            if system == "llamacpp" and llamacpp_python(settings) is None:
+                result[system] = {"skipped": f"llama-cpp-python not importable here nor in {settings.llamacpp_python}: "
+                                             "run bench/llamacpp.sh"}
+                say_(f"skipping llama.cpp: {result[system]['skipped']}")
+                continue
+            say_(f"{key}: starting {system}")
+            started = _attempt(key, system, result, say_, lambda: start_contender(system, spec, prompts, settings, log, stack))
+            if started is not None:
+                contenders[system] = started
+        interleave(contenders, settings.single_runs, lambda system, exc: _failed(key, system, exc, result, say_))
+        for system in systems:
+            if system in result:  # failed or skipped
+                continue
+            say_(f"{key}: {system}")
+            done = _attempt(key, system, result, say_, contenders[system].finish if system in contenders
+                            else lambda: run_transformers(spec, prompts, settings, log))
+            if done is not None:
+                result[system] = done
     return result
 
 
-def run_system(system: str, spec: ModelSpec, prompts: dict[str, list[list[int]]], settings: Settings,
-               log: Path) -> dict[str, Any]:
-    job = {"threads": settings.threads, "new_tokens": settings.new_tokens}
-    if system == "llamacpp":
-        python = llamacpp_python(settings)
-        if python is None:
-            msg = f"llama-cpp-python not importable here nor in {settings.llamacpp_python}: run bench/llamacpp.sh"
-            say(f"skipping llama.cpp: {msg}")
-            return {"skipped": msg}
-        return run_worker(python, "llamacpp", {**job, "gguf": str(spec.gguf), "prompt": prompts["single"][0],
-                                               "single_runs": settings.single_runs,
-                                               "warmup": prompts["warmup"][0][:8]}, log)
-    if system == "transformers":
-        return run_worker(sys.executable, "transformers", {**job, "folder": str(spec.hf_bf16),
-                                                           "single": prompts["single"], "batch": prompts["batch"]}, log)
-    return run_parallax(spec, int(system[-1]), prompts, settings)
+def interleave(contenders: dict[str, Contender], rounds: int, failed: Callable[[str, Exception], None]) -> None:
+    """``rounds`` single streams of each contender, one of each per round in turn; one that fails is
+    reported to ``failed`` and left out of the rounds after."""
+    for _ in range(rounds):
+        for system, contender in list(contenders.items()):
+            try:
+                contender.single()
+            except FAILURES as exc:
+                failed(system, exc)
+                del contenders[system]
+
+
+def _attempt(key: str, system: str, result: dict[str, Any], say_: Callable[[str], None], fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except FAILURES as exc:
+        _failed(key, system, exc, result, say_)
+        return None
+
+
+def _failed(key: str, system: str, exc: Exception, result: dict[str, Any], say_: Callable[[str], None]) -> None:
+    detail = str(exc)[-1500:] if isinstance(exc, ClusterError) else str(exc)[:500]  # a cluster's log tail
+    result[system] = {"error": f"{type(exc).__name__}: {detail}"}
+    say_(f"{key}: {system} failed: {result[system]['error'][:300]}")
+
+
+def start_contender(system: str, spec: ModelSpec, prompts: dict[str, list[list[int]]], settings: Settings, log: Path,
+                    stack: contextlib.ExitStack) -> Contender:
+    """The system up and warmed up (stopped when ``stack`` closes)."""
+    if system.startswith("parallax"):
+        return ParallaxSession(spec, int(system[-1]), prompts, settings, stack)
+    job = {"threads": settings.threads, "new_tokens": settings.new_tokens, "gguf": str(spec.gguf),
+           "prompt": prompts["single"][0], "warmup": prompts["warmup"][0][:8]}
+    session = LlamaCppSession(llamacpp_python(settings), job, log)
+    stack.callback(session.close)
+    return session
+
+
+def run_transformers(spec: ModelSpec, prompts: dict[str, list[list[int]]], settings: Settings, log: Path) -> dict[str, Any]:
+    job = {"threads": settings.threads, "new_tokens": settings.new_tokens, "folder": str(spec.hf_bf16),
+           "single": prompts["single"], "batch": prompts["batch"]}
+    return run_worker(sys.executable, "transformers", job, log)
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -583,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-runs", type=int, default=Settings.single_runs,
                    help="single-stream runs per system (llama.cpp and parallax); each figure is their median")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for side_by_side.{json,md} and logs")
-    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     return p
 
 
@@ -593,8 +698,11 @@ def split(text: str) -> tuple[str, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.worker:
-        print(json.dumps(WORKERS[args.worker](json.loads(sys.stdin.read()))), flush=True)
+    if args.worker == "llamacpp":
+        llamacpp_worker(json.loads(sys.stdin.readline()), sys.stdin, sys.stdout)
+        return 0
+    if args.worker == "transformers":
+        print(json.dumps(transformers_worker(json.loads(sys.stdin.read()))), flush=True)
         return 0
     try:
         settings = Settings(split(args.models), split(args.systems), args.threads, args.new_tokens, args.input_len,

@@ -489,6 +489,33 @@ def test_side_by_side_takes_the_median_single_run():
     assert median_run(runs[:1], "rate") == {"rate": 90.0}
 
 
+def test_side_by_side_runs_single_streams_in_rounds():
+    """One single stream of each system per round, in turn (drift moves a round's runs alike); a system that
+    fails is reported once and the others go on."""
+    from bench.side_by_side import interleave
+
+    order, failures = [], []
+
+    class Fake:
+        def __init__(self, name: str, fails_at: int | None = None):
+            self.name, self.fails_at, self.runs = name, fails_at, 0
+
+        def single(self) -> None:
+            self.runs += 1
+            order.append(self.name)
+            if self.runs == self.fails_at:
+                raise RuntimeError(f"{self.name} died")
+
+        def finish(self) -> dict:
+            return {}
+
+    contenders = {"llamacpp": Fake("llamacpp"), "parallax1": Fake("parallax1", fails_at=2), "parallax2": Fake("parallax2")}
+    interleave(contenders, 3, lambda system, exc: failures.append((system, str(exc))))
+    assert order == ["llamacpp", "parallax1", "parallax2"] * 2 + ["llamacpp", "parallax2"]
+    assert failures == [("parallax1", "parallax1 died")]
+    assert list(contenders) == ["llamacpp", "parallax2"]
+
+
 def test_side_by_side_rejects_bad_options(capsys):
     from bench.side_by_side import main
 
