@@ -11,6 +11,9 @@ One run, same CPU, same thread count (``--threads``, default 2) for every system
   single-stream decode tok/s, in a child process (peak RSS from ``ru_maxrss``).
 - **transformers** decode loop (``bench.baselines.decode_loop_rate``) on the bf16 folder, batch 1 and
   batch ``--streams``, in a child process.
+- **step**: the decode step of a stage holding the whole model, in a child process (``TorchBackend.run`` as a
+  stage loads the model, one row a step, greedy; no event loop, NATS or gateway): what serving adds is the gap
+  between it and ``parallax up --stages 1``.
 - **parallax** ``up --stages 1`` and ``--stages 2`` (``--threads`` per stage): one stream's decode tok/s and
   ``--streams`` concurrent streams' aggregate decode tok/s through the OpenAI API (tokens streamed while all
   of them decode / that time: prefill left out, as in the decode loop's figure; completion tokens / wall time
@@ -18,8 +21,8 @@ One run, same CPU, same thread count (``--threads``, default 2) for every system
   process (psutil, sampled every 0.2 s from start to stop) next to its weight bytes (its registry profile,
   from ``parallax status --json``) and its KV budget (``parallax.stats``).
 
-The single stream runs ``--single-runs`` times (default 3) for llama.cpp and for each ``parallax up``, in rounds:
-llama.cpp (its model loaded once, in its worker) and both clusters start and stay up, and each round runs one
+The single stream runs ``--single-runs`` times (default 3) for llama.cpp, the step and each ``parallax up``, in
+rounds: llama.cpp and the step (each model loaded once, in its worker) and both clusters start and stay up, and each round runs one
 single stream of each, in turn, while the others idle; each system's figure is the median run's (every run's
 rate is in the JSON). On a shared machine one run of 64 tokens moves by 10-20 %, and the drift over minutes
 moves every system's runs of one round alike instead of one system's all. Then each system finishes alone
@@ -52,7 +55,7 @@ GiB = 1024**3
 BENCH_CACHE = Path(os.environ.get("PARALLAX_CACHE", Path.home() / ".cache" / "parallax")) / "bench"
 LLAMACPP_PYTHON = BENCH_CACHE / "llamacpp-venv" / "bin" / "python"
 SYNTH_DIR = BENCH_CACHE / "synth-1b"
-SYSTEMS = ("llamacpp", "transformers", "parallax1", "parallax2")
+SYSTEMS = ("llamacpp", "transformers", "step", "parallax1", "parallax2")
 MODELS = ("smollm2-q4_1", "smollm2-bf16", "synth-q4_0", "synth-q8_0", "synth-bf16")
 DEFAULT_MODELS = ("smollm2-q4_1", "smollm2-bf16", "synth-q4_0")
 RSS_SAMPLE_S = 0.2
@@ -77,7 +80,7 @@ class ModelSpec:
     stage_args: tuple[str, ...] = ()
 
     def systems(self) -> tuple[str, ...]:
-        return (("llamacpp",) if self.gguf else ()) + (("transformers",) if self.hf_bf16 else ()) + ("parallax1", "parallax2")
+        return (("llamacpp",) if self.gguf else ()) + (("transformers",) if self.hf_bf16 else ()) + ("step", "parallax1", "parallax2")
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,45 @@ def llamacpp_worker(job: dict[str, Any], commands: TextIO, out: TextIO) -> None:
                       "peak_rss_bytes": peak_rss_bytes()}), file=out, flush=True)
 
 
+def step_worker(job: dict[str, Any], commands: TextIO, out: TextIO) -> None:
+    """The decode step of a stage holding the whole model, in this process (``TorchBackend.run``, as a stage loads
+    it with ``--dtype bfloat16``): no event loop, NATS or gateway around it. Every line on ``commands`` runs the
+    prompt, then ``new_tokens - 1`` steps of one generated row (greedy), and answers one JSON line."""
+    import numpy as np
+    import torch
+
+    from parallax.broker.model import ModelFacts, resolve_model
+    from parallax.broker.wire import SamplingParams
+    from parallax.stages.backend import SampleSpec, StepItem
+    from parallax.stages.torch_backend import TorchBackend
+
+    torch.set_num_threads(job["threads"])
+    source = resolve_model(job["model"])
+    backend = TorchBackend.load(source.path, source.name, 0, ModelFacts.read(source.path).num_layers, "bfloat16", "cpu")
+    prompt, new_tokens, block = job["prompt"], job["new_tokens"], 16
+    backend.init_kv((len(prompt) + new_tokens) // block + 1, block)
+    greedy = SampleSpec(SamplingParams(temperature=0.0, max_tokens=new_tokens), (), 0)
+    table = tuple(range((len(prompt) + new_tokens) // block + 1))
+
+    def run(ids: list[int], n: int) -> tuple[float, list[float]]:
+        started, times, pos = time.perf_counter(), [], 0
+        while len(times) < n:
+            data = memoryview(np.asarray(ids, np.int32).tobytes())
+            token = backend.run([StepItem("r", pos, len(ids), data, "int32", greedy, table, prompt=pos == 0)]).tokens[0]
+            times.append(time.perf_counter())
+            pos, ids = pos + len(ids), [token]
+        return started, times
+
+    run(job["warmup"], 4)
+    print(json.dumps({"ready": True}), file=out, flush=True)
+    for _ in commands:
+        started, times = run(prompt, new_tokens)
+        decode_s = times[-1] - times[0]
+        print(json.dumps({"tokens": len(times), "prefill_s": times[0] - started, "decode_s": decode_s,
+                          "decode_tok_s": (len(times) - 1) / decode_s if decode_s > 0 else None}), file=out, flush=True)
+    print(json.dumps({"kernels": backend.kernels, "peak_rss_bytes": peak_rss_bytes()}), file=out, flush=True)
+
+
 def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """The run whose ``key`` is the median (the lower middle one of an even count; runs without it last)."""
     ordered = sorted(runs, key=lambda r: (r[key] is None, r[key] or 0.0))
@@ -231,7 +273,7 @@ def transformers_worker(job: dict[str, Any]) -> dict[str, Any]:
     return {"threads": torch.get_num_threads(), "b1": one, "batched": many, "peak_rss_bytes": peak_rss_bytes()}
 
 
-WORKERS = ("llamacpp", "transformers")
+WORKERS = ("llamacpp", "step", "transformers")
 
 
 def worker_env(threads: int) -> dict[str, str]:
@@ -252,13 +294,13 @@ def run_worker(python: Path | str, kind: str, job: dict[str, Any], log: Path) ->
     return json.loads(lines[-1])
 
 
-class LlamaCppSession:
-    """llama.cpp loaded once in its worker process (``llamacpp_worker``) for a model's whole run."""
+class WorkerSession:
+    """A model loaded once in a worker process (``llamacpp_worker``, ``step_worker``) for the model's whole run."""
 
-    def __init__(self, python: Path | str, job: dict[str, Any], log: Path) -> None:
-        self._log = log
+    def __init__(self, python: Path | str, kind: str, job: dict[str, Any], log: Path) -> None:
+        self._log, self._kind = log, kind
         with open(log, "ab") as err:
-            self._proc = subprocess.Popen([str(python), "-m", "bench.side_by_side", "--worker", "llamacpp"],
+            self._proc = subprocess.Popen([str(python), "-m", "bench.side_by_side", "--worker", kind],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
                                           env=worker_env(job["threads"]))
         self.runs: list[dict[str, Any]] = []
@@ -286,7 +328,7 @@ class LlamaCppSession:
     def _reply(self) -> dict[str, Any]:
         line = self._proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"llamacpp worker exited with code {self._proc.wait()}; see {self._log}")
+            raise RuntimeError(f"{self._kind} worker exited with code {self._proc.wait()}; see {self._log}")
         return json.loads(line)
 
 
@@ -516,9 +558,12 @@ def start_contender(system: str, spec: ModelSpec, prompts: dict[str, list[list[i
     """The system up and warmed up (stopped when ``stack`` closes)."""
     if system.startswith("parallax"):
         return ParallaxSession(spec, int(system[-1]), prompts, settings, stack)
-    job = {"threads": settings.threads, "new_tokens": settings.new_tokens, "gguf": str(spec.gguf),
-           "prompt": prompts["single"][0], "warmup": prompts["warmup"][0][:8]}
-    session = LlamaCppSession(llamacpp_python(settings), job, log)
+    job = {"threads": settings.threads, "new_tokens": settings.new_tokens, "prompt": prompts["single"][0],
+           "warmup": prompts["warmup"][0][:8]}
+    if system == "step":
+        session = WorkerSession(sys.executable, "step", {**job, "model": spec.parallax_model}, log)
+    else:
+        session = WorkerSession(llamacpp_python(settings), "llamacpp", {**job, "gguf": str(spec.gguf)}, log)
     stack.callback(session.close)
     return session
 
@@ -556,7 +601,7 @@ def rates(result: dict[str, Any], system: str) -> tuple[float | None, float | No
     r = result.get(system) or {}
     if "error" in r or "skipped" in r or not r:
         return None, None, r.get("error", r.get("skipped", "not run"))[:60] if r else "not run"
-    if system == "llamacpp":
+    if system in ("llamacpp", "step"):
         return r["decode_tok_s"], None, f"{r['tokens']}"
     if system == "transformers":
         b = r["batched"]
@@ -698,8 +743,9 @@ def split(text: str) -> tuple[str, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.worker == "llamacpp":
-        llamacpp_worker(json.loads(sys.stdin.readline()), sys.stdin, sys.stdout)
+    if args.worker in ("llamacpp", "step"):
+        worker = llamacpp_worker if args.worker == "llamacpp" else step_worker
+        worker(json.loads(sys.stdin.readline()), sys.stdin, sys.stdout)
         return 0
     if args.worker == "transformers":
         print(json.dumps(transformers_worker(json.loads(sys.stdin.read()))), flush=True)

@@ -516,6 +516,23 @@ def test_side_by_side_runs_single_streams_in_rounds():
     assert list(contenders) == ["llamacpp", "parallax2"]
 
 
+def test_side_by_side_step_worker_answers_each_round():
+    """The in-process step (bench.side_by_side's ``step``): ready once loaded, one decode rate per command line,
+    its version of the facts (kernels, peak RSS) at the end."""
+    import io
+
+    from bench.side_by_side import step_worker
+
+    out = io.StringIO()
+    job = {"model": "smollm2-135m", "threads": 1, "new_tokens": 5, "prompt": list(range(100, 120)), "warmup": [1, 2, 3]}
+    step_worker(job, io.StringIO("single\nsingle\n"), out)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert lines[0] == {"ready": True} and len(lines) == 4
+    for run in lines[1:3]:
+        assert run["tokens"] == 5 and run["decode_tok_s"] > 0 and run["prefill_s"] > 0
+    assert lines[3]["peak_rss_bytes"] > 0 and lines[3]["kernels"]
+
+
 def test_side_by_side_rejects_bad_options(capsys):
     from bench.side_by_side import main
 
