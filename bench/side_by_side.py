@@ -691,6 +691,17 @@ def _busy(machine: dict[str, Any]) -> list[str]:
     return ["", f"**Warning**: {warning}."] if warning else []
 
 
+def serving_cost(results: list[dict[str, Any]]) -> list[str]:
+    """One stream served by ``parallax up`` against the same decode step in process (``step``), per model."""
+    parts = []
+    for r in results:
+        step = rates(r, "step")[0]
+        served = [f"--stages {n} {num(ratio(rates(r, f'parallax{n}')[0], step), '{:.2f}')}" for n in (1, 2)]
+        if step is not None:
+            parts.append(f"{r['model']}: {', '.join(served)}")
+    return ["", "One stream served / the step in process: " + "; ".join(parts) + "."] if parts else []
+
+
 def markdown(doc: dict[str, Any]) -> str:
     m, s = doc["machine"], doc["settings"]
     lines = [f"# Side by side ({m['date']}, commit {m['git_commit']})", "",
@@ -704,7 +715,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += ["", "transformers: the decode loop's decode tok/s (prefill excluded) at batch 1 and batch "
               f"{s['streams']}; parallax: 1 stream's decode tok/s (first to last streamed token); {s['streams']} "
               "streams: tokens streamed while all of them were decoding / that time (prefill left out, as in the "
-              "loop's figure), and completion tokens / wall time (prefill included).", "",
+              "loop's figure), and completion tokens / wall time (prefill included).", *serving_cost(doc["results"]), "",
               "| model | system | stage | peak RSS GiB | weights GiB | KV budget GiB | RSS / bound |",
               "|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for r in doc["results"] for row in memory_rows(r)]

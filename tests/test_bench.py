@@ -455,6 +455,7 @@ def test_side_by_side_targets_and_table():
 
     q4 = {"model": "synth-q4_0", "gguf_bytes": int(0.6e9),
           "llamacpp": {"decode_tok_s": 20.0, "tokens": 128, "peak_rss_bytes": int(0.8e9)},
+          "step": {"decode_tok_s": 25.0, "tokens": 128},
           "parallax1": cluster(21.0, 60.0, [stage("0:22", 1.6, 0.6, 0.25)]),
           "parallax2": cluster(16.0, 60.0, [stage("0:11", 1.0, 0.35, 0.25), stage("11:22", 1.6, 0.35, 0.25)])}
     bf16 = {"model": "smollm2-bf16", "gguf_bytes": None,
@@ -476,6 +477,8 @@ def test_side_by_side_targets_and_table():
     text = sbs.markdown(doc)
     assert "| synth-q4_0 | llamacpp | 128 | 20.0 | n/a | n/a |" in text
     assert "| synth-q4_0 | parallax1 | 128 / 2048 | 21.0 | 60.0 | 30.0 |" in text
+    assert "| synth-q4_0 | step | 128 | 25.0 | n/a | n/a |" in text
+    assert "One stream served / the step in process: synth-q4_0: --stages 1 0.84, --stages 2 0.64." in text
     assert "| smollm2-bf16 | parallax2 | ClusterError: boom | n/a | n/a | n/a |" in text
     assert "- smollm2-bf16 parallax2: ClusterError: boom" in text
 
