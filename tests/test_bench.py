@@ -520,16 +520,12 @@ def test_side_by_side_runs_single_streams_in_rounds():
 
 
 def test_side_by_side_step_worker_answers_each_round():
-    """The in-process step (bench.side_by_side's ``step``): ready once loaded, one decode rate per command line,
-    its version of the facts (kernels, peak RSS) at the end."""
-    import io
-
-    from bench.side_by_side import step_worker
-
-    out = io.StringIO()
-    job = {"model": "smollm2-135m", "threads": 1, "new_tokens": 5, "prompt": list(range(100, 120)), "warmup": [1, 2, 3]}
-    step_worker(job, io.StringIO("single\nsingle\n"), out)
-    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    """bench.side_by_side's ``step`` worker, as the benchmark runs it (its own process, the job then one line per
+    run on stdin): ready once loaded, one decode rate per line, the kernels it picked and its peak RSS at the end."""
+    job = {"model": "smollm2-135m", "threads": 2, "new_tokens": 5, "prompt": list(range(100, 120)), "warmup": [1, 2, 3]}
+    done = subprocess.run([sys.executable, "-m", "bench.side_by_side", "--worker", "step"], cwd=REPO, timeout=300,
+                          input=json.dumps(job) + "\nsingle\nsingle\n", capture_output=True, text=True, check=True)
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert lines[0] == {"ready": True} and len(lines) == 4
     for run in lines[1:3]:
         assert run["tokens"] == 5 and run["decode_tok_s"] > 0 and run["prefill_s"] > 0
