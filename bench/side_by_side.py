@@ -184,14 +184,27 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def answer_rounds(run: Callable[[list[int], int], tuple[float, list[float]]], job: dict[str, Any], commands: TextIO,
+                  out: TextIO) -> None:
+    """A worker's rounds: ``run(ids, n)`` (its start time, each token's time) on the warm-up prompt, a ready line,
+    then for every line on ``commands`` one run of the single stream and its rates as one JSON line."""
+    run(job["warmup"], 4)
+    print(json.dumps({"ready": True}), file=out, flush=True)
+    for _ in commands:
+        started, times = run(job["prompt"], job["new_tokens"])
+        decode_s = times[-1] - times[0]
+        print(json.dumps({"tokens": len(times), "prefill_s": times[0] - started, "decode_s": decode_s,
+                          "decode_tok_s": (len(times) - 1) / decode_s if decode_s > 0 else None}), file=out, flush=True)
+
+
 def llamacpp_worker(job: dict[str, Any], commands: TextIO, out: TextIO) -> None:
     """Greedy decode of ``new_tokens`` with llama-cpp-python: the model loads once and warms up, then every
     line on ``commands`` runs the single stream once (prefill, then per-token times) and answers one JSON
     line; at the end of ``commands`` a last line says the version and the peak RSS."""
     import llama_cpp
 
-    prompt, new_tokens, threads = job["prompt"], job["new_tokens"], job["threads"]
-    llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=len(prompt) + new_tokens + 16, n_batch=512,
+    threads = job["threads"]
+    llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=len(job["prompt"]) + job["new_tokens"] + 16, n_batch=512,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def run(ids: list[int], n: int) -> tuple[float, list[float]]:
@@ -203,13 +216,7 @@ def llamacpp_worker(job: dict[str, Any], commands: TextIO, out: TextIO) -> None:
                 break
         return started, times
 
-    run(job["warmup"], 4)
-    print(json.dumps({"ready": True}), file=out, flush=True)
-    for _ in commands:
-        started, times = run(prompt, new_tokens)
-        decode_s = times[-1] - times[0]
-        print(json.dumps({"tokens": len(times), "prefill_s": times[0] - started, "decode_s": decode_s,
-                          "decode_tok_s": (len(times) - 1) / decode_s if decode_s > 0 else None}), file=out, flush=True)
+    answer_rounds(run, job, commands, out)
     print(json.dumps({"version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode(),
                       "peak_rss_bytes": peak_rss_bytes()}), file=out, flush=True)
 
@@ -229,10 +236,10 @@ def step_worker(job: dict[str, Any], commands: TextIO, out: TextIO) -> None:
     torch.set_num_threads(job["threads"])
     source = resolve_model(job["model"])
     backend = TorchBackend.load(source.path, source.name, 0, ModelFacts.read(source.path).num_layers, "bfloat16", "cpu")
-    prompt, new_tokens, block = job["prompt"], job["new_tokens"], 16
-    backend.init_kv((len(prompt) + new_tokens) // block + 1, block)
-    greedy = SampleSpec(SamplingParams(temperature=0.0, max_tokens=new_tokens), (), 0)
-    table = tuple(range((len(prompt) + new_tokens) // block + 1))
+    block, blocks = 16, (len(job["prompt"]) + job["new_tokens"]) // 16 + 1
+    backend.init_kv(blocks, block)
+    greedy = SampleSpec(SamplingParams(temperature=0.0, max_tokens=job["new_tokens"]), (), 0)
+    table = tuple(range(blocks))
 
     def run(ids: list[int], n: int) -> tuple[float, list[float]]:
         started, times, pos = time.perf_counter(), [], 0
@@ -243,13 +250,7 @@ def step_worker(job: dict[str, Any], commands: TextIO, out: TextIO) -> None:
             pos, ids = pos + len(ids), [token]
         return started, times
 
-    run(job["warmup"], 4)
-    print(json.dumps({"ready": True}), file=out, flush=True)
-    for _ in commands:
-        started, times = run(prompt, new_tokens)
-        decode_s = times[-1] - times[0]
-        print(json.dumps({"tokens": len(times), "prefill_s": times[0] - started, "decode_s": decode_s,
-                          "decode_tok_s": (len(times) - 1) / decode_s if decode_s > 0 else None}), file=out, flush=True)
+    answer_rounds(run, job, commands, out)
     print(json.dumps({"kernels": backend.kernels, "peak_rss_bytes": peak_rss_bytes()}), file=out, flush=True)
 
 
