@@ -22,10 +22,10 @@ One run, same CPU, same thread count (``--threads``, default 2) for every system
   from ``parallax status --json``) and its KV budget (``parallax.stats``).
 
 The single stream runs ``--single-runs`` times (default 3) for llama.cpp, the step and each ``parallax up``, in
-rounds: llama.cpp and the step (each model loaded once, in its worker) and both clusters start and stay up, and each round runs one
-single stream of each, in turn, while the others idle; each system's figure is the median run's (every run's
-rate is in the JSON). On a shared machine one run of 64 tokens moves by 10-20 %, and the drift over minutes
-moves every system's runs of one round alike instead of one system's all. Then each system finishes alone
+rounds: llama.cpp and the step (each model loaded once, in its worker) and both clusters start and stay up, and
+each round runs one single stream of each, in turn, while the others idle; each system's figure is the median
+run's (every run's rate is in the JSON). On a shared machine one run of 64 tokens moves by 10-20 %, and the drift
+over minutes moves every system's runs of one round alike instead of one system's all. Then each system finishes alone
 (transformers, parallax's concurrent streams) while the others idle; results go to
 ``bench/results/side_by_side.{json,md}``, and the markdown table (with the targets) is printed.
 """
@@ -80,7 +80,8 @@ class ModelSpec:
     stage_args: tuple[str, ...] = ()
 
     def systems(self) -> tuple[str, ...]:
-        return (("llamacpp",) if self.gguf else ()) + (("transformers",) if self.hf_bf16 else ()) + ("step", "parallax1", "parallax2")
+        return ((("llamacpp",) if self.gguf else ()) + (("transformers",) if self.hf_bf16 else ())
+                + ("step", "parallax1", "parallax2"))
 
 
 @dataclass(frozen=True)
@@ -451,8 +452,9 @@ class ParallaxSession:
                       "weight_bytes": weight_bytes(nodes[layers], tied) if layers in nodes else None,
                       "kv_budget_bytes": kv.get(layers)}
                      for layers, pid in sorted(self.pids.items(), key=lambda kv: int(kv[0].split(":")[0]))]
-        return {"stages": self.stages, "ready_s": self.ready_s, "single": median_run(self.singles, "decode_tok_s_per_stream"),
-                "single_runs": [r["decode_tok_s_per_stream"] for r in self.singles], "batch": batch,
+        rate = "decode_tok_s_per_stream"
+        return {"stages": self.stages, "ready_s": self.ready_s, "single": median_run(self.singles, rate),
+                "single_runs": [r[rate] for r in self.singles], "batch": batch,
                 "per_stage": per_stage, "log": str(self.log)}
 
     async def _requests(self, prompts: str, max_tokens: int, concurrency: int) -> dict[str, Any]:
@@ -460,7 +462,8 @@ class ParallaxSession:
         from bench.stats import summarize_level
 
         async with make_http_client(self.endpoint.url, self.settings.streams) as http:
-            done, wall = await run_requests(http, await served_model(http), self.prompts[prompts], max_tokens, concurrency)
+            model = await served_model(http)
+            done, wall = await run_requests(http, model, self.prompts[prompts], max_tokens, concurrency)
         return summarize_level(done, concurrency, wall)
 
     async def _kv_budgets(self) -> dict[str, Any]:
@@ -513,7 +516,8 @@ def run_model(key: str, settings: Settings, say_: Callable[[str], None] = say) -
                 say_(f"skipping llama.cpp: {result[system]['skipped']}")
                 continue
             say_(f"{key}: starting {system}")
-            started = _attempt(key, system, result, say_, lambda: start_contender(system, spec, prompts, settings, log, stack))
+            started = _attempt(key, system, result, say_,
+                               lambda: start_contender(system, spec, prompts, settings, log, stack))
             if started is not None:
                 contenders[system] = started
         interleave(contenders, settings.single_runs, lambda system, exc: _failed(key, system, exc, result, say_))
@@ -569,7 +573,8 @@ def start_contender(system: str, spec: ModelSpec, prompts: dict[str, list[list[i
     return session
 
 
-def run_transformers(spec: ModelSpec, prompts: dict[str, list[list[int]]], settings: Settings, log: Path) -> dict[str, Any]:
+def run_transformers(spec: ModelSpec, prompts: dict[str, list[list[int]]], settings: Settings,
+                     log: Path) -> dict[str, Any]:
     job = {"threads": settings.threads, "new_tokens": settings.new_tokens, "folder": str(spec.hf_bf16),
            "single": prompts["single"], "batch": prompts["batch"]}
     return run_worker(sys.executable, "transformers", job, log)
