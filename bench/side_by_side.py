@@ -510,11 +510,6 @@ def run_model(key: str, settings: Settings, say_: Callable[[str], None] = say) -
     with contextlib.ExitStack() as stack:
         contenders: dict[str, Contender] = {}
         for system in (s for s in systems if s != "transformers"):
-            if system == "llamacpp" and llamacpp_python(settings) is None:
-                result[system] = {"skipped": f"llama-cpp-python not importable here nor in {settings.llamacpp_python}: "
-                                             "run bench/llamacpp.sh"}
-                say_(f"skipping llama.cpp: {result[system]['skipped']}")
-                continue
             say_(f"{key}: starting {system}")
             started = _attempt(key, system, result, say_,
                                lambda: start_contender(system, spec, prompts, settings, log, stack))
@@ -544,9 +539,17 @@ def interleave(contenders: dict[str, Contender], rounds: int, failed: Callable[[
                 del contenders[system]
 
 
+class Skipped(Exception):
+    """A system that cannot run here (llama.cpp not built): reported, not a failure."""
+
+
 def _attempt(key: str, system: str, result: dict[str, Any], say_: Callable[[str], None], fn: Callable[[], Any]) -> Any:
     try:
         return fn()
+    except Skipped as exc:
+        result[system] = {"skipped": str(exc)}
+        say_(f"skipping {system}: {exc}")
+        return None
     except FAILURES as exc:
         _failed(key, system, exc, result, say_)
         return None
@@ -567,8 +570,10 @@ def start_contender(system: str, spec: ModelSpec, prompts: dict[str, list[list[i
            "warmup": prompts["warmup"][0][:8]}
     if system == "step":
         session = WorkerSession(sys.executable, "step", {**job, "model": spec.parallax_model}, log)
+    elif (python := llamacpp_python(settings)) is not None:
+        session = WorkerSession(python, "llamacpp", {**job, "gguf": str(spec.gguf)}, log)
     else:
-        session = WorkerSession(llamacpp_python(settings), "llamacpp", {**job, "gguf": str(spec.gguf)}, log)
+        raise Skipped(f"llama-cpp-python not importable here nor in {settings.llamacpp_python}: run bench/llamacpp.sh")
     stack.callback(session.close)
     return session
 
