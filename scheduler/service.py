@@ -30,7 +30,7 @@ from nats.js.kv import KeyValue
 from parallax import __version__
 from parallax.broker.connection import NatsOptions, connect
 from parallax.broker.errors import Unplaceable
-from parallax.broker.kv import CasBucket, Presence, nodes_bucket, watch_nodes
+from parallax.broker.kv import CasBucket, Presence, live_keys, nodes_bucket, watch_nodes
 from parallax.broker.registry import (HEARTBEAT_INTERVAL_S, KEY_TTL_S, LEADER_KEY, Assignment, NodeInfo, Registry,
                                       assign_key)
 from parallax.broker.subjects import token
@@ -219,15 +219,11 @@ class Scheduler:
     @staticmethod
     async def _assignments(kv: KeyValue) -> Current:
         """Every ``assign.<node_id>`` key with a value: its revision and assignment."""
-        try:
-            keys = [k for k in await kv.keys() if k.startswith(ASSIGN_PREFIX)]  # (key filters miss here)
-        except js_errors.NoKeysError:
-            return {}
         out: Current = {}
-        for key in keys:
+        for key in await live_keys(kv, f"{ASSIGN_PREFIX}>"):
             try:
                 entry = await kv.get(key)
-            except js_errors.KeyNotFoundError:  # deleted in between: a write creates it again
+            except js_errors.KeyNotFoundError:  # deleted (a marker), or gone in between
                 continue
             if entry.value:
                 out[key[len(ASSIGN_PREFIX):]] = (entry.revision, _parse(entry.value))

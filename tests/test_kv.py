@@ -1,5 +1,6 @@
 """CasBucket (broker/kv.py) against a real nats-server: create on a never-written, a deleted and an
-expired key; compare-and-set with a stale revision fails; TTLs expire; the lock is exclusive."""
+expired key; compare-and-set with a stale revision fails; TTLs expire; the lock is exclusive. The
+bucket's listing (``snapshot``) holds every live key while others are rewritten."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import nats
 import pytest
 from nats.js import errors as js_errors
 
-from parallax.broker.kv import CasBucket, nodes_bucket
+from parallax.broker.kv import CasBucket, live_keys, nodes_bucket, snapshot, watch_nodes
+from parallax.broker.registry import NodeInfo, Registry
+from parallax.broker.tasks import stop_task
 
 
 @pytest.fixture
@@ -113,3 +116,70 @@ async def test_lock_is_exclusive_refreshed_and_taken_over_after_expiry(bucket):
     assert await bucket.lock("leader", b"a", a, ttl_s=1) is None  # a's revision is stale now
     assert await bucket.delete("leader", b)
     assert await bucket.lock("leader", b"a", 0, ttl_s=1) is not None  # free again after a resignation
+
+
+async def rewriting(kv, live: dict[str, bytes]):
+    """``live`` put, and a task that puts every key again, one every 5 ms (heartbeats, faster)."""
+    for key, value in live.items():
+        await kv.put(key, value)
+
+    async def rewrite():
+        while True:
+            for key, value in live.items():
+                await kv.put(key, value)
+                await asyncio.sleep(0.005)
+    return asyncio.create_task(rewrite())
+
+
+async def test_a_listing_holds_every_live_key_while_keys_are_rewritten(bucket):
+    """``snapshot`` lists what is in the bucket at one instant, heartbeats or not: nats-py's ``kv.keys()``
+    ended about one listing in ten early here while a writer rewrote the keys every 5 ms."""
+    kv = bucket.kv
+    live = {f"stage.n{i}": f"v{i}".encode() for i in range(3)} | {"assign.n0": b"0:2"}
+    await kv.put("stage.gone", b"x")
+    await kv.delete("stage.gone")
+    await bucket.create("stage.expired", b"x", ttl_s=1)
+    await until_gone(bucket, "stage.expired")
+    writer = await rewriting(kv, live)
+    try:
+        for _ in range(200):
+            assert await snapshot(kv) == live
+        assert await snapshot(kv, "assign.>") == {"assign.n0": b"0:2"}
+        listed = set(await live_keys(kv, "stage.>"))  # a delete marker too (get tells it apart); an expiry
+        assert listed - {"stage.expired"} == {"stage.gone", "stage.n0", "stage.n1", "stage.n2"}  # marker until it ages out
+    finally:
+        await stop_task(writer)
+
+
+async def test_a_watched_registry_is_complete_when_ready_while_keys_are_rewritten(bucket):
+    """``watch_nodes`` sets ``ready`` only once every node in the bucket is in the registry (the gateway
+    routes and the scheduler plans from it at once), then follows changes."""
+    nodes = [NodeInfo(node_id=f"n{i}", model="m", start=i, end=i + 1, num_layers=3) for i in range(3)]
+    writer = await rewriting(bucket.kv, {n.key: n.model_dump_json().encode() for n in nodes})
+    try:
+        for _ in range(50):
+            registry, ready = Registry(), asyncio.Event()
+            watch = asyncio.create_task(watch_nodes(bucket.kv, registry, ready=ready))
+            await asyncio.wait_for(ready.wait(), 10)
+            assert sorted(n.node_id for n in registry.nodes("m")) == ["n0", "n1", "n2"]
+            await stop_task(watch)
+    finally:
+        await stop_task(writer)
+    registry = Registry()
+    watch = asyncio.create_task(watch_nodes(bucket.kv, registry))
+    try:
+        await bucket.kv.put("stage.n3", nodes[0].model_copy(update={"node_id": "n3"}).model_dump_json().encode())
+        await bucket.kv.delete("stage.n0")
+        await until(lambda: {n.node_id for n in registry.nodes("m")} == {"n1", "n2", "n3"})
+        await bucket.kv.delete("stage.n3")
+        await until(lambda: {n.node_id for n in registry.nodes("m")} == {"n1", "n2"})
+    finally:
+        await stop_task(watch)
+
+
+async def until(check, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, "the registry did not follow the bucket"
+        await asyncio.sleep(0.05)

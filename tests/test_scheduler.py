@@ -20,7 +20,7 @@ import pytest
 from nats.js import errors as js_errors
 
 from parallax.broker.connection import NatsOptions
-from parallax.broker.kv import CasBucket, nodes_bucket, snapshot, watch_nodes
+from parallax.broker.kv import CasBucket, live_keys, nodes_bucket, snapshot, watch_nodes
 from parallax.broker.wire import SamplingParams
 from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
 from parallax.broker.registry import DEAD_NODE_NOTICED_S, KEY_TTL_S, LEADER_KEY, Assignment, ModelProfile, NodeInfo, Registry, assign_key
@@ -269,7 +269,7 @@ class FakeStages:
 async def _revisions(kv) -> dict[str, tuple[int, tuple[int, int]]]:
     """node_id -> (revision, range) of every assignment."""
     found = {}
-    for key in await _keys(kv, "assign."):
+    for key in await live_keys(kv, "assign.>"):
         with contextlib.suppress(js_errors.KeyNotFoundError):
             entry = await kv.get(key)
             if entry.value:
@@ -279,8 +279,7 @@ async def _revisions(kv) -> dict[str, tuple[int, tuple[int, int]]]:
 
 
 async def _assignment(kv, node: str) -> tuple[int, tuple[int, int]] | None:
-    """(revision, range) of one stage's assignment, read by its key: a listing of the bucket's keys
-    (``kv.keys()``) can come back without a key that is there while the server is busy."""
+    """(revision, range) of one stage's assignment, read by its key."""
     try:
         entry = await kv.get(assign_key(node))
     except js_errors.KeyNotFoundError:  # never written, or deleted
@@ -289,13 +288,6 @@ async def _assignment(kv, node: str) -> tuple[int, tuple[int, int]] | None:
         return None
     a = Assignment.model_validate_json(entry.value)
     return entry.revision, (a.start, a.end)
-
-
-async def _keys(kv, prefix: str) -> list[str]:
-    try:
-        return [k for k in await kv.keys() if k.startswith(prefix)]
-    except js_errors.NoKeysError:
-        return []
 
 
 async def _until(check, timeout: float, what: str):
