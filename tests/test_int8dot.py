@@ -1,11 +1,13 @@
 """GGUF blocks times int8-quantized activations (``stages.int8dot``): the tiles are the blocks' bytes moved, the
 kernel computes exactly the product of the two dequantized operands, a row's bits do not depend on the other
-rows or on the instruction set, and a fused layer in one call is the per-op path bit for bit."""
+rows or on the instruction set, a fused layer in one call is the per-op path bit for bit, and so is a stage's
+every layer in one call."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import gguf
 import numpy as np
@@ -156,3 +158,40 @@ def test_a_fused_int8_layer_is_the_per_op_path_bit_for_bit(qtype, monkeypatch):
     assert all(np.array_equal(row, alone[0]) for row in three)
     with pytest.raises(ValueError, match="KV cache"):
         run(True, [7], False, k.view(np.uint8), v.view(np.uint8))
+
+
+def test_a_stage_in_one_call_is_its_layers_one_by_one_bit_for_bit():
+    """fused_stage runs every layer of a stage (here three, one of them sliding) in one numba call: the same hidden
+    states and KV cache bits as fused_layer layer by layer, for prompt rows and for a decode row. A stage with a
+    layer that did not pick int8 for a row kind, or with another eps, is not offered it."""
+    rng = np.random.default_rng(6)
+    D, heads, kv_heads, hd, inter, block, n = 128, 4, 2, 32, 256, 4, 3
+    shapes = [((heads + 2 * kv_heads) * hd, D), (D, heads * hd), (2 * inter, D), (D, inter)]
+    layers = []
+    for layer, qtype in enumerate((Q.Q4_0, Q.Q4_1, Q.Q4_0)):
+        projs = [quantized(qtype, o, i, 10 * layer + k, bias=False) for k, (o, i) in enumerate(shapes)]
+        for p in projs:
+            p.picks.update(decode=INT8, prefill=INT8)
+            p.settle()
+        ln1, ln2 = (rng.uniform(0.5, 1.5, D).astype(np.float32) for _ in range(2))
+        layers.append((kernels.LayerWeights(ln1, *projs[:2], ln2, *projs[2:], 1e-5), 5 if layer == 1 else 0))
+    inv_freq = (1.0 / 10000 ** (np.arange(0, hd, 2) / hd)).astype(np.float32)
+    h = torch.randn(8, D).to(torch.bfloat16).float().numpy()
+    caches = {f: (np.zeros((n, 24, kv_heads, hd), np.uint16), np.zeros((n, 24, kv_heads, hd), np.uint16)) for f in (0, 1)}
+    for rows, prompt in ((list(range(7)), True), ([7], False)):
+        table = np.array([[0, 1]] * len(rows), np.int64)
+        slots = np.array([table[0, p // block] * block + p % block for p in rows], np.int64)
+        batch = kernels.RowBatch.build(np.array(rows, np.int64), inv_freq, 1.0, slots, table, block, prompt)
+        stage = kernels.int8_stage(layers, prompt)
+        assert stage is not None
+        got, want = h[rows].copy(), h[rows].copy()
+        kernels.fused_stage(got, stage, batch, heads, kv_heads, hd, *caches[True])
+        for i, (w, window) in enumerate(layers):
+            kernels.fused_layer(want, w, batch, heads, kv_heads, hd, caches[False][0][i], caches[False][1][i], window)
+        assert np.array_equal(got, want) and np.abs(got).max() > 0 and not np.array_equal(got, h[rows])
+    assert all(np.array_equal(a, b) for a, b in zip(caches[True], caches[False]))
+    slow = quantized(Q.Q4_0, D, inter, 99, bias=False)
+    slow.picks.update(decode=INT8, prefill="numba")
+    other = [layers[0], (replace(layers[1][0], down=slow, int8={}), 0)]
+    assert kernels.int8_stage(other, prompt=True) is None and kernels.int8_stage(other, prompt=False) is not None
+    assert kernels.int8_stage([layers[0], (replace(layers[1][0], eps=1e-6, int8={}), 0)], prompt=False) is None

@@ -452,26 +452,43 @@ class StageModel(nn.Module):
         batch = kernels.RowBatch.build(rows.positions.numpy(), self.inv_freq.float().numpy(), self.attention_scaling,
                                        rows.write_slots.numpy(), tables, kv.block_size, rows.prompt, mode)
         batches = [batch] + [replace(batch, write_slots=r.write_slots.numpy(), tables=r.row_tables()) for r in rows.more]
-        k_cache, v_cache = kv.bits()
+        k_cache, v_cache = kv.bits()  # one pool: [layers, slots, KV, hd] each; KV groups: a list of [slots, KV, hd]
         x = h.float().numpy().copy()  # [T, D] float32 (bf16 values in BF16 mode), updated layer by layer
-        for i, layer in enumerate(self.layers):
+        stage = self._int8_stage(batch.prompt) if isinstance(k_cache, np.ndarray) else None
+        if stage is not None:
+            attn = self.layers[0].self_attn
+            kernels.fused_stage(x, stage, batch, attn.heads, attn.kv_heads, attn.hd, k_cache, v_cache)
+        for i, layer in enumerate(self.layers if stage is None else ()):
             layer.run_fused(x, batches[kv.group_of[i]], k_cache[i], v_cache[i])
         if not self.last:
             return torch.from_numpy(x).to(h.dtype)
         normed = kernels.norm_rows(x[rows.sample_rows.numpy()], _f32(self.norm.weight), self.norm.eps, mode)  # [S, D]
         return torch.from_numpy(self.lm_head.weight.decode(normed)).to(h.dtype)  # [S, V]
 
+    def _int8_stage(self, prompt: bool) -> tuple | None:
+        """``kernels.int8_stage`` of this stage's layers for a row kind (made once): every layer in one numba call."""
+        made = self.__dict__.setdefault("_int8_stages", {})
+        if prompt not in made:
+            plain = all(type(layer).run_fused is DecoderLayer.run_fused for layer in self.layers)
+            made[prompt] = kernels.int8_stage([(layer.weights(), layer.self_attn.window or 0) for layer in self.layers],
+                                              prompt) if plain else None
+        return made[prompt]
+
     def warm_up(self) -> None:
         """Compile the fused path for this model's weights (or load it from numba's cache) while the stage loads,
         not at its first request (SmolLM2 Q4_1 on a cold cache: ~4 s a stage): a zero row of each row kind
-        through the first layer, into a scratch KV cache of one slot; the embedding and the head too."""
-        mode, (kv_heads, k_dim, v_dim) = FUSED_MODES[self.dtype], self.args.kv_dims
-        k_cache, v_cache = np.zeros((1, kv_heads, k_dim), mode.dtype), np.zeros((1, kv_heads, v_dim), mode.dtype)
+        through the first layer (every layer where they run in one call), into a scratch KV cache of one slot; the
+        embedding and the head too."""
+        mode, (kv_heads, k_dim, v_dim), n = FUSED_MODES[self.dtype], self.args.kv_dims, len(self.layers)
+        k_cache, v_cache = np.zeros((n, 1, kv_heads, k_dim), mode.dtype), np.zeros((n, 1, kv_heads, v_dim), mode.dtype)
         x = np.zeros((1, self.args.hidden_size), np.float32)  # [1, D]
         for prompt in (False, True):
             batch = kernels.RowBatch.build(np.zeros(1, np.int64), self.inv_freq.float().numpy(), 1.0, np.zeros(1, np.int64),
                                            np.zeros((1, 1), np.int64), 1, prompt, mode)
-            self.layers[0].run_fused(x, batch, k_cache, v_cache)
+            self.layers[0].run_fused(x, batch, k_cache[0], v_cache[0])
+            if (stage := self._int8_stage(prompt)) is not None:
+                attn = self.layers[0].self_attn
+                kernels.fused_stage(x, stage, batch, attn.heads, attn.kv_heads, attn.hd, k_cache, v_cache)
         if self.first:
             self.embed_tokens(torch.zeros(1, dtype=torch.long))
         if self.last:
