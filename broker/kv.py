@@ -148,7 +148,8 @@ async def live_keys(kv: KeyValue, pattern: str = ">") -> list[str]:
 
     Not nats-py's ``kv.keys()``: its listing ends at the first message whose ``num_pending`` is 0, and while
     other keys are being rewritten (every heartbeat) that comes early; measured here, about one listing in
-    ten lacked a live key (tests/test_kv.py). The server caps one answer at 100,000 subjects."""
+    ten lacked a live key (tests/test_kv.py; upstream: nats.py issue #842, PR #995, open). The server caps one
+    answer at 100,000 subjects."""
     info = await kv._js.stream_info(kv._stream, subjects_filter=f"{kv._pre}{pattern}")
     subjects = info.state.subjects or {}
     return [subject[len(kv._pre):] for subject in subjects]
