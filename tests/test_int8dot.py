@@ -1,7 +1,7 @@
 """GGUF blocks times int8-quantized activations (``stages.int8dot``): the tiles are the blocks' bytes moved, the
 kernel computes exactly the product of the two dequantized operands, a row's bits do not depend on the other
 rows or on the instruction set, a fused layer in one call is the per-op path bit for bit, and so is a stage's
-every layer in one call."""
+every layer run from arguments looked up once."""
 
 from __future__ import annotations
 
@@ -160,10 +160,10 @@ def test_a_fused_int8_layer_is_the_per_op_path_bit_for_bit(qtype, monkeypatch):
         run(True, [7], False, k.view(np.uint8), v.view(np.uint8))
 
 
-def test_a_stage_in_one_call_is_its_layers_one_by_one_bit_for_bit():
-    """fused_stage runs every layer of a stage (here three, one of them sliding) in one numba call: the same hidden
-    states and KV cache bits as fused_layer layer by layer, for prompt rows and for a decode row. A stage with a
-    layer that did not pick int8 for a row kind, or with another eps, is not offered it."""
+def test_a_stage_run_at_once_is_its_layers_one_by_one_bit_for_bit():
+    """fused_stage runs every layer of a stage (here three, one of them sliding, two formats) from arguments looked
+    up once: the same hidden states and KV cache bits as fused_layer layer by layer, for prompt rows and for a
+    decode row. A stage with a layer that did not pick int8 for a row kind is not offered it for that kind."""
     rng = np.random.default_rng(6)
     D, heads, kv_heads, hd, inter, block, n = 128, 4, 2, 32, 256, 4, 3
     shapes = [((heads + 2 * kv_heads) * hd, D), (D, heads * hd), (2 * inter, D), (D, inter)]
@@ -194,4 +194,3 @@ def test_a_stage_in_one_call_is_its_layers_one_by_one_bit_for_bit():
     slow.picks.update(decode=INT8, prefill="numba")
     other = [layers[0], (replace(layers[1][0], down=slow, int8={}), 0)]
     assert kernels.int8_stage(other, prompt=True) is None and kernels.int8_stage(other, prompt=False) is not None
-    assert kernels.int8_stage([layers[0], (replace(layers[1][0], eps=1e-6, int8={}), 0)], prompt=False) is None

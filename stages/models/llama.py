@@ -452,9 +452,9 @@ class StageModel(nn.Module):
         batch = kernels.RowBatch.build(rows.positions.numpy(), self.inv_freq.float().numpy(), self.attention_scaling,
                                        rows.write_slots.numpy(), tables, kv.block_size, rows.prompt, mode)
         batches = [batch] + [replace(batch, write_slots=r.write_slots.numpy(), tables=r.row_tables()) for r in rows.more]
-        k_cache, v_cache = kv.bits()  # one pool: [layers, slots, KV, hd] each; KV groups: a list of [slots, KV, hd]
+        k_cache, v_cache = kv.bits()  # each layer's [slots, KV, hd]
         x = h.float().numpy().copy()  # [T, D] float32 (bf16 values in BF16 mode), updated layer by layer
-        stage = self._int8_stage(batch.prompt) if isinstance(k_cache, np.ndarray) else None
+        stage = self._int8_stage(batch.prompt) if len(batches) == 1 else None  # one KV group: one batch
         if stage is not None:
             attn = self.layers[0].self_attn
             kernels.fused_stage(x, stage, batch, attn.heads, attn.kv_heads, attn.hd, k_cache, v_cache)
@@ -466,7 +466,7 @@ class StageModel(nn.Module):
         return torch.from_numpy(self.lm_head.weight.decode(normed)).to(h.dtype)  # [S, V]
 
     def _int8_stage(self, prompt: bool) -> tuple | None:
-        """``kernels.int8_stage`` of this stage's layers for a row kind (made once): every layer in one numba call."""
+        """``kernels.int8_stage`` of this stage's layers for a row kind (made once; None: layer by layer)."""
         made = self.__dict__.setdefault("_int8_stages", {})
         if prompt not in made:
             plain = all(type(layer).run_fused is DecoderLayer.run_fused for layer in self.layers)
