@@ -8,8 +8,9 @@ four input rows at a time), the numba GEMV (one weight row, every input row; a b
 dot itself), a tile-dequant + torch float32 GEMM, and torch's own F.linear for activations of the
 weight's dtype; for GGUF blocks with bf16 activations also torch's int4 kernel (``stages.int4pack``) and the
 int8-activation kernel (``stages.int8dot``; a layer whose four projections all picked it runs in one numba
-call, ``_layer_int8``; ``fused_stage`` runs a stage whose every layer does with no other Python between them). ``tune`` (``stages.tuning``) times them at stage load and picks one per (shape +
-format, row kind); the picks are cached per machine.
+call, ``_layer_int8``; ``fused_stage`` runs a stage whose every layer does with no other Python between them).
+``tune`` (``stages.tuning``) times them at stage load and picks one per (shape + format, row kind); the picks
+are cached per machine.
 
 Measured on a 2-core AMD EPYC (avx2 avx512f avx512bw avx512vl avx512_bf16 avx512_vnni ...), torch 2.13,
 one thread, the machine shared with other jobs (ms per call, the fastest of many, bf16 weight; the old
@@ -516,7 +517,7 @@ def int8_stage(layers: Sequence[tuple[LayerWeights, int]], prompt: bool) -> list
 def fused_stage(h: np.ndarray, layers: list[tuple], batch: RowBatch, heads: int, kv_heads: int, head_dim: int,
                 k_cache: Sequence[np.ndarray], v_cache: Sequence[np.ndarray]) -> None:
     """``fused_layer`` over every layer of ``int8_stage``: one numba call a layer, its arguments looked up once
-    (the layer-by-layer path spends ~20 us of Python a layer around the call; SmolLM2: 0.2-0.5 ms a step).
+    (the layer-by-layer path spends ~20 us of Python a layer around the call: 0.15-0.3 ms a SmolLM2 stage step).
     h: [T, D], updated in place; k_cache, v_cache: each layer's [slots, KV, hd]."""
     _check_cache(k_cache[0], v_cache[0], batch.mode)
     follow_torch_threads()

@@ -465,7 +465,7 @@ class StageModel(nn.Module):
         normed = kernels.norm_rows(x[rows.sample_rows.numpy()], _f32(self.norm.weight), self.norm.eps, mode)  # [S, D]
         return torch.from_numpy(self.lm_head.weight.decode(normed)).to(h.dtype)  # [S, V]
 
-    def _int8_stage(self, prompt: bool) -> tuple | None:
+    def _int8_stage(self, prompt: bool) -> list[tuple] | None:
         """``kernels.int8_stage`` of this stage's layers for a row kind (made once; None: layer by layer)."""
         made = self.__dict__.setdefault("_int8_stages", {})
         if prompt not in made:
@@ -477,8 +477,8 @@ class StageModel(nn.Module):
     def warm_up(self) -> None:
         """Compile the fused path for this model's weights (or load it from numba's cache) while the stage loads,
         not at its first request (SmolLM2 Q4_1 on a cold cache: ~4 s a stage): a zero row of each row kind
-        through the first layer (every layer where they run in one call), into a scratch KV cache of one slot; the
-        embedding and the head too."""
+        through the first layer (through every layer where ``kernels.fused_stage`` runs them: their formats may
+        differ), into a scratch KV cache of one slot; the embedding and the head too."""
         mode, (kv_heads, k_dim, v_dim), n = FUSED_MODES[self.dtype], self.args.kv_dims, len(self.layers)
         k_cache, v_cache = np.zeros((n, 1, kv_heads, k_dim), mode.dtype), np.zeros((n, 1, kv_heads, v_dim), mode.dtype)
         x = np.zeros((1, self.args.hidden_size), np.float32)  # [1, D]
