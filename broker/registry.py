@@ -150,8 +150,11 @@ def node_key(kind: str, node_id: str) -> str:
     return f"{kind}.{node_id}"
 
 
+ASSIGN_PREFIX = "assign."  # the keys of the leading scheduler's assignments
+
+
 def assign_key(node_id: str) -> str:
-    return f"assign.{node_id}"
+    return f"{ASSIGN_PREFIX}{node_id}"
 
 
 class Registry:

@@ -25,13 +25,12 @@ from pydantic import ValidationError
 from parallax.broker.cli import nats_options
 from parallax.broker.connection import NatsOptions
 from parallax.broker.errors import RegistryError, UsageError
-from parallax.broker.registry import LEADER_KEY, Assignment, NodeInfo
+from parallax.broker.registry import ASSIGN_PREFIX, LEADER_KEY, Assignment, NodeInfo
 from parallax.scheduler.graph import disjoint_chains, find_chain, missing_ranges
 
 STALE_S = 5.0  # a node whose last heartbeat (its own wall clock) is older than this shows as stale
 KIND_ORDER = ("stage", "gateway", "scheduler")
 NODE_PREFIXES = tuple(f"{k}." for k in KIND_ORDER)
-ASSIGN_PREFIX = "assign."
 NO_SCHEDULER = "no scheduler (assignments stay as they are)"
 COLUMNS = ("KIND", "NODE", "MODEL", "LAYERS", "STATE", "DEVICE", "DTYPE", "MEMORY", "LOAD", "LAYER_MS", "HEALTH",
            "VERSION", "ASSIGNMENT")

@@ -31,15 +31,14 @@ from parallax import __version__
 from parallax.broker.connection import NatsOptions, connect
 from parallax.broker.errors import Unplaceable
 from parallax.broker.kv import CasBucket, Presence, live_keys, nodes_bucket, watch_nodes
-from parallax.broker.registry import (HEARTBEAT_INTERVAL_S, KEY_TTL_S, LEADER_KEY, Assignment, NodeInfo, Registry,
-                                      assign_key)
+from parallax.broker.registry import (ASSIGN_PREFIX, HEARTBEAT_INTERVAL_S, KEY_TTL_S, LEADER_KEY, Assignment, NodeInfo,
+                                      Registry, assign_key)
 from parallax.broker.subjects import token
 from parallax.broker.tasks import stop_task
 
 from .planner import ModelCost, NodeCapacity, Plan, plan
 
 log = logging.getLogger(__name__)
-ASSIGN_PREFIX = assign_key("")
 Current = dict[str, tuple[int, Assignment | None]]  # node_id -> (revision, assignment; None: unreadable) of assign.*
 
 
