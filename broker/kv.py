@@ -121,7 +121,8 @@ async def watch_nodes(kv: KeyValue, registry: Registry, on_change: Callable[[], 
         async for entry in watcher:
             if entry is None:  # the end of the initial values (they repeat the snapshot, or are newer)
                 continue
-            _apply(registry, entry.key, None if entry.operation in DELETED else entry.value)
+            if not _apply(registry, entry.key, None if entry.operation in DELETED else entry.value):
+                continue  # an assignment, the lock: not a node
             if on_change is not None:
                 result = on_change()
                 if asyncio.iscoroutine(result):
@@ -130,16 +131,17 @@ async def watch_nodes(kv: KeyValue, registry: Registry, on_change: Callable[[], 
         await watcher.stop()
 
 
-def _apply(registry: Registry, key: str, value: bytes | None) -> None:
-    """One key's value (None: deleted or expired) into the registry; other keys than nodes' are skipped."""
+def _apply(registry: Registry, key: str, value: bytes | None) -> bool:
+    """One key's value (None: deleted or expired) into the registry; False for a key that is not a node's."""
     if key.split(".", 1)[0] not in KINDS:
-        return
+        return False
     if value is None:
         registry.remove(key)
-        return
+        return True
     info = parse_node(value)
     if info is not None and info.key == key:
         registry.update(info)
+    return True
 
 
 async def live_keys(kv: KeyValue, pattern: str = ">") -> list[str]:
@@ -155,17 +157,22 @@ async def live_keys(kv: KeyValue, pattern: str = ">") -> list[str]:
     return [subject[len(kv._pre):] for subject in subjects]
 
 
-async def snapshot(kv: KeyValue, pattern: str = ">") -> dict[str, bytes]:
-    """Every key matching ``pattern`` that has a value, and the value (``parallax status``)."""
-    values: dict[str, bytes] = {}
+async def entries(kv: KeyValue, pattern: str = ">") -> dict[str, KeyValue.Entry]:
+    """Every key matching ``pattern`` that has a value, and its entry (value and revision)."""
+    found: dict[str, KeyValue.Entry] = {}
     for key in await live_keys(kv, pattern):
         try:
             entry = await kv.get(key)
         except js_errors.KeyNotFoundError:  # deleted (a marker), or gone in between
             continue
         if entry.value:
-            values[key] = entry.value
-    return values
+            found[key] = entry
+    return found
+
+
+async def snapshot(kv: KeyValue, pattern: str = ">") -> dict[str, bytes]:
+    """Every key matching ``pattern`` that has a value, and the value (``parallax status``)."""
+    return {key: entry.value for key, entry in (await entries(kv, pattern)).items()}
 
 
 WRONG_LAST = (10071, 10164)  # JetStream's "wrong last sequence" error codes (the ones KeyValue.update maps)

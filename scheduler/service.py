@@ -30,7 +30,7 @@ from nats.js.kv import KeyValue
 from parallax import __version__
 from parallax.broker.connection import NatsOptions, connect
 from parallax.broker.errors import Unplaceable
-from parallax.broker.kv import CasBucket, Presence, live_keys, nodes_bucket, watch_nodes
+from parallax.broker.kv import CasBucket, Presence, entries, nodes_bucket, watch_nodes
 from parallax.broker.registry import (ASSIGN_PREFIX, HEARTBEAT_INTERVAL_S, KEY_TTL_S, LEADER_KEY, Assignment, NodeInfo,
                                       Registry, assign_key)
 from parallax.broker.subjects import token
@@ -218,15 +218,8 @@ class Scheduler:
     @staticmethod
     async def _assignments(kv: KeyValue) -> Current:
         """Every ``assign.<node_id>`` key with a value: its revision and assignment."""
-        out: Current = {}
-        for key in await live_keys(kv, f"{ASSIGN_PREFIX}>"):
-            try:
-                entry = await kv.get(key)
-            except js_errors.KeyNotFoundError:  # deleted (a marker), or gone in between
-                continue
-            if entry.value:
-                out[key[len(ASSIGN_PREFIX):]] = (entry.revision, _parse(entry.value))
-        return out
+        found = await entries(kv, f"{ASSIGN_PREFIX}>")
+        return {key[len(ASSIGN_PREFIX):]: (e.revision, _parse(e.value)) for key, e in found.items()}
 
 
 def _parse(value: bytes) -> Assignment | None:

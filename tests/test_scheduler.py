@@ -7,7 +7,6 @@ TTL while it loads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import pytest
 from nats.js import errors as js_errors
 
 from parallax.broker.connection import NatsOptions
-from parallax.broker.kv import CasBucket, live_keys, nodes_bucket, snapshot, watch_nodes
+from parallax.broker.kv import CasBucket, entries, nodes_bucket, snapshot, watch_nodes
 from parallax.broker.wire import SamplingParams
 from parallax.gateway.nats_pipeline import NatsPipeline, PipelineConfig
 from parallax.broker.registry import DEAD_NODE_NOTICED_S, KEY_TTL_S, LEADER_KEY, Assignment, ModelProfile, NodeInfo, Registry, assign_key
@@ -269,12 +268,9 @@ class FakeStages:
 async def _revisions(kv) -> dict[str, tuple[int, tuple[int, int]]]:
     """node_id -> (revision, range) of every assignment."""
     found = {}
-    for key in await live_keys(kv, "assign.>"):
-        with contextlib.suppress(js_errors.KeyNotFoundError):
-            entry = await kv.get(key)
-            if entry.value:
-                a = Assignment.model_validate_json(entry.value)
-                found[a.node_id] = (entry.revision, (a.start, a.end))
+    for entry in (await entries(kv, "assign.>")).values():
+        a = Assignment.model_validate_json(entry.value)
+        found[a.node_id] = (entry.revision, (a.start, a.end))
     return found
 
 
