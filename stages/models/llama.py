@@ -458,8 +458,9 @@ class StageModel(nn.Module):
         if stage is not None:
             attn = self.layers[0].self_attn
             kernels.fused_stage(x, stage, batch, attn.heads, attn.kv_heads, attn.hd, k_cache, v_cache)
-        for i, layer in enumerate(self.layers if stage is None else ()):
-            layer.run_fused(x, batches[kv.group_of[i]], k_cache[i], v_cache[i])
+        else:
+            for i, layer in enumerate(self.layers):
+                layer.run_fused(x, batches[kv.group_of[i]], k_cache[i], v_cache[i])
         if not self.last:
             return torch.from_numpy(x).to(h.dtype)
         normed = kernels.norm_rows(x[rows.sample_rows.numpy()], _f32(self.norm.weight), self.norm.eps, mode)  # [S, D]
@@ -485,10 +486,11 @@ class StageModel(nn.Module):
         for prompt in (False, True):
             batch = kernels.RowBatch.build(np.zeros(1, np.int64), self.inv_freq.float().numpy(), 1.0, np.zeros(1, np.int64),
                                            np.zeros((1, 1), np.int64), 1, prompt, mode)
-            self.layers[0].run_fused(x, batch, k_cache[0], v_cache[0])
             if (stage := self._int8_stage(prompt)) is not None:
                 attn = self.layers[0].self_attn
                 kernels.fused_stage(x, stage, batch, attn.heads, attn.kv_heads, attn.hd, k_cache, v_cache)
+            else:
+                self.layers[0].run_fused(x, batch, k_cache[0], v_cache[0])
         if self.first:
             self.embed_tokens(torch.zeros(1, dtype=torch.long))
         if self.last:
