@@ -80,7 +80,8 @@ class Matrix(Tiled):
     (the tile kernel, widening a bf16 weight to float32 in registers), ``torch-tile`` (a tile of weight
     rows at a time widened into a scratch buffer, torch's float32 GEMM), and for activations of the
     weight's own dtype ``torch`` (torch's F.linear: native bf16 dot products on CPUs that have them) and, for
-    bf16 on CPUs with AVX-512 BF16, ``bf16dot`` (``stages.bf16dot``: those dot products in our own tiles)."""
+    bf16 on CPUs with AVX-512 BF16, ``bf16dot`` (``stages.bf16dot``: those dot products in our own tiles); for bf16
+    weights on CPUs with AVX-512, ``bf16fma`` (the same tiles, the weight widened in registers, float32 fma)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         if weight.dim() != 2 or weight.dtype not in DENSE or min(weight.shape) < 1:
@@ -112,12 +113,18 @@ class Matrix(Tiled):
         native = ("torch",) if dtype == self.weight.dtype else ()
         if dtype == self.weight.dtype == torch.bfloat16 and bf16dot.available(self.shape):
             native += (bf16dot.KERNEL,)  # the CPU's bf16 dot product: not the float32 kernels' sums
+        if self.weight.dtype == torch.bfloat16 and bf16dot.fma_available(self.shape):
+            native += (bf16dot.FMA_KERNEL,)  # float32 sums like numba's, in another order
         return ("numba", "numba-gemv" if kind == "decode" else "torch-tile") + native
 
     def run(self, name: str, x: np.ndarray) -> np.ndarray:
-        if name != bf16dot.KERNEL:
+        if name == bf16dot.KERNEL:
+            out = bf16dot.matmul(self._kernel_blocks.view(np.uint16), x)
+        elif name == bf16dot.FMA_KERNEL:
+            follow_torch_threads()
+            out = bf16dot.matmul_fma(self._kernel_blocks.view(np.uint16), x)
+        else:
             return super().run(name, x)
-        out = bf16dot.matmul(self._kernel_blocks.view(np.uint16), x)
         return out if self._bias32 is None else out + self._bias32
 
     def _torch(self, x: torch.Tensor) -> torch.Tensor:

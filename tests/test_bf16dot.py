@@ -1,5 +1,6 @@
-"""bf16 weights times bf16 activations by AVX-512 BF16 dot products (``stages.bf16dot``): the product of the two
-as float32 sums, a row's bits independent of the other rows and of the tile that computes it."""
+"""bf16 weights times bf16 activations by AVX-512 BF16 dot products (``stages.bf16dot``), and bf16 weights times float32
+activations by AVX-512 fma in the same tiles: the product of the two as float32 sums, a row's bits independent of the
+other rows and of the tile that computes it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from parallax.stages import bf16dot
 from parallax.stages.kernels import Matrix
 
-pytestmark = pytest.mark.skipif(not bf16dot.SUPPORTED, reason="no AVX-512 BF16 on this CPU")
+native = pytest.mark.skipif(not bf16dot.SUPPORTED, reason="no AVX-512 BF16 on this CPU")
 
 
 def matrix(O: int, I: int, bias: bool = True) -> Matrix:
@@ -19,6 +20,7 @@ def matrix(O: int, I: int, bias: bool = True) -> Matrix:
     return Matrix(w, torch.randn(O, generator=g).to(torch.bfloat16) if bias else None)
 
 
+@native
 @pytest.mark.parametrize("rows", [1, 3, 4, 9, 16])
 def test_it_computes_the_product_of_the_bf16_operands(rows):
     m = matrix(70, 96)  # 70 rows: not whole tiles of 4
@@ -28,6 +30,7 @@ def test_it_computes_the_product_of_the_bf16_operands(rows):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+@native
 def test_a_rows_bits_do_not_depend_on_the_other_rows_or_the_tile():
     m = matrix(64, 128, bias=False)
     x = torch.randn(16, 128).to(torch.bfloat16).float().numpy()
@@ -38,9 +41,43 @@ def test_a_rows_bits_do_not_depend_on_the_other_rows_or_the_tile():
     assert np.array_equal(m.run(bf16dot.KERNEL, x[::-1])[::-1], full)
 
 
+@native
 def test_offered_for_bf16_weights_and_activations_only():
     assert bf16dot.KERNEL in matrix(8, 64).candidates("decode", torch.bfloat16)
     assert bf16dot.KERNEL not in matrix(8, 64).candidates("decode", torch.float32)
     assert bf16dot.KERNEL not in matrix(8, 48).candidates("decode", torch.bfloat16)  # 48: not chunks of 32
     half = Matrix(torch.randn(8, 64).to(torch.float16), None)
     assert bf16dot.KERNEL not in half.candidates("prefill", torch.float16)
+
+
+fma = pytest.mark.skipif(not bf16dot.FMA_SUPPORTED, reason="no AVX-512 on this CPU")
+
+
+@fma
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 16])
+def test_fma_computes_the_product_of_the_bf16_weight_and_float32_rows(rows):
+    m = matrix(70, 96)  # 70 rows: not whole tiles of 4
+    x = np.random.default_rng(rows).standard_normal((rows, 96), np.float32)
+    want = x.astype(np.float64) @ m.weight.float().numpy().T.astype(np.float64) + m.bias.float().numpy()
+    got = m.run(bf16dot.FMA_KERNEL, x)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@fma
+def test_fma_a_rows_bits_do_not_depend_on_the_other_rows_or_the_tile():
+    m = matrix(66, 128, bias=False)  # 66: a last group of 2 weight rows
+    x = np.random.default_rng(0).standard_normal((16, 128), np.float32)
+    full = m.run(bf16dot.FMA_KERNEL, x)  # 4 x 4 tiles (and 1 x 4 for the last two weight rows)
+    for i in (0, 5, 15):
+        assert np.array_equal(m.run(bf16dot.FMA_KERNEL, x[i:i + 1])[0], full[i])  # 4 x 1 tiles (and 1 x 1)
+    assert np.array_equal(m.run(bf16dot.FMA_KERNEL, x[:7]), full[:7])  # one 4-row tile and three single rows
+    assert np.array_equal(m.run(bf16dot.FMA_KERNEL, x[::-1])[::-1], full)
+
+
+@fma
+def test_fma_offered_for_bf16_weights_of_whole_chunks():
+    assert bf16dot.FMA_KERNEL in matrix(8, 64).candidates("decode", torch.bfloat16)
+    assert bf16dot.FMA_KERNEL in matrix(8, 64).candidates("prefill", torch.float32)
+    assert bf16dot.FMA_KERNEL not in matrix(8, 40).candidates("decode", torch.bfloat16)  # 40: not chunks of 16
+    half = Matrix(torch.randn(8, 64).to(torch.float16), None)
+    assert bf16dot.FMA_KERNEL not in half.candidates("decode", torch.float16)
