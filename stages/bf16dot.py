@@ -9,8 +9,9 @@ Not the numba kernels' arithmetic (they widen bf16 to float32 and fma one produc
 two products before the accumulator and flushes denormals, so it is offered for bf16 activations only, as one more
 candidate the tuning measures. LLVM IR written with llvmlite inside numba intrinsics, as ``stages.int8dot``.
 
-``bf16fma`` (``matmul_fma``, any CPU with AVX-512): the same tiles for bf16 weights times float32 activations, 16
-bf16 weights widened to float32 in a register (a shift) and multiplied-added exactly (``fma``) into 16 lanes, then
+``fma`` (``matmul_fma``, any CPU with AVX-512): the same tiles for bf16 or fp16 weights times float32 activations,
+16 weights widened to float32 in a register (bf16: a shift; fp16: ``vcvtph2ps``) and multiplied-added exactly
+(``fma``) into 16 lanes, then
 the same lane tree: float32 sums like the numba kernels', in another fixed order. Each weight register serves 4
 activation rows and each activation register 4 weight rows (the numba GEMV widens every weight once per row and
 reads two operands per product): SmolLM2's projections at 16 rows 2-5x faster than ``numba-gemv``, 1.5-2x than
@@ -53,12 +54,12 @@ _V32BF = ir.VectorType(_BFloat(), 32)
 SUPPORTED = "+avx512bf16" in llvm_binding.get_host_cpu_features().flatten().split(",")
 
 
-FMA_KERNEL = "bf16fma"  # bf16 weights widened in registers times float32 activations, in the same tiles
+FMA_KERNEL = "fma"  # bf16/fp16 weights widened in registers times float32 activations, in the same tiles
 FMA_SUPPORTED = "+avx512f" in llvm_binding.get_host_cpu_features().flatten().split(",")
 
 
 def fma_available(shape: tuple[int, int]) -> bool:
-    """Whether ``matmul_fma`` can run a bf16 weight of ``shape`` (O, I) here: AVX-512, rows of whole 16-value chunks."""
+    """Whether ``matmul_fma`` can run a half weight of ``shape`` (O, I) here: AVX-512, rows of whole 16-value chunks."""
     return FMA_SUPPORTED and shape[1] % FMA_CHUNK == 0
 
 
@@ -67,15 +68,17 @@ def available(shape: tuple[int, int]) -> bool:
     return SUPPORTED and shape[1] % CHUNK == 0
 
 
-def _tile(R: int, C: int, prefetch: bool = False, fma: bool = False):
+def _tile(R: int, C: int, prefetch: bool = False, widen: str | None = None):
     """An intrinsic tile(w, rb, x, xb, n, out, ob): R weight rows (bf16 bits at ``w``, ``rb`` bytes apart) times C
     activation rows (at ``x``, ``xb`` bytes apart), ``n`` chunks of 32; out[c, r] (float32 at ``out``, rows ``ob``
     bytes apart). ``prefetch``: ask for the next R rows' chunk with each chunk (the 4 rows read side by side
-    stream from memory slower than one row: measured, a 49152x576 weight at 16 rows 4.8 -> 3.3 ms). ``fma``: chunks
-    of 16 bf16 weights widened to float32 times 16 float32 activations (``matmul_fma``) instead of 32 bf16 pairs."""
+    stream from memory slower than one row: measured, a 49152x576 weight at 16 rows 4.8 -> 3.3 ms). ``widen``
+    ("bf16" or "f16"): chunks of 16 half weights widened to float32 times 16 float32 activations by fma
+    (``matmul_fma``) instead of 32 bf16 pairs by ``vdpbf16ps``."""
 
     def codegen(context, builder, signature, args):
         w, rb, x, xb, n, out, ob = args
+        fma = widen is not None
         if fma:
             fma_ = fn(builder, "llvm.fma.v16f32", _V16F, [_V16F] * 3)
             dot = lambda total, wv, xv: builder.call(fma_, [wv, xv, total])  # noqa: E731
@@ -90,7 +93,10 @@ def _tile(R: int, C: int, prefetch: bool = False, fma: bool = False):
                                builder.mul(k, ir.Constant(k.type, size)))
 
         def wvec(i, k):  # chunk k of weight row i
-            if fma:  # 16 bf16 widened to float32: the bits shifted into the high half
+            if widen == "f16":  # 16 fp16 converted to float32 (exact)
+                half = builder.load(builder.inttoptr(at_(w, rb, i, k, step), ir.VectorType(ir.HalfType(), 16).as_pointer()), align=1)
+                return builder.fpext(half, _V16F)
+            if widen == "bf16":  # 16 bf16 widened to float32: the bits shifted into the high half
                 bits = builder.load(builder.inttoptr(at_(w, rb, i, k, step), ir.VectorType(ir.IntType(16), 16).as_pointer()), align=1)
                 wide = builder.shl(builder.zext(bits, _V16I), ir.Constant(_V16I, [16] * 16))
                 return builder.bitcast(wide, _V16F)
@@ -126,8 +132,10 @@ def _tile(R: int, C: int, prefetch: bool = False, fma: bool = False):
 
 
 _t44, _t14, _t11 = _tile(TILE, TILE, prefetch=True), _tile(1, TILE), _tile(1, 1)  # compiled where called
-_f44, _f41, _f14, _f11 = (_tile(TILE, TILE, prefetch=True, fma=True), _tile(TILE, 1, prefetch=True, fma=True),
-                          _tile(1, TILE, fma=True), _tile(1, 1, fma=True))
+_b44, _b41, _b14, _b11 = (_tile(TILE, TILE, True, "bf16"), _tile(TILE, 1, True, "bf16"), _tile(1, TILE, widen="bf16"),
+                          _tile(1, 1, widen="bf16"))
+_h44, _h41, _h14, _h11 = (_tile(TILE, TILE, True, "f16"), _tile(TILE, 1, True, "f16"), _tile(1, TILE, widen="f16"),
+                          _tile(1, 1, widen="f16"))
 
 
 @njit(parallel=True, boundscheck=False, fastmath=False, cache=True)
@@ -150,34 +158,48 @@ def _matmul(w, x, out) -> None:  # w uint16 [O, I], x uint16 [M, I] (bf16 bits) 
 
 
 @njit(parallel=True, boundscheck=False, fastmath=False, cache=True)
-def _matmul_fma(w, x, out) -> None:  # w uint16 [O, I] (bf16 bits), x float32 [M, I] -> out float32 [M, O]
+def _matmul_fma(w, x, out, f16) -> None:  # w uint16 [O, I] (bf16 or, if f16, fp16 bits), x float32 [M, I] -> out [M, O]
     O, I, M = w.shape[0], w.shape[1], x.shape[0]
     n, rb, xb, ob = I // FMA_CHUNK, w.strides[0], x.strides[0], out.strides[0]
     wa, xa, oa = w.ctypes.data, x.ctypes.data, out.ctypes.data
-    full, groups = M // TILE * TILE, (O + TILE - 1) // TILE
-    for g in prange(groups):
+    for g in prange((O + TILE - 1) // TILE):
         o = g * TILE
-        whole = o + TILE <= O
-        for c in range(0, full, TILE):
-            if whole:
-                _f44(wa + o * rb, rb, xa + c * xb, xb, n, oa + c * ob + o * 4, ob)
+        c = 0
+        while c < M:  # 4 activation rows at a time, then the last M % 4 one at a time
+            four = c + TILE <= M
+            if o + TILE <= O:
+                args = (wa + o * rb, rb, xa + c * xb, xb, n, oa + c * ob + o * 4, ob)
+                if f16:
+                    if four:
+                        _h44(*args)
+                    else:
+                        _h41(*args)
+                elif four:
+                    _b44(*args)
+                else:
+                    _b41(*args)
             else:
-                for r in range(o, O):
-                    _f14(wa + r * rb, rb, xa + c * xb, xb, n, oa + c * ob + r * 4, ob)
-        for c in range(full, M):  # the last M % 4 rows: 4 weight rows at a time (one where fewer are left)
-            if whole:
-                _f41(wa + o * rb, rb, xa + c * xb, xb, n, oa + c * ob + o * 4, ob)
-            else:
-                for r in range(o, O):
-                    _f11(wa + r * rb, rb, xa + c * xb, xb, n, oa + c * ob + r * 4, ob)
+                for r in range(o, O):  # the last O % 4 weight rows: one at a time
+                    args = (wa + r * rb, rb, xa + c * xb, xb, n, oa + c * ob + r * 4, ob)
+                    if f16:
+                        if four:
+                            _h14(*args)
+                        else:
+                            _h11(*args)
+                    elif four:
+                        _b14(*args)
+                    else:
+                        _b11(*args)
+            c += TILE if four else 1
 
 
-def matmul_fma(bits: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """bits: a bf16 weight's bits uint16 [O, I] (C-contiguous); x: [M, I] float32 -> [M, O] float32."""
+def matmul_fma(bits: np.ndarray, x: np.ndarray, f16: bool = False) -> np.ndarray:
+    """bits: a bf16 (or, ``f16``, fp16) weight's bits uint16 [O, I] (C-contiguous); x: [M, I] float32 -> [M, O]
+    float32."""
     x = np.ascontiguousarray(x, np.float32)
     out = np.empty((x.shape[0], bits.shape[0]), np.float32)
     if x.shape[0]:
-        _matmul_fma(bits, x, out)
+        _matmul_fma(bits, x, out, f16)
     return out
 
 

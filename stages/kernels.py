@@ -81,7 +81,7 @@ class Matrix(Tiled):
     rows at a time widened into a scratch buffer, torch's float32 GEMM), and for activations of the
     weight's own dtype ``torch`` (torch's F.linear: native bf16 dot products on CPUs that have them) and, for
     bf16 on CPUs with AVX-512 BF16, ``bf16dot`` (``stages.bf16dot``: those dot products in our own tiles); for bf16
-    weights on CPUs with AVX-512, ``bf16fma`` (the same tiles, the weight widened in registers, float32 fma)."""
+    and fp16 weights on CPUs with AVX-512, ``fma`` (the same tiles, the weight widened in registers, float32 fma)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         if weight.dim() != 2 or weight.dtype not in DENSE or min(weight.shape) < 1:
@@ -113,7 +113,7 @@ class Matrix(Tiled):
         native = ("torch",) if dtype == self.weight.dtype else ()
         if dtype == self.weight.dtype == torch.bfloat16 and bf16dot.available(self.shape):
             native += (bf16dot.KERNEL,)  # the CPU's bf16 dot product: not the float32 kernels' sums
-        if self.weight.dtype == torch.bfloat16 and bf16dot.fma_available(self.shape):
+        if self.weight.dtype in (torch.bfloat16, torch.float16) and bf16dot.fma_available(self.shape):
             native += (bf16dot.FMA_KERNEL,)  # float32 sums like numba's, in another order
         return ("numba", "numba-gemv" if kind == "decode" else "torch-tile") + native
 
@@ -122,7 +122,7 @@ class Matrix(Tiled):
             out = bf16dot.matmul(self._kernel_blocks.view(np.uint16), x)
         elif name == bf16dot.FMA_KERNEL:
             follow_torch_threads()
-            out = bf16dot.matmul_fma(self._kernel_blocks.view(np.uint16), x)
+            out = bf16dot.matmul_fma(self._kernel_blocks.view(np.uint16), x, self.weight.dtype == torch.float16)
         else:
             return super().run(name, x)
         return out if self._bias32 is None else out + self._bias32
