@@ -47,14 +47,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from bench import report
+from bench import report, synth
 from bench.cluster import ClusterError
 from bench.serve import DEFAULT_OUT, run_interruptible
+from parallax.broker.model import default_cache_dir
 
 GiB = 1024**3
-BENCH_CACHE = Path(os.environ.get("PARALLAX_CACHE", Path.home() / ".cache" / "parallax")) / "bench"
+BENCH_CACHE = default_cache_dir() / "bench"
 LLAMACPP_PYTHON = BENCH_CACHE / "llamacpp-venv" / "bin" / "python"
-SYNTH_DIR = BENCH_CACHE / "synth-1b"
+SYNTH_DIR = synth.DEFAULT_OUT
 SYSTEMS = ("llamacpp", "transformers", "step", "parallax1", "parallax2")
 MODELS = ("smollm2-q4_1", "smollm2-bf16", "synth-q4_0", "synth-q8_0", "synth-bf16")
 DEFAULT_MODELS = ("smollm2-q4_1", "smollm2-bf16", "synth-q4_0")

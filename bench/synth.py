@@ -33,7 +33,9 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_OUT = Path.home() / ".cache" / "parallax" / "bench" / "synth-1b"
+from parallax.broker.model import default_cache_dir
+
+DEFAULT_OUT = default_cache_dir() / "bench" / "synth-1b"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 GGUF_TYPES = ("q8_0", "q4_0")
 EMBED_QTYPE = "q8_0"

