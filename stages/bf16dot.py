@@ -11,11 +11,10 @@ candidate the tuning measures. LLVM IR written with llvmlite inside numba intrin
 
 ``fma`` (``matmul_fma``, any CPU with AVX-512): the same tiles for bf16 or fp16 weights times float32 activations,
 16 weights widened to float32 in a register (bf16: a shift; fp16: ``vcvtph2ps``) and multiplied-added exactly
-(``fma``) into 16 lanes, then
-the same lane tree: float32 sums like the numba kernels', in another fixed order. Each weight register serves 4
-activation rows and each activation register 4 weight rows (the numba GEMV widens every weight once per row and
-reads two operands per product): SmolLM2's projections at 16 rows 2-5x faster than ``numba-gemv``, 1.5-2x than
-the numba tile kernel; at 1 row as fast or faster (2-core Xeon, AVX-512 without BF16).
+(``fma``) into 16 lanes, then the same lane tree: float32 sums like the numba kernels', in another fixed order.
+Each weight register serves 4 activation rows and each activation register 4 weight rows (the numba GEMV widens
+every weight once per row and reads two operands per product): SmolLM2's projections at 16 rows 2-5x faster than
+``numba-gemv``, 1.5-2x than the numba tile kernel; at 1 row as fast or faster (2-core Xeon, AVX-512 without BF16).
 """
 
 from __future__ import annotations
