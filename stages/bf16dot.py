@@ -156,6 +156,29 @@ def _matmul(w, x, out) -> None:  # w uint16 [O, I], x uint16 [M, I] (bf16 bits) 
                 _t11(wa + r * rb, rb, xa + c * xb, xb, n, oa + c * ob + r * 4, ob)
 
 
+@njit(inline="always")
+def _fma_tile(f16, rows4, cols4, args) -> None:  # 4 (else 1) weight rows x 4 (else 1) activation rows, fp16 or bf16
+    if f16:
+        if rows4:
+            if cols4:
+                _h44(*args)
+            else:
+                _h41(*args)
+        elif cols4:
+            _h14(*args)
+        else:
+            _h11(*args)
+    elif rows4:
+        if cols4:
+            _b44(*args)
+        else:
+            _b41(*args)
+    elif cols4:
+        _b14(*args)
+    else:
+        _b11(*args)
+
+
 @njit(parallel=True, boundscheck=False, fastmath=False, cache=True)
 def _matmul_fma(w, x, out, f16) -> None:  # w uint16 [O, I] (bf16 or, if f16, fp16 bits), x float32 [M, I] -> out [M, O]
     O, I, M = w.shape[0], w.shape[1], x.shape[0]
@@ -163,33 +186,13 @@ def _matmul_fma(w, x, out, f16) -> None:  # w uint16 [O, I] (bf16 or, if f16, fp
     wa, xa, oa = w.ctypes.data, x.ctypes.data, out.ctypes.data
     for g in prange((O + TILE - 1) // TILE):
         o = g * TILE
+        rows4 = o + TILE <= O  # else the last O % 4 weight rows, one at a time
         c = 0
         while c < M:  # 4 activation rows at a time, then the last M % 4 one at a time
-            four = c + TILE <= M
-            if o + TILE <= O:
-                args = (wa + o * rb, rb, xa + c * xb, xb, n, oa + c * ob + o * 4, ob)
-                if f16:
-                    if four:
-                        _h44(*args)
-                    else:
-                        _h41(*args)
-                elif four:
-                    _b44(*args)
-                else:
-                    _b41(*args)
-            else:
-                for r in range(o, O):  # the last O % 4 weight rows: one at a time
-                    args = (wa + r * rb, rb, xa + c * xb, xb, n, oa + c * ob + r * 4, ob)
-                    if f16:
-                        if four:
-                            _h14(*args)
-                        else:
-                            _h11(*args)
-                    elif four:
-                        _b14(*args)
-                    else:
-                        _b11(*args)
-            c += TILE if four else 1
+            cols4 = c + TILE <= M
+            for r in range(o, o + 1 if rows4 else O):
+                _fma_tile(f16, rows4, cols4, (wa + r * rb, rb, xa + c * xb, xb, n, oa + c * ob + r * 4, ob))
+            c += TILE if cols4 else 1
 
 
 def matmul_fma(bits: np.ndarray, x: np.ndarray, f16: bool = False) -> np.ndarray:
