@@ -104,13 +104,9 @@ def suite_cache(tmp_path_factory) -> Path:
     cache.mkdir(exist_ok=True)
     with contextlib.suppress(FileExistsError):  # the other worker made it
         (cache / "models").symlink_to(models, target_is_directory=True)
-    before = os.environ.get("PARALLAX_CACHE")
-    os.environ["PARALLAX_CACHE"] = str(cache)
-    yield cache
-    if before is None:
-        del os.environ["PARALLAX_CACHE"]
-    else:
-        os.environ["PARALLAX_CACHE"] = before
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PARALLAX_CACHE", str(cache))
+        yield cache
 
 
 @pytest.fixture(scope="session")
