@@ -69,7 +69,7 @@ def available(shape: tuple[int, int]) -> bool:
 
 def _tile(R: int, C: int, prefetch: bool = False, widen: str | None = None):
     """An intrinsic tile(w, rb, x, xb, n, out, ob): R weight rows (bf16 bits at ``w``, ``rb`` bytes apart) times C
-    activation rows (at ``x``, ``xb`` bytes apart), ``n`` chunks of 32; out[c, r] (float32 at ``out``, rows ``ob``
+    activation rows (at ``x``, ``xb`` bytes apart), ``n`` chunks (of 32, or 16 with ``widen``); out[c, r] (float32 at ``out``, rows ``ob``
     bytes apart). ``prefetch``: ask for the next R rows' chunk with each chunk (the 4 rows read side by side
     stream from memory slower than one row: measured, a 49152x576 weight at 16 rows 4.8 -> 3.3 ms). ``widen``
     ("bf16" or "f16"): chunks of 16 half weights widened to float32 times 16 float32 activations by fma

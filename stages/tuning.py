@@ -5,7 +5,8 @@ projections at the row counts that occur (generated-token rows ``DECODE_ROWS``, 
 ``PREFILL_ROWS``) and picks one per (shape + format, row kind): the least time per row summed over those
 row counts (one stream's step weighs as much as a full step's), each candidate measured ``ROUNDS`` times in
 turn (its best round counts), among the batch-invariant ones. A candidate is batch-invariant if it gives each row the same bits
-at the smallest and the largest row count (checked on the very calls that are timed); the numba tile
+at every row count measured or in ``CHECK_ROWS`` as at the largest, and at another place in the batch (``SHIFT``;
+checked on the very calls that are timed); the numba tile
 kernel always is, torch's GEMMs may or may not be, depending on the CPU, shape and library. One kernel per
 row kind: a row's kernel never depends on how many rows its step has.
 
@@ -196,7 +197,7 @@ def _score(p: Tunable, name: str, x: np.ndarray, rows: tuple[int, ...], bound: f
     big = outs[rows[-1]]
     if not all(np.array_equal(out, big[:m], equal_nan=True) for m, out in outs.items()):
         return None
-    shifted = p.run(name, x[SHIFT:rows[-1]])  # torch's bf16 GEMM on a CPU without AVX-512 BF16 failed only this
+    shifted = p.run(name, x[SHIFT:rows[-1]])  # the same rows at other places (torch's bf16 GEMM can fail only this)
     return total if np.array_equal(shifted, big[SHIFT:], equal_nan=True) else None
 
 
