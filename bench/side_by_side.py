@@ -227,6 +227,8 @@ def step_worker(job: dict[str, Any], commands: TextIO, out: TextIO) -> None:
     """The decode step of a stage holding the whole model, in this process (``TorchBackend.run``, as a stage loads
     it with ``--dtype bfloat16``): no event loop, NATS or gateway around it. Every line on ``commands`` runs the
     prompt, then ``new_tokens - 1`` steps of one generated row (greedy), and answers one JSON line."""
+    import parallax.stages  # noqa: F401  first, as in a stage process: it sets GOMP_SPINCOUNT before torch loads libgomp
+
     import numpy as np
     import torch
 
