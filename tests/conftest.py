@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -63,6 +64,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if unmarked:
         raise pytest.UsageError("these tests need the SmolLM2 conversion but are not marked @pytest.mark.slow:\n  "
                                 + "\n  ".join(unmarked))
+
+
+@pytest.fixture
+def sigint_default():
+    """SIGINT handled as in a Python started in the foreground: a suite started in the background (``cmd &``)
+    inherits it ignored, and the tests of what restores the handler would compare against that."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

@@ -316,6 +316,7 @@ async def _shrugs_off_one_cancel(ended: list[str]) -> None:
     ended.append("ran to the end")
 
 
+@pytest.mark.usefixtures("sigint_default")
 def test_ctrl_c_stops_the_phases_even_when_one_cancel_is_swallowed():
     ended: list[str] = []
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
@@ -328,6 +329,7 @@ def test_ctrl_c_stops_the_phases_even_when_one_cancel_is_swallowed():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.usefixtures("sigint_default")
 def test_phases_that_finish_return_normally():
     async def phases() -> None:
         await asyncio.sleep(0)

@@ -142,6 +142,7 @@ def test_commands_for_children(config_only_model):
         "--host", "127.0.0.1", "--port", "8123"]
 
 
+@pytest.mark.usefixtures("sigint_default")
 def test_child_exiting_early_stops_everything(config_only_model, monkeypatch, capsys):
     """A stage that dies before /health is up: every child is stopped and the exit code is 1."""
     spawned: list[ProcessGroup] = []
