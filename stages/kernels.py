@@ -113,8 +113,8 @@ class Matrix(Tiled):
             return ("torch",)
         # torch's bf16 GEMM without the CPU's bf16 dot product (Intel Xeon, AVX-512 without BF16, torch 2.13) gives
         # a row other bits at other places in the batch, depending on the values: the tuning's check on random rows
-        # passed it for 576x1536 and 576x576, and SmolLM2's tokens beside other requests then differed from its
-        # tokens alone (tests/test_bf16.py's 3-stage test, twice). So it is offered for bf16 on such CPUs only.
+        # let it through (576x1536 decode rows, picked on a loaded CPU), and SmolLM2's tokens beside other requests
+        # then differed from its tokens alone (tests/test_bf16.py's 3-stage test). So bf16 needs that dot product.
         native = ("torch",) if dtype == self.weight.dtype and (dtype != torch.bfloat16 or bf16dot.SUPPORTED) else ()
         if dtype == self.weight.dtype == torch.bfloat16 and bf16dot.available(self.shape):
             native += (bf16dot.KERNEL,)  # the CPU's bf16 dot product: not the float32 kernels' sums

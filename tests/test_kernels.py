@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallax.stages import kernels, quant
+from parallax.stages import bf16dot, kernels, quant
 
 
 @pytest.mark.parametrize("rows", [1, 3, kernels.MAX_ROWS])
@@ -110,6 +110,16 @@ def test_torchs_bf16_kernel_gives_one_row_the_bits_it_gets_beside_others():
     beside = np.concatenate([m.run("torch", x[i : i + 5])[:1] for i in range(len(x))])
     assert np.array_equal(alone, beside)
     assert np.array_equal(alone, m.run("torch", x))
+
+
+def test_torch_runs_bf16_weights_only_on_a_cpu_with_a_bf16_dot_product():
+    """Without one torch's bf16 GEMM is not batch-invariant (see ``Matrix.candidates``); float32 and fp16 keep it."""
+    bf16 = kernels.Matrix(torch.randn(8, 64).to(torch.bfloat16), None)
+    for kind in ("decode", "prefill"):
+        assert ("torch" in bf16.candidates(kind, torch.bfloat16)) == bf16dot.SUPPORTED
+        assert "torch" not in bf16.candidates(kind, torch.float32)  # not the weight's dtype
+        assert "torch" in kernels.Matrix(torch.randn(8, 64), None).candidates(kind, torch.float32)
+        assert "torch" in kernels.Matrix(torch.randn(8, 64).half(), None).candidates(kind, torch.float16)
 
 
 def test_a_matrix_keeps_no_copy_of_its_weight():
